@@ -1,1 +1,9 @@
+//! vmig: a live-migration agent for KVM virtual machines.
+//!
+//! The agent is the VMM of its host's VMs ([`vm`]), runs the guest programs of [`guest`],
+//! tracks dirty pages ([`dirty`]), and moves VMs between hosts over the migration stream
+//! ([`wire`], [`transport`], [`migrate`]).
 
+pub mod dirty;
+pub mod guest;
+pub mod vm;

@@ -1,0 +1,225 @@
+//! Guest memory: one private anonymous `MAP_NORESERVE` mapping (through `vm-memory`), so a
+//! large idle VM costs nothing until its pages are touched.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::guest::layout::PAGE_SIZE;
+
+/// Errors of guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The size is not a multiple of 2 MiB or out of range.
+    #[error("guest memory size {0} bytes is invalid (2 MiB multiple between 16 MiB and 16 GiB)")]
+    BadSize(u64),
+    /// `mmap` failed.
+    #[error("cannot map guest memory: {0}")]
+    Map(String),
+    /// An access fell outside guest memory.
+    #[error("guest access at {addr:#x} (+{len}) is outside guest memory")]
+    OutOfRange {
+        /// Guest-physical address.
+        addr: u64,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// Reading `/proc/self/pagemap` failed.
+    #[error("cannot read /proc/self/pagemap: {0}")]
+    Pagemap(std::io::Error),
+}
+
+/// The guest's RAM, guest-physical address 0 to `size`.
+#[derive(Debug)]
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    base: usize,
+    size: u64,
+}
+
+impl GuestRam {
+    /// Maps `size` bytes of guest memory.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        use crate::guest::layout::{MAX_MEMORY, MIN_MEMORY};
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) || size % (2 << 20) != 0 {
+            return Err(MemoryError::BadSize(size));
+        }
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+            .map_err(|e| MemoryError::Map(e.to_string()))?;
+        let base = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| MemoryError::Map(e.to_string()))? as usize;
+        Ok(Self { mem, base, size })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Number of 4 KiB pages.
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+
+    /// Host virtual address of guest-physical 0.
+    pub fn host_base(&self) -> usize {
+        self.base
+    }
+
+    /// Host address of page `index`; the caller checked `index < pages()`.
+    pub fn page_ptr(&self, index: u64) -> *mut u8 {
+        debug_assert!(index < self.pages());
+        (self.base + (index * PAGE_SIZE) as usize) as *mut u8
+    }
+
+    /// Writes `data` at guest-physical `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
+        self.mem
+            .write_slice(data, GuestAddress(addr))
+            .map_err(|_| MemoryError::OutOfRange {
+                addr,
+                len: data.len(),
+            })
+    }
+
+    /// Reads `buf.len()` bytes at guest-physical `addr`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let len = buf.len();
+        self.mem
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|_| MemoryError::OutOfRange { addr, len })
+    }
+
+    /// Reads a little-endian u64 at `addr`.
+    pub fn read_u64(&self, addr: u64) -> Result<u64, MemoryError> {
+        let mut b = [0u8; 8];
+        self.read(addr, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Writes a little-endian u64 at `addr`.
+    pub fn write_u64(&self, addr: u64, v: u64) -> Result<(), MemoryError> {
+        self.write(addr, &v.to_le_bytes())
+    }
+
+    /// Whether page `index` holds only zeros. Reads with volatile loads: the guest may be
+    /// writing the page at the same time, and a page changed after this check is dirty again.
+    pub fn is_zero_page(&self, index: u64) -> bool {
+        let p = self.page_ptr(index) as *const u64;
+        (0..(PAGE_SIZE / 8) as usize).all(|i| {
+            // SAFETY: `p` points at a whole 4 KiB page inside the live guest mapping (index was
+            // bounds-checked by the caller), aligned to 8; a volatile read of guest memory that
+            // the guest may write concurrently is the accepted way to sample it.
+            unsafe { std::ptr::read_volatile(p.add(i)) == 0 }
+        })
+    }
+
+    /// Copies page `index` into `buf`.
+    pub fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.read(index * PAGE_SIZE, &mut buf[..PAGE_SIZE as usize])
+    }
+
+    /// Writes page `index` from `data` (exactly one page).
+    pub fn write_page(&self, index: u64, data: &[u8]) -> Result<(), MemoryError> {
+        if index >= self.pages() || data.len() != PAGE_SIZE as usize {
+            return Err(MemoryError::OutOfRange {
+                addr: index.saturating_mul(PAGE_SIZE),
+                len: data.len(),
+            });
+        }
+        self.write(index * PAGE_SIZE, data)
+    }
+
+    /// Zeroes page `index`.
+    pub fn zero_page(&self, index: u64) -> Result<(), MemoryError> {
+        self.write_page(index, &[0u8; PAGE_SIZE as usize])
+    }
+
+    /// Pages that may hold data: populated (or swapped) in the host, per `/proc/self/pagemap`.
+    /// A page never touched since the mapping was made (or dropped) is zero, and costs nothing
+    /// to skip: this is what makes a large idle VM cheap to migrate.
+    pub fn populated(&self) -> Result<Vec<bool>, MemoryError> {
+        let mut f = File::open("/proc/self/pagemap").map_err(MemoryError::Pagemap)?;
+        let first = (self.base as u64) / PAGE_SIZE;
+        f.seek(SeekFrom::Start(first * 8))
+            .map_err(MemoryError::Pagemap)?;
+        let pages = self.pages() as usize;
+        let mut out = Vec::with_capacity(pages);
+        let mut buf = vec![0u8; 8 * 65536];
+        while out.len() < pages {
+            let n = (pages - out.len()).min(65536);
+            f.read_exact(&mut buf[..n * 8])
+                .map_err(MemoryError::Pagemap)?;
+            for e in buf[..n * 8].chunks_exact(8) {
+                let v = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                // Bit 63: present in RAM; bit 62: swapped.
+                out.push(v & (3 << 62) != 0);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A BLAKE3 digest of all of guest memory: every non-zero page, with its index. Two
+    /// memories with equal digests hold the same bytes in every page.
+    pub fn digest(&self) -> Result<String, MemoryError> {
+        let populated = self.populated()?;
+        let mut h = blake3::Hasher::new();
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for (i, &maybe) in populated.iter().enumerate() {
+            let i = i as u64;
+            if !maybe || self.is_zero_page(i) {
+                continue;
+            }
+            self.read_page(i, &mut page)?;
+            h.update(&i.to_le_bytes());
+            h.update(&page);
+        }
+        Ok(h.finalize().to_hex().to_string())
+    }
+
+    /// The `vm-memory` view, for the KVM memory slot.
+    pub fn mmap(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_memory_is_unpopulated_and_zero() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        assert!(ram.populated().unwrap().iter().all(|p| !p));
+        ram.write_u64(5 * PAGE_SIZE + 8, 42).unwrap();
+        let pop = ram.populated().unwrap();
+        assert!(pop[5]);
+        assert_eq!(pop.iter().filter(|p| **p).count(), 1);
+        assert!(!ram.is_zero_page(5));
+        assert!(ram.is_zero_page(6));
+    }
+
+    #[test]
+    fn digest_changes_with_content_and_position() {
+        let a = GuestRam::new(16 << 20).unwrap();
+        let b = GuestRam::new(16 << 20).unwrap();
+        assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+        a.write_u64(3 * PAGE_SIZE, 7).unwrap();
+        b.write_u64(4 * PAGE_SIZE, 7).unwrap();
+        assert_ne!(a.digest().unwrap(), b.digest().unwrap());
+        b.zero_page(4).unwrap();
+        b.write_u64(3 * PAGE_SIZE, 7).unwrap();
+        assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+    }
+
+    #[test]
+    fn bad_sizes_and_ranges_are_refused() {
+        assert!(GuestRam::new(1 << 20).is_err());
+        assert!(GuestRam::new((16 << 20) + 4096).is_err());
+        let ram = GuestRam::new(16 << 20).unwrap();
+        assert!(ram.write_page(ram.pages(), &[0u8; 4096]).is_err());
+        assert!(ram.write_page(0, &[0u8; 100]).is_err());
+    }
+}
