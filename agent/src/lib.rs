@@ -7,3 +7,5 @@
 pub mod dirty;
 pub mod guest;
 pub mod vm;
+pub mod wire;
+pub mod transport;

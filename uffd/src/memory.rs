@@ -199,6 +199,9 @@ impl PostcopyMemory {
     /// Returns `Ok(true)` if this call placed the page and `Ok(false)` if it was already present
     /// (known, placed before, or placed concurrently: `EEXIST`). Retries while the kernel answers
     /// `EAGAIN`. If a fault was waiting on the page, records its latency.
+    ///
+    /// The ioctl wakes the waiting threads just before the page is marked present: a woken
+    /// thread may briefly still see it in [`pending`](Self::pending) until `place` returns.
     pub fn place(
         &self,
         index: u64,
@@ -219,24 +222,24 @@ impl PostcopyMemory {
             Some(data) => self.copy(index, data)?,
             None => self.zeropage(index)?,
         };
-        // On EEXIST the page is populated all the same: mark it, so `remaining` reaches zero.
-        let newly_present = self.mark_present(index);
-        if !placed {
+        // Count before marking present, so a `wait_complete` that returns sees every count.
+        if placed {
+            let (pages, bytes) = match why {
+                Placement::Demand => (&self.counters.pages_demand, &self.counters.bytes_demand),
+                Placement::Push => (&self.counters.pages_pushed, &self.counters.bytes_pushed),
+            };
+            Counters::bump(pages, 1);
+            Counters::bump(bytes, data.map_or(0, |d| d.len() as u64));
+        } else {
             // Someone else placed it between our check and our ioctl.
             Counters::bump(&self.counters.redundant_places, 1);
-            if newly_present {
-                tracing::debug!(page = index, "page was populated before its placement");
-            }
-            return Ok(false);
         }
-        let bytes = data.map_or(0, |d| d.len() as u64);
-        let (pages, bytes_counter) = match why {
-            Placement::Demand => (&self.counters.pages_demand, &self.counters.bytes_demand),
-            Placement::Push => (&self.counters.pages_pushed, &self.counters.bytes_pushed),
-        };
-        Counters::bump(pages, 1);
-        Counters::bump(bytes_counter, bytes);
-        Ok(true)
+        // On EEXIST the page is populated all the same: mark it, so `remaining` reaches zero.
+        let newly_present = self.mark_present(index);
+        if !placed && newly_present {
+            tracing::debug!(page = index, "page was populated before its placement");
+        }
+        Ok(placed)
     }
 
     /// Whether page `index` is present (known at registration or placed since).

@@ -1,0 +1,151 @@
+//! The frame receiver: io_uring `RECV` (with a linked timeout) or plain `read`.
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use super::IoPath;
+use crate::wire::{Frame, Header, WireError, HEADER_LEN};
+
+/// Errors receiving a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// The socket failed or timed out.
+    #[error("receive failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer closed the connection.
+    #[error("the peer closed the connection")]
+    Closed,
+    /// The bytes are not a valid frame.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// Reads frames from a TCP stream.
+pub struct FrameReader {
+    sock: TcpStream,
+    ring: Option<IoUring>,
+    timeout: Duration,
+    received: u64,
+}
+
+impl std::fmt::Debug for FrameReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameReader")
+            .field("uring", &self.ring.is_some())
+            .field("received", &self.received)
+            .finish()
+    }
+}
+
+impl FrameReader {
+    /// A reader on `sock`; every read fails after `timeout` without data.
+    pub fn new(sock: TcpStream, path: IoPath, timeout: Duration) -> std::io::Result<Self> {
+        let ring = match path {
+            IoPath::Plain => None,
+            IoPath::Uring => Some(IoUring::new(4)?),
+            IoPath::Auto => IoUring::new(4).ok(),
+        };
+        sock.set_read_timeout(Some(timeout))?;
+        Ok(Self {
+            sock,
+            ring,
+            timeout,
+            received: 0,
+        })
+    }
+
+    /// Bytes received.
+    pub fn bytes_received(&self) -> u64 {
+        self.received
+    }
+
+    /// Changes the timeout.
+    pub fn set_timeout(&mut self, timeout: Duration) -> std::io::Result<()> {
+        self.timeout = timeout;
+        self.sock.set_read_timeout(Some(timeout))
+    }
+
+    /// Reads one frame, checking its header (magic, version, kind, lengths). The caller
+    /// checks the CRC with [`Frame::verify`] (page frames verify as they are applied).
+    pub fn read_frame(&mut self) -> Result<Frame, RecvError> {
+        let mut h = [0u8; HEADER_LEN];
+        self.read_exact(&mut h)?;
+        let header = Header::parse(&h)?;
+        let mut payload = vec![0u8; header.payload_len as usize];
+        self.read_exact(&mut payload)?;
+        Ok(Frame { header, payload })
+    }
+
+    fn read_exact(&mut self, mut buf: &mut [u8]) -> Result<(), RecvError> {
+        while !buf.is_empty() {
+            let n = match &mut self.ring {
+                None => match self.sock.read(buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e.into()),
+                },
+                Some(ring) => recv_uring(ring, &self.sock, buf, self.timeout)?,
+            };
+            if n == 0 {
+                return Err(RecvError::Closed);
+            }
+            self.received += n as u64;
+            buf = &mut buf[n..];
+        }
+        Ok(())
+    }
+}
+
+fn recv_uring(
+    ring: &mut IoUring,
+    sock: &TcpStream,
+    buf: &mut [u8],
+    timeout: Duration,
+) -> Result<usize, RecvError> {
+    let ts = types::Timespec::new()
+        .sec(timeout.as_secs())
+        .nsec(timeout.subsec_nanos());
+    let recv = opcode::Recv::new(
+        types::Fd(sock.as_raw_fd()),
+        buf.as_mut_ptr(),
+        buf.len() as u32,
+    )
+    .flags(libc::MSG_WAITALL)
+    .build()
+    .flags(squeue::Flags::IO_LINK)
+    .user_data(1);
+    let limit = opcode::LinkTimeout::new(&ts).build().user_data(2);
+    // SAFETY: `buf` and `ts` outlive the submission: this function waits for both
+    // completions (the receive and its linked timeout) before returning.
+    unsafe {
+        let mut sq = ring.submission();
+        sq.push(&recv)
+            .map_err(|_| std::io::Error::other("io_uring submission queue full"))?;
+        sq.push(&limit)
+            .map_err(|_| std::io::Error::other("io_uring submission queue full"))?;
+    }
+    let mut result = None;
+    let mut seen = 0;
+    while seen < 2 {
+        ring.submit_and_wait(1)?;
+        for cqe in ring.completion() {
+            seen += 1;
+            if cqe.user_data() == 1 {
+                result = Some(cqe.result());
+            }
+        }
+    }
+    match result.expect("the receive completed") {
+        n if n >= 0 => Ok(n as usize),
+        e if -e == libc::ECANCELED => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no data for {timeout:?}"),
+        )
+        .into()),
+        e => Err(std::io::Error::from_raw_os_error(-e).into()),
+    }
+}
