@@ -35,7 +35,9 @@ fn main() {
 fn build_bpf(out_dir: &Path) -> Result<(), String> {
     let clang = find_clang().ok_or_else(|| "clang not found at build time".to_string())?;
     if !Path::new("/usr/include/bpf/bpf_helpers.h").exists() {
-        return Err("libbpf headers (bpf/bpf_helpers.h, package libbpf-dev) not found at build time".into());
+        return Err(
+            "libbpf headers (bpf/bpf_helpers.h, package libbpf-dev) not found at build time".into(),
+        );
     }
     let target_arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     let (arch_define, multiarch) = match target_arch.as_str() {
@@ -45,7 +47,15 @@ fn build_bpf(out_dir: &Path) -> Result<(), String> {
     };
     let out = out_dir.join("vmig.bpf.o");
     let status = Command::new(&clang)
-        .args(["-g", "-O2", "-target", "bpf", "-Wall", "-Werror", arch_define])
+        .args([
+            "-g",
+            "-O2",
+            "-target",
+            "bpf",
+            "-Wall",
+            "-Werror",
+            arch_define,
+        ])
         .arg(format!("-I{multiarch}"))
         .arg("-Ibpf")
         .args(["-c", "bpf/vmig.bpf.c", "-o"])
@@ -58,14 +68,23 @@ fn build_bpf(out_dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The clang to use: `VMIG_CLANG` or `CLANG` if set (and runnable), else the first runnable
+/// candidate.
 fn find_clang() -> Option<String> {
+    let runs = |c: &str| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     for var in ["VMIG_CLANG", "CLANG"] {
         if let Some(c) = env::var_os(var) {
-            return Some(c.to_string_lossy().into_owned());
+            let c = c.to_string_lossy().into_owned();
+            return runs(&c).then_some(c);
         }
     }
     CLANG_CANDIDATES
         .iter()
-        .find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .find(|c| runs(c))
         .map(|c| c.to_string())
 }

@@ -6,6 +6,8 @@
 
 pub mod dirty;
 pub mod guest;
+pub mod inventory;
 pub mod vm;
 pub mod wire;
 pub mod transport;
+pub mod migrate;

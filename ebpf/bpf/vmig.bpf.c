@@ -311,6 +311,21 @@ int vmig_dirty_ring_reset(struct tp_kvm_dirty_ring_reset *ctx)
 	return 0;
 }
 
+/*
+ * Instructions KVM's emulator ran for the vCPUs (counter only). Emulated guests (real mode here,
+ * everything on some nested setups) write guest memory through the emulator: this tells why
+ * dirty rates are low and why each write pushes its own dirty-ring entry.
+ */
+SEC("tp/kvm/kvm_emulate_insn")
+int vmig_kvm_emulate_insn(void *ctx)
+{
+	struct vmig_config *cfg = get_config();
+
+	if (cfg && current_vcpu(cfg))
+		count(VMIG_C_EMULATED_INSNS, 1);
+	return 0;
+}
+
 /* Counters only: exits are far too frequent for one event each. */
 SEC("tp/kvm/kvm_exit")
 int vmig_kvm_exit(struct tp_kvm_exit *ctx)

@@ -160,16 +160,19 @@ impl std::fmt::Debug for EventStream {
 impl EventStream {
     pub(crate) fn new(ring: RingBuf<MapData>) -> Result<Self, EbpfError> {
         if tokio::runtime::Handle::try_current().is_err() {
-            return Err(EbpfError::NoEvents("event_stream must be called inside a tokio runtime"));
+            return Err(EbpfError::NoEvents(
+                "event_stream must be called inside a tokio runtime",
+            ));
         }
         // SAFETY: the fd is the ring buffer map's, owned by `ring`, which the AsyncFd owns: it
         // stays open and the same for the AsyncFd's whole life, and as_raw_fd always returns it.
-        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(
-            |e| EbpfError::Io {
-                what: "registering the BPF ring buffer with tokio".into(),
-                source: e.into(),
-            },
-        )?;
+        let ring =
+            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
+                EbpfError::Io {
+                    what: "registering the BPF ring buffer with tokio".into(),
+                    source: e.into(),
+                }
+            })?;
         Ok(EventStream { ring })
     }
 

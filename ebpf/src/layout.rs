@@ -54,7 +54,17 @@ pub(crate) const PROBES: &[Probe] = &[
         program: "vmig_dirty_ring_reset",
         group: "kvm",
         name: "kvm_dirty_ring_reset",
-        fields: &[("index", 8, 4), ("dirty_index", 12, 4), ("reset_index", 16, 4)],
+        fields: &[
+            ("index", 8, 4),
+            ("dirty_index", 12, 4),
+            ("reset_index", 16, 4),
+        ],
+    },
+    Probe {
+        program: "vmig_kvm_emulate_insn",
+        group: "kvm",
+        name: "kvm_emulate_insn",
+        fields: &[],
     },
     Probe {
         program: "vmig_kvm_exit",
@@ -103,7 +113,11 @@ pub(crate) fn check_all(root: &Path) -> Result<(), EbpfError> {
 }
 
 fn check(root: &Path, probe: &Probe) -> Result<(), EbpfError> {
-    let path = root.join("events").join(probe.group).join(probe.name).join("format");
+    let path = root
+        .join("events")
+        .join(probe.group)
+        .join(probe.name)
+        .join("format");
     let text = fs::read_to_string(&path).map_err(|_| EbpfError::MissingTracepoint {
         group: probe.group,
         name: probe.name,

@@ -5,7 +5,7 @@
 //! - KVM-handled guest page faults (`kvm:kvm_page_fault`),
 //! - dirty-ring pushes and the distinct pages they name per window (`kvm:kvm_dirty_ring_push`),
 //!   ring-full exits and resets (`kvm:kvm_dirty_ring_exit`, `kvm:kvm_dirty_ring_reset`),
-//! - VM exits by vCPU and reason (`kvm:kvm_exit`),
+//! - VM exits by vCPU and reason (`kvm:kvm_exit`), instructions emulated (`kvm:kvm_emulate_insn`),
 //! - faults of the VMM on guest memory (`exceptions:page_fault_{user,kernel}`) and, during
 //!   post-copy, the time until a `UFFDIO_COPY`/`UFFDIO_ZEROPAGE` covering the page returns
 //!   (`syscalls:sys_{enter,exit}_ioctl`).
@@ -74,6 +74,8 @@ pub struct Counters {
     pub uffd_ioctls: u64,
     /// VM exits on the VM's vCPU threads.
     pub kvm_exits: u64,
+    /// Guest instructions run by KVM's instruction emulator on the VM's vCPU threads.
+    pub emulated_insns: u64,
     /// VM exits by reason (`kvm_exit`'s raw `exit_reason`; see [`exit_reason_name`]).
     pub exits_by_reason: BTreeMap<u32, u64>,
     /// VM exits by (vCPU index, reason).
@@ -106,7 +108,10 @@ impl std::fmt::Debug for VmProbes {
 /// The BPF object compiled by build.rs, when clang was found.
 #[cfg(vmig_bpf_built)]
 fn object() -> Result<&'static [u8], EbpfError> {
-    Ok(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmig.bpf.o")))
+    Ok(aya::include_bytes_aligned!(concat!(
+        env!("OUT_DIR"),
+        "/vmig.bpf.o"
+    )))
 }
 
 #[cfg(not(vmig_bpf_built))]
@@ -181,7 +186,9 @@ impl VmProbes {
             vcpu_tids: take_map(&mut ebpf, "vcpu_tids")?,
             counters: take_map(&mut ebpf, "counters")?,
             exits: take_map(&mut ebpf, "exits")?,
-            events: with_events.then(|| take_map(&mut ebpf, "events")).transpose()?,
+            events: with_events
+                .then(|| take_map(&mut ebpf, "events"))
+                .transpose()?,
             raw_config,
             _ebpf: ebpf,
         };
@@ -193,7 +200,11 @@ impl VmProbes {
         for probe in layout::PROBES {
             attach_one(&mut probes._ebpf, probe)?;
         }
-        tracing::debug!(pid = filter.pid, vcpus = filter.vcpu_tids.len(), "vmig BPF probes attached");
+        tracing::debug!(
+            pid = filter.pid,
+            vcpus = filter.vcpu_tids.len(),
+            "vmig BPF probes attached"
+        );
         Ok(probes)
     }
 
@@ -230,7 +241,10 @@ impl VmProbes {
     /// Reads all counters.
     pub fn counters(&self) -> Result<Counters, EbpfError> {
         let get = |idx: u32| -> Result<u64, EbpfError> {
-            let per_cpu = self.counters.get(&idx, 0).map_err(|e| map_err("counters", e))?;
+            let per_cpu = self
+                .counters
+                .get(&idx, 0)
+                .map_err(|e| map_err("counters", e))?;
             Ok(per_cpu.iter().copied().fold(0u64, u64::wrapping_add))
         };
         let mut c = Counters {
@@ -245,10 +259,10 @@ impl VmProbes {
             user_fault_wait_ns: get(counter::USER_FAULT_WAIT_NS)?,
             uffd_ioctls: get(counter::UFFD_IOCTLS)?,
             kvm_exits: get(counter::KVM_EXITS)?,
+            emulated_insns: get(counter::EMULATED_INSNS)?,
             events_dropped: get(counter::EVENTS_DROPPED)?,
             ..Counters::default()
         };
-        debug_assert!(counter::MAX > counter::KERNEL_MODE_FAULTS);
         for entry in self.exits.iter() {
             let (key, n) = entry.map_err(|e| map_err("exits", e))?;
             *c.exits_by_reason.entry(key.reason).or_default() += n;
@@ -260,7 +274,9 @@ impl VmProbes {
     /// Takes the event stream (once). Must be called inside a tokio runtime.
     pub fn event_stream(&mut self) -> Result<EventStream, EbpfError> {
         if self.raw_config.events == 0 {
-            return Err(EbpfError::NoEvents("probes attached with with_events = false"));
+            return Err(EbpfError::NoEvents(
+                "probes attached with with_events = false",
+            ));
         }
         let ring = self
             .events
@@ -293,12 +309,20 @@ where
 }
 
 fn map_err(map: &'static str, e: aya::maps::MapError) -> EbpfError {
-    EbpfError::Map { map, cause: Box::new(e) }.classify()
+    EbpfError::Map {
+        map,
+        cause: Box::new(e),
+    }
+    .classify()
 }
 
 fn attach_one(ebpf: &mut Ebpf, probe: &layout::Probe) -> Result<(), EbpfError> {
     let fail = |e: aya::programs::ProgramError| {
-        EbpfError::AttachFailed { program: probe.program, cause: Box::new(e) }.classify()
+        EbpfError::AttachFailed {
+            program: probe.program,
+            cause: Box::new(e),
+        }
+        .classify()
     };
     let prog: &mut TracePoint = ebpf
         .program_mut(probe.program)

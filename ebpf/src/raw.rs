@@ -79,6 +79,5 @@ pub(crate) mod counter {
     pub const EVENTS_DROPPED: u32 = 9;
     pub const DIRTY_RING_RESETS: u32 = 10;
     pub const KERNEL_MODE_FAULTS: u32 = 11;
-    /// Number of slots (`VMIG_C_MAX`).
-    pub const MAX: u32 = 16;
+    pub const EMULATED_INSNS: u32 = 12;
 }

@@ -9,7 +9,7 @@ mod sender;
 use serde::{Deserialize, Serialize};
 
 pub use pacer::Pacer;
-pub use receiver::FrameReader;
+pub use receiver::{FrameReader, RecvError};
 pub use sender::FrameWriter;
 
 /// Which I/O path to use.

@@ -64,8 +64,16 @@ impl Mapping {
                 0,
             )
         };
-        assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
-        Mapping { ptr: NonNull::new(p.cast()).expect("mmap returned null"), len }
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        Mapping {
+            ptr: NonNull::new(p.cast()).expect("mmap returned null"),
+            len,
+        }
     }
 
     pub fn addr(&self) -> u64 {
@@ -136,10 +144,20 @@ pub struct TinyVm {
 }
 
 impl TinyVm {
-    /// Builds the VM with a guest that writes one byte into each of `pages` consecutive pages
-    /// from [`FIRST_DATA_GPA`], then halts. `ring_bytes` is the requested dirty-ring size; it is
-    /// raised to the smallest size KVM accepts.
-    pub fn new(pages: u16, ring_bytes: u32) -> TinyVm {
+    /// Builds the VM with a guest that, `rounds` times, writes one byte into each of `pages`
+    /// consecutive pages from [`FIRST_DATA_GPA`], then halts. `ring_bytes` is the requested
+    /// dirty-ring size; it is raised to the smallest size KVM accepts.
+    pub fn new(pages: u16, rounds: u16, ring_bytes: u32) -> TinyVm {
+        Self::build(real_mode_code(pages, rounds), false, pages, ring_bytes)
+    }
+
+    /// Like [`TinyVm::new`] (one round), with a 64-bit long-mode guest: identity-mapped with one
+    /// 2 MiB page, so the guest runs natively where the platform allows.
+    pub fn new_long_mode(pages: u16, ring_bytes: u32) -> TinyVm {
+        Self::build(long_mode_code(pages), true, pages, ring_bytes)
+    }
+
+    fn build(code: Vec<u8>, long_mode: bool, pages: u16, ring_bytes: u32) -> TinyVm {
         assert!(u64::from(pages) * 4096 + FIRST_DATA_GPA <= GUEST_MEM as u64);
         let kvm = Kvm::new().expect("open /dev/kvm");
         let vm = kvm.create_vm().expect("KVM_CREATE_VM");
@@ -148,7 +166,10 @@ impl TinyVm {
         // KVM wants a power of two at least a page, and more than its reserved entries.
         let mut size = ring_bytes.next_power_of_two().max(4096);
         loop {
-            let mut cap = kvm_enable_cap { cap: KVM_CAP_DIRTY_LOG_RING, ..Default::default() };
+            let mut cap = kvm_enable_cap {
+                cap: KVM_CAP_DIRTY_LOG_RING,
+                ..Default::default()
+            };
             cap.args[0] = size.into();
             match vm.enable_cap(&cap) {
                 Ok(()) => break,
@@ -169,7 +190,9 @@ impl TinyVm {
         // keeps it mapped for as long as the VM (dropped first: field order) exists.
         unsafe { vm.set_user_memory_region(region) }.expect("KVM_SET_USER_MEMORY_REGION");
 
-        let code = guest_code(pages);
+        if long_mode {
+            write_page_tables(&mem);
+        }
         // SAFETY: CODE_GPA + code.len() lies inside the GUEST_MEM-byte mapping.
         unsafe {
             std::ptr::copy_nonoverlapping(
@@ -181,8 +204,12 @@ impl TinyVm {
 
         let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
         let mut sregs = vcpu.get_sregs().expect("get sregs");
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
+        if long_mode {
+            set_long_mode(&mut sregs);
+        } else {
+            sregs.cs.base = 0;
+            sregs.cs.selector = 0;
+        }
         vcpu.set_sregs(&sregs).expect("set sregs");
         let mut regs = vcpu.get_regs().expect("get regs");
         regs.rip = CODE_GPA;
@@ -201,7 +228,12 @@ impl TinyVm {
                 KVM_DIRTY_LOG_PAGE_OFFSET * 4096,
             )
         };
-        assert_ne!(ring, libc::MAP_FAILED, "mmap dirty ring: {}", std::io::Error::last_os_error());
+        assert_ne!(
+            ring,
+            libc::MAP_FAILED,
+            "mmap dirty ring: {}",
+            std::io::Error::last_os_error()
+        );
         TinyVm {
             host_mem: mem.addr(),
             _kvm: kvm,
@@ -255,7 +287,11 @@ impl TinyVm {
         if n > 0 {
             // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; the fd is our VM's.
             let r = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_RESET_DIRTY_RINGS) };
-            assert!(r >= 0, "KVM_RESET_DIRTY_RINGS: {}", std::io::Error::last_os_error());
+            assert!(
+                r >= 0,
+                "KVM_RESET_DIRTY_RINGS: {}",
+                std::io::Error::last_os_error()
+            );
             report.resets += 1;
         }
     }
@@ -268,21 +304,97 @@ impl Drop for TinyVm {
     }
 }
 
-/// 16-bit code: for `pages` times, `mov byte [ds:0], 0x5a` then `ds += 0x100` (4 KiB); `hlt`.
-fn guest_code(pages: u16) -> Vec<u8> {
-    let [lo, hi] = pages.to_le_bytes();
-    let ds = (FIRST_DATA_GPA >> 4) as u16;
-    let [dlo, dhi] = ds.to_le_bytes();
+const PML4_GPA: u64 = 0x2000;
+
+/// PML4 -> PDPT -> PD with one 2 MiB identity page at 0.
+fn write_page_tables(mem: &Mapping) {
+    let entries: [(u64, u64); 3] = [
+        (PML4_GPA, 0x3000 | 0x3), // PML4[0] -> PDPT, present + writable
+        (0x3000, 0x4000 | 0x3),   // PDPT[0] -> PD
+        (0x4000, 0x83),           // PD[0] -> 2 MiB page at 0, present + writable + PS
+    ];
+    for (gpa, value) in entries {
+        // SAFETY: gpa + 8 lies inside the GUEST_MEM-byte mapping; unaligned write is allowed.
+        unsafe {
+            mem.ptr
+                .as_ptr()
+                .add(gpa as usize)
+                .cast::<u64>()
+                .write_unaligned(value)
+        };
+    }
+}
+
+/// Paging, PAE, long mode, and flat 64-bit segments.
+fn set_long_mode(sregs: &mut kvm_bindings::kvm_sregs) {
+    let code = kvm_bindings::kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0x8,
+        type_: 11,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 1,
+        g: 1,
+        ..Default::default()
+    };
+    let data = kvm_bindings::kvm_segment {
+        selector: 0x10,
+        type_: 3,
+        db: 1,
+        l: 0,
+        ..code
+    };
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.cr3 = PML4_GPA;
+    sregs.cr4 = 0x20; // PAE
+    sregs.cr0 = 0x8005_0033; // PG | AM | WP | NE | ET | MP | PE
+    sregs.efer = 0x500; // LMA | LME
+}
+
+/// 64-bit code: for `pages` times { `mov byte [rdi], 0x5a`; `rdi += 4096` }; `hlt`.
+fn long_mode_code(pages: u16) -> Vec<u8> {
+    let [a0, a1, a2, a3] = (FIRST_DATA_GPA as u32).to_le_bytes();
+    let [p0, p1, p2, p3] = u32::from(pages).to_le_bytes();
     vec![
-        0xB9, lo, hi, // mov cx, pages
+        0xBF, a0, a1, a2, a3, // mov edi, FIRST_DATA_GPA
+        0xB9, p0, p1, p2, p3, // mov ecx, pages
+        // loop:
+        0xC6, 0x07, 0x5A, // mov byte [rdi], 0x5a
+        0x48, 0x81, 0xC7, 0x00, 0x10, 0x00, 0x00, // add rdi, 0x1000
+        0xFF, 0xC9, // dec ecx
+        0x75, 0xF2, // jnz loop (-14)
+        0xF4, // hlt
+    ]
+}
+
+/// 16-bit code: `rounds` times { for `pages` times { `mov byte [ds:0], 0x5a`; `ds += 0x100`
+/// (4 KiB) } }; `hlt`.
+fn real_mode_code(pages: u16, rounds: u16) -> Vec<u8> {
+    let [plo, phi] = pages.to_le_bytes();
+    let [rlo, rhi] = rounds.to_le_bytes();
+    let [dlo, dhi] = ((FIRST_DATA_GPA >> 4) as u16).to_le_bytes();
+    vec![
+        0xBA, rlo, rhi, // mov dx, rounds
+        // outer (offset 3):
+        0xB9, plo, phi, // mov cx, pages
         0xB8, dlo, dhi, // mov ax, FIRST_DATA_GPA >> 4
         0x8E, 0xD8, // mov ds, ax
-        // loop:
+        // inner (offset 11):
         0xC6, 0x06, 0x00, 0x00, 0x5A, // mov byte [0], 0x5a
         0x8C, 0xD8, // mov ax, ds
         0x05, 0x00, 0x01, // add ax, 0x100
         0x8E, 0xD8, // mov ds, ax
-        0xE2, 0xF2, // loop loop (-14)
+        0xE2, 0xF2, // loop inner (-14)
+        0x4A, // dec dx
+        0x75, 0xE7, // jnz outer (3 - 28 = -25)
         0xF4, // hlt
     ]
 }

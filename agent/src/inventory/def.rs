@@ -1,0 +1,176 @@
+//! A VM's definition file (`vm.toml`).
+
+use serde::{Deserialize, Serialize};
+
+use super::InventoryError;
+use crate::dirty::DirtyTracking;
+use crate::guest::Program;
+use crate::vm::VmSpec;
+
+/// What a VM is: the contents of its `vm.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmDef {
+    /// Name (letters, digits, `-`, `_`).
+    pub name: String,
+    /// Guest memory, MiB (a multiple of 2, 16 to 16384).
+    pub memory_mib: u64,
+    /// Number of vCPUs (1 to 4).
+    pub vcpus: u32,
+    /// Program of each vCPU; the last one repeats for the remaining vCPUs.
+    pub workload: Vec<String>,
+    /// Working set of each `dirty` vCPU, MiB.
+    #[serde(default = "default_dirty_mib")]
+    pub dirty_mib: u64,
+    /// Pages per second each `dirty` vCPU writes; 0 = flat out.
+    #[serde(default)]
+    pub dirty_rate: u64,
+    /// Dirty-tracking mechanism.
+    #[serde(default)]
+    pub dirty_tracking: DirtyTracking,
+    /// Disk image size, MiB.
+    #[serde(default = "default_disk_mib")]
+    pub disk_mib: u64,
+}
+
+fn default_dirty_mib() -> u64 {
+    16
+}
+
+fn default_disk_mib() -> u64 {
+    16
+}
+
+impl VmDef {
+    /// Parses a `vm.toml`.
+    pub fn parse(text: &str) -> Result<Self, InventoryError> {
+        let def: VmDef = toml::from_str(text).map_err(|e| InventoryError::Invalid(e.to_string()))?;
+        def.validate()?;
+        Ok(def)
+    }
+
+    /// Renders the `vm.toml`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("definitions serialize")
+    }
+
+    /// Guest memory in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+
+    /// The program of each vCPU.
+    pub fn programs(&self) -> Result<Vec<Program>, InventoryError> {
+        if self.workload.is_empty() {
+            return Err(InventoryError::Invalid("workload is empty".into()));
+        }
+        let parsed: Vec<Program> = self
+            .workload
+            .iter()
+            .map(|w| {
+                Program::parse(w).ok_or_else(|| {
+                    InventoryError::Invalid(format!(
+                        "unknown workload {w:?} (idle, dirty, counter)"
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        if parsed.len() > self.vcpus as usize {
+            return Err(InventoryError::Invalid(format!(
+                "{} workloads for {} vCPUs",
+                parsed.len(),
+                self.vcpus
+            )));
+        }
+        let last = *parsed.last().expect("not empty");
+        Ok((0..self.vcpus as usize)
+            .map(|i| parsed.get(i).copied().unwrap_or(last))
+            .collect())
+    }
+
+    /// What the VMM builds.
+    pub fn spec(&self) -> VmSpec {
+        VmSpec {
+            memory: self.memory_bytes(),
+            programs: self.programs().unwrap_or_default(),
+            dirty_bytes: self.dirty_mib << 20,
+            dirty_rate: self.dirty_rate,
+            dirty_tracking: self.dirty_tracking,
+        }
+    }
+
+    /// Checks the definition.
+    pub fn validate(&self) -> Result<(), InventoryError> {
+        let ok_name = !self.name.is_empty()
+            && self.name.len() <= 64
+            && !self.name.starts_with('.')
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok_name {
+            return Err(InventoryError::Invalid(format!(
+                "name {:?}: use 1-64 letters, digits, '-' or '_'",
+                self.name
+            )));
+        }
+        if !(16..=16384).contains(&self.memory_mib) || self.memory_mib % 2 != 0 {
+            return Err(InventoryError::Invalid(format!(
+                "memory {} MiB: use an even number from 16 to 16384",
+                self.memory_mib
+            )));
+        }
+        if self.disk_mib > 1 << 20 {
+            return Err(InventoryError::Invalid("disk larger than 1 TiB".into()));
+        }
+        self.programs()?;
+        self.spec()
+            .validate()
+            .map_err(|e| InventoryError::Invalid(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def() -> VmDef {
+        VmDef {
+            name: "vm1".into(),
+            memory_mib: 64,
+            vcpus: 3,
+            workload: vec!["dirty".into(), "counter".into()],
+            dirty_mib: 8,
+            dirty_rate: 0,
+            dirty_tracking: DirtyTracking::Auto,
+            disk_mib: 4,
+        }
+    }
+
+    #[test]
+    fn toml_round_trip_and_workload_repeats() {
+        let d = def();
+        assert_eq!(VmDef::parse(&d.to_toml()).unwrap(), d);
+        assert_eq!(
+            d.programs().unwrap(),
+            vec![Program::Dirty, Program::Counter, Program::Counter]
+        );
+    }
+
+    #[test]
+    fn bad_definitions_are_refused_with_reasons() {
+        for (f, want) in [
+            (Box::new(|d: &mut VmDef| d.name = "../x".into()) as Box<dyn Fn(&mut VmDef)>, "name"),
+            (Box::new(|d: &mut VmDef| d.memory_mib = 15), "memory"),
+            (Box::new(|d: &mut VmDef| d.vcpus = 9), "vCPUs"),
+            (Box::new(|d: &mut VmDef| d.workload = vec!["mine".into()]), "unknown workload"),
+            (Box::new(|d: &mut VmDef| d.dirty_mib = 64), "do not fit"),
+        ] {
+            let mut d = def();
+            f(&mut d);
+            let e = d.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
+        assert!(VmDef::parse("name = 'x'\nbogus = 1").is_err());
+    }
+}

@@ -1,0 +1,136 @@
+//! What a migration reports: per-round progress and the final report.
+
+use serde::{Deserialize, Serialize};
+
+/// One pre-copy round (or the stop-and-copy pass).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RoundStats {
+    /// Round number from 1; the stop-and-copy pass is the last.
+    pub round: u32,
+    /// Pages sent (zero pages included).
+    pub pages: u64,
+    /// Of which zero pages (sent as markers).
+    pub zero_pages: u64,
+    /// Bytes on the wire.
+    pub bytes: u64,
+    /// Seconds the round took.
+    pub secs: f64,
+    /// Pages found dirty at the end of the round.
+    pub dirty_pages: u64,
+    /// Dirty rate during the round, pages/s.
+    pub dirty_rate: f64,
+    /// Achieved bandwidth, bytes/s.
+    pub bandwidth: f64,
+    /// Predicted downtime of stopping now, ms.
+    pub predicted_downtime_ms: f64,
+}
+
+/// A progress event sent to the CLI.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Progress {
+    /// "connecting", "reserved", "pre-copy", "stop-and-copy", "committing".
+    pub phase: String,
+    /// Current round.
+    pub round: u32,
+    /// Pages sent so far in this round.
+    pub sent: u64,
+    /// Pages to send in this round.
+    pub total: u64,
+    /// Stats of the last finished round.
+    pub last: Option<RoundStats>,
+}
+
+/// Memory and vCPU digests on both sides, compared before commitment.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Verification {
+    /// Source memory at the pause.
+    pub source_memory: String,
+    /// Destination memory before its vCPUs ran.
+    pub dest_memory: String,
+    /// Source vCPU state at the pause (TSC excluded).
+    pub source_vcpus: String,
+    /// Destination vCPU state read back from KVM after the restore.
+    pub dest_vcpus: String,
+    /// Digests equal.
+    pub memory_equal: bool,
+    /// Digests equal.
+    pub vcpus_equal: bool,
+    /// ms the destination spent computing its digests (inside the downtime).
+    pub dest_verify_ms: f64,
+}
+
+/// The final report of a successful migration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    /// VM.
+    pub vm: String,
+    /// Source agent.
+    pub from: String,
+    /// Destination agent.
+    pub to: String,
+    /// Whole migration, ms.
+    pub total_ms: f64,
+    /// From vCPU pause on the source to vCPU run on the destination, ms.
+    pub downtime_ms: f64,
+    /// Time to pause the source vCPUs, ms.
+    pub pause_ms: f64,
+    /// Round trip measured at the start, µs.
+    pub rtt_us: f64,
+    /// Rounds, the stop-and-copy pass last.
+    pub rounds: Vec<RoundStats>,
+    /// Why pre-copy stopped.
+    pub stop_reason: String,
+    /// Bytes on the wire in all.
+    pub bytes_sent: u64,
+    /// Pages sent (zero pages included).
+    pub pages_sent: u64,
+    /// Zero pages sent as markers.
+    pub zero_pages: u64,
+    /// Guest memory size, bytes.
+    pub memory_bytes: u64,
+    /// Pages that held data at the start (populated in the host).
+    pub memory_touched_bytes: u64,
+    /// Average bandwidth over the whole migration, MiB/s.
+    pub achieved_mibs: f64,
+    /// "io_uring" or "plain".
+    pub io_path: String,
+    /// "ring" or "bitmap".
+    pub dirty_tracking: String,
+    /// Dirty-ring entries read (duplicates included) and ring-full exits during the migration.
+    pub ring_entries: u64,
+    /// Ring-full exits during the migration.
+    pub ring_full_exits: u64,
+    /// Guest counter at the pause (for the proof it continues on the destination).
+    pub counter_at_pause: u64,
+    /// Digests, when `--verify`.
+    pub verification: Option<Verification>,
+}
+
+impl Report {
+    /// A human-readable summary.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        use std::fmt::Write;
+        let _ = writeln!(s, "migrated {} from {} to {}", self.vm, self.from, self.to);
+        let _ = writeln!(s, "  total time      {:>10.1} ms", self.total_ms);
+        let _ = writeln!(s, "  downtime        {:>10.2} ms (pause {:.2} ms, rtt {:.0} µs)", self.downtime_ms, self.pause_ms, self.rtt_us);
+        let _ = writeln!(s, "  rounds          {:>10} ({})", self.rounds.len(), self.stop_reason);
+        let _ = writeln!(s, "  bytes sent      {:>10.1} MiB", self.bytes_sent as f64 / 1048576.0);
+        let _ = writeln!(s, "  pages sent      {:>10} ({} zero pages as markers)", self.pages_sent, self.zero_pages);
+        let _ = writeln!(s, "  memory          {:>10.1} MiB ({:.1} MiB touched)", self.memory_bytes as f64 / 1048576.0, self.memory_touched_bytes as f64 / 1048576.0);
+        let _ = writeln!(s, "  bandwidth       {:>10.1} MiB/s", self.achieved_mibs);
+        let _ = writeln!(s, "  io path         {:>10}   dirty tracking {}", self.io_path, self.dirty_tracking);
+        for r in &self.rounds {
+            let _ = writeln!(
+                s,
+                "    round {:>2}: {:>8} pages ({:>8} zero) {:>8.1} MiB in {:>7.1} ms, {:>7} dirty, {:>8.0} pages/s dirtied, {:>7.1} MiB/s, predicted downtime {:>7.2} ms",
+                r.round, r.pages, r.zero_pages, r.bytes as f64 / 1048576.0, r.secs * 1e3, r.dirty_pages, r.dirty_rate, r.bandwidth / 1048576.0, r.predicted_downtime_ms
+            );
+        }
+        if let Some(v) = &self.verification {
+            let _ = writeln!(s, "  memory digest   source {} / destination {}: {}", &v.source_memory[..16], &v.dest_memory[..16], if v.memory_equal { "EQUAL" } else { "DIFFERENT" });
+            let _ = writeln!(s, "  vCPU digest     source {} / destination {}: {}", &v.source_vcpus[..16], &v.dest_vcpus[..16], if v.vcpus_equal { "EQUAL" } else { "DIFFERENT" });
+        }
+        s
+    }
+}

@@ -1,0 +1,459 @@
+//! The source side: moves a running VM to a destination agent.
+
+use std::fs;
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::controller::{Controller, Decision};
+use super::{cpu_digest, Cancel, Fault, MigrateError, MigrateOptions, Progress, Report, RoundStats, Verification};
+use crate::guest::layout::PAGE_SIZE;
+use crate::inventory::{self, VmDef};
+use crate::transport::{tune_socket, FrameReader, FrameWriter, IoPath};
+use crate::vm::Vm;
+use crate::wire::{self, messages as msg, pages, Frame, Header, Kind};
+
+/// File pieces are sent in chunks of this size; all-zero chunks are skipped (sparse disks).
+const FILE_CHUNK: usize = 1 << 20;
+/// How long to wait for a control reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the source needs to know about the VM.
+#[derive(Debug)]
+pub struct Outgoing<'a> {
+    /// The VM.
+    pub vm: &'a Vm,
+    /// Its definition.
+    pub def: &'a VmDef,
+    /// Its folder.
+    pub dir: &'a Path,
+    /// This agent's name.
+    pub agent: &'a str,
+}
+
+struct Link {
+    writer: FrameWriter,
+    reader: FrameReader,
+    inject: Option<Fault>,
+}
+
+impl Link {
+    fn send<T: serde::Serialize>(&mut self, kind: Kind, m: &T) -> Result<(), MigrateError> {
+        Ok(self.writer.send_bytes(wire::control_frame(kind, m))?)
+    }
+
+    /// Reads the next control frame; an `Error`/`Abort`/`Refused` from the peer becomes an
+    /// error carrying its reason.
+    fn recv(&mut self) -> Result<Frame, MigrateError> {
+        let f = self.reader.read_frame()?;
+        f.verify()?;
+        match f.header.kind {
+            Kind::Error | Kind::Abort => Err(MigrateError::Peer(f.decode::<msg::Abort>()?.reason)),
+            Kind::Refused => Err(MigrateError::Refused(f.decode::<msg::Refused>()?.reason)),
+            _ => Ok(f),
+        }
+    }
+
+    /// After a send failed: the peer may have said why before closing.
+    fn explain(&mut self, e: MigrateError) -> MigrateError {
+        if !matches!(e, MigrateError::Io(_)) {
+            return e;
+        }
+        let _ = self.reader.set_timeout(Duration::from_secs(2));
+        match self.recv() {
+            Err(peer @ (MigrateError::Peer(_) | MigrateError::Refused(_))) => peer,
+            _ => e,
+        }
+    }
+}
+
+/// Migrates `out.vm` to the agent at `dest`. On error the VM is running on the source as
+/// before (unless the error is [`MigrateError::CommitUnknown`]).
+pub fn migrate(
+    out: &Outgoing<'_>,
+    dest: SocketAddr,
+    dest_name: &str,
+    opts: &MigrateOptions,
+    cancel: &Cancel,
+    progress: &dyn Fn(Progress),
+) -> Result<Report, MigrateError> {
+    let t0 = Instant::now();
+    progress(Progress {
+        phase: "connecting".into(),
+        round: 0,
+        sent: 0,
+        total: 0,
+        last: None,
+    });
+    let sock = TcpStream::connect_timeout(&dest, Duration::from_secs(5)).map_err(|cause| {
+        MigrateError::Connect {
+            addr: dest.to_string(),
+            cause,
+        }
+    })?;
+    tune_socket(&sock)?;
+    cancel.set_socket(Some(sock.try_clone()?));
+    let bandwidth = opts.bandwidth_mibs.map(|m| m * 1048576.0);
+    let mut link = Link {
+        writer: FrameWriter::new(sock.try_clone()?, opts.io, bandwidth)?,
+        reader: FrameReader::new(sock, IoPath::Plain, REPLY_TIMEOUT)?,
+        inject: opts.inject,
+    };
+    let vm = out.vm;
+    let result = run(out, &mut link, dest_name, opts, cancel, progress, t0);
+    cancel.set_socket(None);
+    match result {
+        Ok(report) => Ok(report),
+        Err(e) => {
+            let e = if cancel.is_cancelled() {
+                MigrateError::Cancelled
+            } else {
+                link.explain(e)
+            };
+            if matches!(e, MigrateError::CommitUnknown(_)) {
+                return Err(e);
+            }
+            // Until Go the source owns the VM: tell the peer, stop logging, run again.
+            let _ = link.send(
+                Kind::Abort,
+                &msg::Abort {
+                    reason: e.to_string(),
+                },
+            );
+            let _ = vm.dirty().stop();
+            vm.resume();
+            vm.devices().log_line(&format!("migration to {dest_name} failed: {e}; running on the source"));
+            Err(e)
+        }
+    }
+}
+
+fn run(
+    out: &Outgoing<'_>,
+    link: &mut Link,
+    dest_name: &str,
+    opts: &MigrateOptions,
+    cancel: &Cancel,
+    progress: &dyn Fn(Progress),
+    t0: Instant,
+) -> Result<Report, MigrateError> {
+    let vm = out.vm;
+    // 1. Pre-migration: version, page size, CPU.
+    let hello = wire::messages::Hello {
+        version: wire::VERSION,
+        agent: out.agent.into(),
+        page_size: PAGE_SIZE as u32,
+        cpu: cpu_digest(),
+    };
+    let t_hello = Instant::now();
+    if link.inject == Some(Fault::BadVersion) {
+        let mut f = wire::control_frame(Kind::Hello, &hello);
+        let h = Header::parse(f[..wire::HEADER_LEN].try_into().expect("header"))?;
+        f[..wire::HEADER_LEN].copy_from_slice(&h.encode_version(99));
+        link.writer.send_bytes(f)?;
+    } else {
+        link.send(Kind::Hello, &hello)?;
+    }
+    let welcome: msg::Welcome = link.recv()?.expect(Kind::Welcome)?;
+    let rtt = t_hello.elapsed();
+    tracing::info!(dest = %welcome.agent, rtt_us = rtt.as_micros() as u64, "destination accepted the protocol");
+
+    // 2. Reservation.
+    link.send(
+        Kind::Reserve,
+        &msg::Reserve {
+            name: out.def.name.clone(),
+            spec: vm.spec().clone(),
+            definition: out.def.to_toml(),
+        },
+    )?;
+    let _: msg::Reserved = link.recv()?.expect(Kind::Reserved)?;
+    progress(Progress {
+        phase: "reserved".into(),
+        round: 0,
+        sent: 0,
+        total: 0,
+        last: None,
+    });
+    for name in [inventory::DEFINITION, inventory::NVRAM, inventory::DISK] {
+        send_file(link, out.dir, name)?;
+    }
+
+    // 3. Iterative pre-copy.
+    vm.dirty().mode().check(opts.dirty_tracking)?;
+    let (entries0, full0) = vm.dirty().ring_counters();
+    vm.dirty().start()?;
+    let populated = vm.ram().populated()?;
+    let touched = populated.iter().filter(|p| **p).count() as u64;
+    let state_bytes = bincode::serialized_size(&vm.devices().save()).unwrap_or(0) + 8192 * vm.spec().programs.len() as u64;
+    let controller = Controller::new(opts, state_bytes, rtt);
+    let mut rounds = Vec::new();
+    let mut pending: Vec<u64> = (0..vm.ram().pages()).collect();
+    let mut populated = Some(populated);
+    let stop_reason = loop {
+        let round = rounds.len() as u32 + 1;
+        let t = Instant::now();
+        let mut stats = send_pages(link, vm, &pending, populated.take().as_deref(), false, round, progress, cancel)?;
+        link.send(Kind::RoundEnd, &msg::RoundEnd { round, pages: stats.pages })?;
+        pending = vm.dirty().harvest()?;
+        stats.secs = t.elapsed().as_secs_f64();
+        stats.dirty_pages = pending.len() as u64;
+        stats.dirty_rate = pending.len() as f64 / stats.secs;
+        stats.bandwidth = stats.bytes as f64 / stats.secs;
+        stats.predicted_downtime_ms = controller.predict_ms(stats.dirty_pages, stats.bandwidth);
+        tracing::info!(round, pages = stats.pages, dirty = stats.dirty_pages, bandwidth = stats.bandwidth, predicted_ms = stats.predicted_downtime_ms, "pre-copy round done");
+        let decision = controller.decide(&stats, t0.elapsed());
+        rounds.push(stats.clone());
+        progress(Progress {
+            phase: "pre-copy".into(),
+            round,
+            sent: stats.pages,
+            total: stats.pages,
+            last: Some(stats),
+        });
+        if cancel.is_cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
+        match decision {
+            Decision::Continue => {}
+            Decision::StopAndCopy(why) => break why,
+            Decision::Abort(why) => {
+                tracing::warn!(%why, "aborting");
+                return Err(MigrateError::Timeout(opts.timeout_s));
+            }
+        }
+    };
+    tracing::info!(reason = %stop_reason, "stop-and-copy");
+
+    // 4. Stop and copy.
+    let t_pause = Instant::now();
+    let pause = vm.pause();
+    let counter_at_pause = vm.stats().counter;
+    let result = stop_and_copy(out, link, opts, &mut pending, rounds.len() as u32 + 1, progress, cancel);
+    let (last, ready, verification) = match result {
+        Ok(x) => x,
+        Err(e) => return Err(e),
+    };
+    rounds.push(last);
+    // 5. Commitment: from Go on the destination owns the VM.
+    cancel.set_socket(None);
+    link.send(Kind::Go, &msg::Go {})?;
+    let running = link.recv().and_then(|f| Ok(f.expect::<msg::Running>(Kind::Running)?));
+    let t_run = Instant::now();
+    let running = running.map_err(|e| MigrateError::CommitUnknown(e.to_string()))?;
+    let _ = link.send(Kind::Released, &msg::Released {});
+    let _ = vm.dirty().stop();
+    let (entries1, full1) = vm.dirty().ring_counters();
+    vm.devices().log_line(&format!("migrated to {dest_name}"));
+    let downtime = (t_run - t_pause).as_secs_f64() - rtt.as_secs_f64() / 2.0;
+    tracing::info!(resume_us = running.resume_us, ready_verify_ms = ready.verify_ms, "destination runs the VM");
+    let total = t0.elapsed().as_secs_f64();
+    let bytes_sent = link.writer.bytes_sent();
+    Ok(Report {
+        vm: out.def.name.clone(),
+        from: out.agent.into(),
+        to: dest_name.into(),
+        total_ms: total * 1e3,
+        downtime_ms: downtime * 1e3,
+        pause_ms: pause.as_secs_f64() * 1e3,
+        rtt_us: rtt.as_secs_f64() * 1e6,
+        pages_sent: rounds.iter().map(|r| r.pages).sum(),
+        zero_pages: rounds.iter().map(|r| r.zero_pages).sum(),
+        rounds,
+        stop_reason,
+        bytes_sent,
+        memory_bytes: vm.ram().size(),
+        memory_touched_bytes: touched * PAGE_SIZE,
+        achieved_mibs: bytes_sent as f64 / 1048576.0 / total,
+        io_path: if link.writer.uses_uring() { "io_uring" } else { "plain" }.into(),
+        dirty_tracking: vm.dirty().mode().to_string(),
+        ring_entries: entries1 - entries0,
+        ring_full_exits: full1 - full0,
+        counter_at_pause,
+        verification,
+    })
+}
+
+/// Sends the last dirty pages, the log and the state with the vCPUs paused; waits for the
+/// destination's Ready and checks its digests.
+fn stop_and_copy(
+    out: &Outgoing<'_>,
+    link: &mut Link,
+    opts: &MigrateOptions,
+    pending: &mut Vec<u64>,
+    round: u32,
+    progress: &dyn Fn(Progress),
+    cancel: &Cancel,
+) -> Result<(RoundStats, msg::Ready, Option<Verification>), MigrateError> {
+    let vm = out.vm;
+    let t = Instant::now();
+    pending.extend(vm.dirty().harvest()?);
+    pending.sort_unstable();
+    pending.dedup();
+    progress(Progress {
+        phase: "stop-and-copy".into(),
+        round,
+        sent: 0,
+        total: pending.len() as u64,
+        last: None,
+    });
+    let mut stats = send_pages(link, vm, pending, None, true, round, progress, cancel)?;
+    vm.devices().log_line("paused for migration: stop-and-copy");
+    send_file(link, out.dir, inventory::LOG)?;
+    let machine = vm.save()?;
+    let source_vcpus = machine.vcpu_digest();
+    link.send(
+        Kind::State,
+        &msg::State {
+            machine,
+            verify: opts.verify,
+        },
+    )?;
+    stats.secs = t.elapsed().as_secs_f64();
+    stats.bandwidth = stats.bytes as f64 / stats.secs;
+    let source_memory = if opts.verify { Some(vm.ram().digest()?) } else { None };
+    let ready: msg::Ready = link.recv()?.expect(Kind::Ready)?;
+    let verification = match (source_memory, &ready.memory_digest, &ready.vcpu_digest) {
+        (Some(sm), Some(dm), Some(dv)) => {
+            let v = Verification {
+                memory_equal: &sm == dm,
+                vcpus_equal: &source_vcpus == dv,
+                source_memory: sm,
+                dest_memory: dm.clone(),
+                source_vcpus,
+                dest_vcpus: dv.clone(),
+                dest_verify_ms: ready.verify_ms,
+            };
+            if !v.memory_equal || !v.vcpus_equal {
+                return Err(MigrateError::Verify(format!(
+                    "memory {} vs {}, vCPUs {} vs {}",
+                    v.source_memory, v.dest_memory, v.source_vcpus, v.dest_vcpus
+                )));
+            }
+            Some(v)
+        }
+        (Some(_), _, _) => return Err(MigrateError::Verify("the destination sent no digests".into())),
+        _ => None,
+    };
+    Ok((stats, ready, verification))
+}
+
+/// Sends the given pages in frames of up to 256, straight from guest memory. `populated`
+/// (round 1) marks pages never touched in the host, which are zero without reading them.
+#[allow(clippy::too_many_arguments)]
+fn send_pages(
+    link: &mut Link,
+    vm: &Vm,
+    list: &[u64],
+    populated: Option<&[bool]>,
+    paused: bool,
+    round: u32,
+    progress: &dyn Fn(Progress),
+    cancel: &Cancel,
+) -> Result<RoundStats, MigrateError> {
+    let ram = vm.ram();
+    let before = link.writer.bytes_sent();
+    let mut stats = RoundStats {
+        round,
+        ..Default::default()
+    };
+    let mut entries = Vec::with_capacity(pages::MAX_PAGES);
+    let mut ptrs: Vec<*const u8> = Vec::with_capacity(pages::MAX_PAGES);
+    let mut meta = Vec::new();
+    let mut last_progress = Instant::now();
+    for (n, chunk) in list.chunks(pages::MAX_PAGES).enumerate() {
+        if cancel.is_cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
+        entries.clear();
+        ptrs.clear();
+        for &p in chunk {
+            let zero = populated.is_some_and(|pop| !pop[p as usize]) || ram.is_zero_page(p);
+            entries.push(pages::PageEntry { index: p, zero });
+            if !zero {
+                ptrs.push(ram.page_ptr(p));
+            }
+        }
+        pages::encode(&entries, &mut meta);
+        let data_len = ptrs.len() * PAGE_SIZE as usize;
+        let mut header = Header {
+            kind: Kind::Pages,
+            flags: if paused { wire::DATA_CRC } else { 0 },
+            payload_len: (meta.len() + data_len) as u32,
+            meta_len: meta.len() as u32,
+            crc: 0,
+        };
+        header.crc = if paused {
+            // SAFETY: the vCPUs are paused, so nothing writes these guest pages while they
+            // are read as slices; each pointer is a whole page inside guest memory.
+            let slices = ptrs.iter().map(|&p| unsafe { std::slice::from_raw_parts(p, PAGE_SIZE as usize) });
+            wire::frame_crc(&header, &meta, slices)
+        } else {
+            wire::frame_crc(&header, &meta, [])
+        };
+        let mut head = header.encode().to_vec();
+        head.extend_from_slice(&meta);
+        if link.inject == Some(Fault::CorruptFrame) && n == 0 {
+            let last = head.len() - 1;
+            head[last] ^= 0x40;
+            link.inject = None;
+        }
+        // SAFETY: every pointer is a page of guest memory, which lives as long as the VM; the
+        // VM outlives this migration (the caller holds it).
+        unsafe { link.writer.send_pages(head, &ptrs) }?;
+        stats.pages += chunk.len() as u64;
+        stats.zero_pages += (chunk.len() - ptrs.len()) as u64;
+        if last_progress.elapsed() > Duration::from_millis(100) {
+            last_progress = Instant::now();
+            progress(Progress {
+                phase: if paused { "stop-and-copy" } else { "pre-copy" }.into(),
+                round,
+                sent: stats.pages,
+                total: list.len() as u64,
+                last: None,
+            });
+        }
+    }
+    link.writer.flush()?;
+    stats.bytes = link.writer.bytes_sent() - before;
+    Ok(stats)
+}
+
+/// Sends one file of the VM folder in chunks, skipping all-zero chunks.
+fn send_file(link: &mut Link, dir: &Path, name: &str) -> Result<(), MigrateError> {
+    let data = fs::read(dir.join(name)).unwrap_or_default();
+    let size = data.len() as u64;
+    let mut sent_any = false;
+    for (i, chunk) in data.chunks(FILE_CHUNK).enumerate() {
+        if chunk.iter().all(|b| *b == 0) {
+            continue;
+        }
+        send_chunk(link, name, size, (i * FILE_CHUNK) as u64, chunk)?;
+        sent_any = true;
+    }
+    if !sent_any {
+        send_chunk(link, name, size, 0, &[])?;
+    }
+    Ok(())
+}
+
+fn send_chunk(link: &mut Link, name: &str, size: u64, offset: u64, chunk: &[u8]) -> Result<(), MigrateError> {
+    let meta = bincode::serialize(&msg::FileChunk {
+        name: name.into(),
+        size,
+        offset,
+    })
+    .expect("serializes");
+    let mut header = Header {
+        kind: Kind::FileChunk,
+        flags: wire::DATA_CRC,
+        payload_len: (meta.len() + chunk.len()) as u32,
+        meta_len: meta.len() as u32,
+        crc: 0,
+    };
+    header.crc = wire::frame_crc(&header, &meta, [chunk]);
+    let mut f = header.encode().to_vec();
+    f.extend_from_slice(&meta);
+    f.extend_from_slice(chunk);
+    Ok(link.writer.send_bytes(f)?)
+}
