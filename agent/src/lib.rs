@@ -4,10 +4,11 @@
 //! tracks dirty pages ([`dirty`]), and moves VMs between hosts over the migration stream
 //! ([`wire`], [`transport`], [`migrate`]).
 
+pub mod api;
 pub mod dirty;
 pub mod guest;
 pub mod inventory;
+pub mod migrate;
+pub mod transport;
 pub mod vm;
 pub mod wire;
-pub mod transport;
-pub mod migrate;

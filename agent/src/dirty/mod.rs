@@ -211,7 +211,12 @@ impl DirtyLog {
     /// pending set and resets the rings so the vCPU can go on.
     pub fn on_ring_full(&self, vcpu: u32) -> Result<(), DirtyError> {
         self.ring_full_exits.fetch_add(1, Ordering::Relaxed);
-        let ring = self.rings.lock().expect("rings").get(vcpu as usize).cloned();
+        let ring = self
+            .rings
+            .lock()
+            .expect("rings")
+            .get(vcpu as usize)
+            .cloned();
         if let Some(ring) = ring {
             let n = ring.harvest(&self.pending, self.region.guest_phys_addr);
             self.ring_entries.fetch_add(n, Ordering::Relaxed);

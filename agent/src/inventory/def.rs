@@ -44,7 +44,8 @@ fn default_disk_mib() -> u64 {
 impl VmDef {
     /// Parses a `vm.toml`.
     pub fn parse(text: &str) -> Result<Self, InventoryError> {
-        let def: VmDef = toml::from_str(text).map_err(|e| InventoryError::Invalid(e.to_string()))?;
+        let def: VmDef =
+            toml::from_str(text).map_err(|e| InventoryError::Invalid(e.to_string()))?;
         def.validate()?;
         Ok(def)
     }
@@ -160,10 +161,16 @@ mod tests {
     #[test]
     fn bad_definitions_are_refused_with_reasons() {
         for (f, want) in [
-            (Box::new(|d: &mut VmDef| d.name = "../x".into()) as Box<dyn Fn(&mut VmDef)>, "name"),
+            (
+                Box::new(|d: &mut VmDef| d.name = "../x".into()) as Box<dyn Fn(&mut VmDef)>,
+                "name",
+            ),
             (Box::new(|d: &mut VmDef| d.memory_mib = 15), "memory"),
             (Box::new(|d: &mut VmDef| d.vcpus = 9), "vCPUs"),
-            (Box::new(|d: &mut VmDef| d.workload = vec!["mine".into()]), "unknown workload"),
+            (
+                Box::new(|d: &mut VmDef| d.workload = vec!["mine".into()]),
+                "unknown workload",
+            ),
             (Box::new(|d: &mut VmDef| d.dirty_mib = 64), "do not fit"),
         ] {
             let mut d = def();

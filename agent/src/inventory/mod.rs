@@ -141,7 +141,12 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.committed {
             let _ = fs::remove_dir_all(&self.staging);
-            self.inv.inner.lock().expect("inventory").reserved.remove(&self.name);
+            self.inv
+                .inner
+                .lock()
+                .expect("inventory")
+                .reserved
+                .remove(&self.name);
             tracing::info!(vm = %self.name, "reservation released");
         }
     }
@@ -174,7 +179,9 @@ impl Inventory {
                         },
                     );
                 }
-                Err(e) => tracing::warn!(path = %path.display(), cause = %e, "skipping bad definition"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), cause = %e, "skipping bad definition")
+                }
             }
         }
         Ok(Arc::new(Self {

@@ -105,9 +105,16 @@ mod tests {
         let c = Controller::new(&opts, 10_000, Duration::from_micros(100));
         let d = Duration::from_secs(1);
         assert_eq!(c.decide(&round(1, 80.0), d), Decision::Continue);
-        assert!(matches!(c.decide(&round(2, 20.0), d), Decision::StopAndCopy(r) if r.starts_with("converged")));
-        assert!(matches!(c.decide(&round(5, 80.0), d), Decision::StopAndCopy(r) if r.starts_with("max rounds")));
-        assert!(matches!(c.decide(&round(2, 80.0), Duration::from_secs(10)), Decision::Abort(_)));
+        assert!(
+            matches!(c.decide(&round(2, 20.0), d), Decision::StopAndCopy(r) if r.starts_with("converged"))
+        );
+        assert!(
+            matches!(c.decide(&round(5, 80.0), d), Decision::StopAndCopy(r) if r.starts_with("max rounds"))
+        );
+        assert!(matches!(
+            c.decide(&round(2, 80.0), Duration::from_secs(10)),
+            Decision::Abort(_)
+        ));
     }
 
     #[test]

@@ -19,7 +19,12 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Receives one incoming migration on `sock`. On any failure nothing stays registered and
 /// the staged files are removed (the reservation's drop).
-pub fn receive(sock: TcpStream, inv: Arc<Inventory>, agent: &str, io: IoPath) -> Result<String, MigrateError> {
+pub fn receive(
+    sock: TcpStream,
+    inv: Arc<Inventory>,
+    agent: &str,
+    io: IoPath,
+) -> Result<String, MigrateError> {
     tune_socket(&sock)?;
     let mut reader = FrameReader::new(sock.try_clone()?, io, IDLE_TIMEOUT)?;
     let mut writer = FrameWriter::new(sock.try_clone()?, IoPath::Plain, None)?;
@@ -27,7 +32,12 @@ pub fn receive(sock: TcpStream, inv: Arc<Inventory>, agent: &str, io: IoPath) ->
     if let Err(e) = &result {
         tracing::warn!(cause = %e, "incoming migration failed; nothing kept");
         if !matches!(e, MigrateError::Peer(_)) {
-            let _ = writer.send_bytes(wire::control_frame(Kind::Error, &msg::Abort { reason: e.to_string() }));
+            let _ = writer.send_bytes(wire::control_frame(
+                Kind::Error,
+                &msg::Abort {
+                    reason: e.to_string(),
+                },
+            ));
         }
         // Let the source read our reason before the connection closes: stop writing and
         // drain what it still sends for a moment (closing with unread data would reset).
@@ -55,14 +65,22 @@ fn verified(reader: &mut FrameReader) -> Result<Frame, MigrateError> {
     Ok(f)
 }
 
-fn run(reader: &mut FrameReader, writer: &mut FrameWriter, inv: &Arc<Inventory>, agent: &str) -> Result<String, MigrateError> {
+fn run(
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+    inv: &Arc<Inventory>,
+    agent: &str,
+) -> Result<String, MigrateError> {
     // 1. Pre-migration checks.
     let hello: msg::Hello = verified(reader)?.expect(Kind::Hello)?;
     if hello.version != wire::VERSION {
         return Err(WireError::Version { got: hello.version }.into());
     }
     if hello.page_size != PAGE_SIZE as u32 {
-        return Err(MigrateError::Peer(format!("page size {} is not supported", hello.page_size)));
+        return Err(MigrateError::Peer(format!(
+            "page size {} is not supported",
+            hello.page_size
+        )));
     }
     let cpu = cpu_digest();
     if hello.cpu != cpu {
@@ -71,25 +89,44 @@ fn run(reader: &mut FrameReader, writer: &mut FrameWriter, inv: &Arc<Inventory>,
             hello.cpu
         )));
     }
-    writer.send_bytes(wire::control_frame(Kind::Welcome, &msg::Welcome { agent: agent.into() }))?;
+    writer.send_bytes(wire::control_frame(
+        Kind::Welcome,
+        &msg::Welcome {
+            agent: agent.into(),
+        },
+    ))?;
 
     // 2. Reservation.
     let reserve: msg::Reserve = verified(reader)?.expect(Kind::Reserve)?;
     let def = match VmDef::parse(&reserve.definition) {
         Ok(d) if d.name == reserve.name && d.spec() == reserve.spec => d,
-        Ok(_) => return Err(MigrateError::Peer("the definition does not match the reservation".into())),
+        Ok(_) => {
+            return Err(MigrateError::Peer(
+                "the definition does not match the reservation".into(),
+            ))
+        }
         Err(e) => return Err(MigrateError::Peer(e.to_string())),
     };
     let reservation = match inv.reserve(&def) {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(vm = %def.name, reason = %e, "refusing the reservation");
-            writer.send_bytes(wire::control_frame(Kind::Refused, &msg::Refused { reason: e.to_string() }))?;
+            writer.send_bytes(wire::control_frame(
+                Kind::Refused,
+                &msg::Refused {
+                    reason: e.to_string(),
+                },
+            ))?;
             return Err(MigrateError::Refused(e.to_string()));
         }
     };
     let vm = Vm::create(&def.spec(), &def.name, Box::new(std::io::sink()))?;
-    writer.send_bytes(wire::control_frame(Kind::Reserved, &msg::Reserved { memory: def.memory_bytes() }))?;
+    writer.send_bytes(wire::control_frame(
+        Kind::Reserved,
+        &msg::Reserved {
+            memory: def.memory_bytes(),
+        },
+    ))?;
     tracing::info!(vm = %def.name, from = %hello.agent, "reserved; receiving");
 
     // 3. Pages and files, until the state arrives.
@@ -115,7 +152,13 @@ fn run(reader: &mut FrameReader, writer: &mut FrameWriter, inv: &Arc<Inventory>,
                 f.verify()?;
                 return Err(MigrateError::Peer(f.decode::<msg::Abort>()?.reason));
             }
-            other => return Err(WireError::Unexpected { got: other, want: "Pages, FileChunk, RoundEnd or State" }.into()),
+            other => {
+                return Err(WireError::Unexpected {
+                    got: other,
+                    want: "Pages, FileChunk, RoundEnd or State",
+                }
+                .into())
+            }
         }
     };
 
@@ -139,17 +182,30 @@ fn run(reader: &mut FrameReader, writer: &mut FrameWriter, inv: &Arc<Inventory>,
     commit(inv, reservation, def, vm.clone())?;
     vm.resume();
     let resume_us = t_go.elapsed().as_micros() as u64;
-    vm.devices().log_line(&format!("migrated in from {}: running on {agent}", hello.agent));
-    let _ = writer.send_bytes(wire::control_frame(Kind::Running, &msg::Running { resume_us }));
+    vm.devices().log_line(&format!(
+        "migrated in from {}: running on {agent}",
+        hello.agent
+    ));
+    let _ = writer.send_bytes(wire::control_frame(
+        Kind::Running,
+        &msg::Running { resume_us },
+    ));
     reader.set_timeout(Duration::from_secs(10))?;
     match verified(reader).and_then(|f| Ok(f.expect::<msg::Released>(Kind::Released)?)) {
         Ok(_) => tracing::info!(vm = %name, "source released the VM"),
-        Err(e) => tracing::warn!(vm = %name, cause = %e, "no release from the source (the VM runs here regardless)"),
+        Err(e) => {
+            tracing::warn!(vm = %name, cause = %e, "no release from the source (the VM runs here regardless)")
+        }
     }
     Ok(name)
 }
 
-fn commit(inv: &Arc<Inventory>, r: Reservation, def: VmDef, vm: Arc<Vm>) -> Result<(), MigrateError> {
+fn commit(
+    inv: &Arc<Inventory>,
+    r: Reservation,
+    def: VmDef,
+    vm: Arc<Vm>,
+) -> Result<(), MigrateError> {
     Ok(inv.commit(r, def, vm)?)
 }
 
@@ -180,11 +236,18 @@ fn write_chunk(f: &Frame, r: &Reservation) -> Result<(), MigrateError> {
         return Err(WireError::BadPages(format!("unexpected file {:?}", c.name)).into());
     }
     let data = f.data();
-    if c.offset.checked_add(data.len() as u64).is_none_or(|end| end > c.size) {
+    if c.offset
+        .checked_add(data.len() as u64)
+        .is_none_or(|end| end > c.size)
+    {
         return Err(WireError::BadPages(format!("file piece past the end of {:?}", c.name)).into());
     }
     let path = r.staging.join(&c.name);
-    let mut file = fs::OpenOptions::new().create(true).write(true).truncate(false).open(&path)?;
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&path)?;
     file.set_len(c.size)?;
     file.seek(SeekFrom::Start(c.offset))?;
     file.write_all(data)?;

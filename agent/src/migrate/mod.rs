@@ -160,9 +160,13 @@ pub fn cpu_digest() -> String {
     };
     let mut h = blake3::Hasher::new();
     for e in cpuid.as_slice() {
-        for v in [
-            e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx,
-        ] {
+        // Topology leaves and leaf 1's EBX carry the APIC id of the host CPU the caller runs
+        // on, which differs from call to call: they are not features.
+        if matches!(e.function, 0x4 | 0xb | 0x1f) {
+            continue;
+        }
+        let ebx = if e.function == 1 { 0 } else { e.ebx };
+        for v in [e.function, e.index, e.flags, e.eax, ebx, e.ecx, e.edx] {
             h.update(&v.to_le_bytes());
         }
     }

@@ -113,13 +113,39 @@ impl Report {
         use std::fmt::Write;
         let _ = writeln!(s, "migrated {} from {} to {}", self.vm, self.from, self.to);
         let _ = writeln!(s, "  total time      {:>10.1} ms", self.total_ms);
-        let _ = writeln!(s, "  downtime        {:>10.2} ms (pause {:.2} ms, rtt {:.0} µs)", self.downtime_ms, self.pause_ms, self.rtt_us);
-        let _ = writeln!(s, "  rounds          {:>10} ({})", self.rounds.len(), self.stop_reason);
-        let _ = writeln!(s, "  bytes sent      {:>10.1} MiB", self.bytes_sent as f64 / 1048576.0);
-        let _ = writeln!(s, "  pages sent      {:>10} ({} zero pages as markers)", self.pages_sent, self.zero_pages);
-        let _ = writeln!(s, "  memory          {:>10.1} MiB ({:.1} MiB touched)", self.memory_bytes as f64 / 1048576.0, self.memory_touched_bytes as f64 / 1048576.0);
+        let _ = writeln!(
+            s,
+            "  downtime        {:>10.2} ms (pause {:.2} ms, rtt {:.0} µs)",
+            self.downtime_ms, self.pause_ms, self.rtt_us
+        );
+        let _ = writeln!(
+            s,
+            "  rounds          {:>10} ({})",
+            self.rounds.len(),
+            self.stop_reason
+        );
+        let _ = writeln!(
+            s,
+            "  bytes sent      {:>10.1} MiB",
+            self.bytes_sent as f64 / 1048576.0
+        );
+        let _ = writeln!(
+            s,
+            "  pages sent      {:>10} ({} zero pages as markers)",
+            self.pages_sent, self.zero_pages
+        );
+        let _ = writeln!(
+            s,
+            "  memory          {:>10.1} MiB ({:.1} MiB touched)",
+            self.memory_bytes as f64 / 1048576.0,
+            self.memory_touched_bytes as f64 / 1048576.0
+        );
         let _ = writeln!(s, "  bandwidth       {:>10.1} MiB/s", self.achieved_mibs);
-        let _ = writeln!(s, "  io path         {:>10}   dirty tracking {}", self.io_path, self.dirty_tracking);
+        let _ = writeln!(
+            s,
+            "  io path         {:>10}   dirty tracking {}",
+            self.io_path, self.dirty_tracking
+        );
         for r in &self.rounds {
             let _ = writeln!(
                 s,
@@ -128,8 +154,20 @@ impl Report {
             );
         }
         if let Some(v) = &self.verification {
-            let _ = writeln!(s, "  memory digest   source {} / destination {}: {}", &v.source_memory[..16], &v.dest_memory[..16], if v.memory_equal { "EQUAL" } else { "DIFFERENT" });
-            let _ = writeln!(s, "  vCPU digest     source {} / destination {}: {}", &v.source_vcpus[..16], &v.dest_vcpus[..16], if v.vcpus_equal { "EQUAL" } else { "DIFFERENT" });
+            let _ = writeln!(
+                s,
+                "  memory digest   source {} / destination {}: {}",
+                &v.source_memory[..16],
+                &v.dest_memory[..16],
+                if v.memory_equal { "EQUAL" } else { "DIFFERENT" }
+            );
+            let _ = writeln!(
+                s,
+                "  vCPU digest     source {} / destination {}: {}",
+                &v.source_vcpus[..16],
+                &v.dest_vcpus[..16],
+                if v.vcpus_equal { "EQUAL" } else { "DIFFERENT" }
+            );
         }
         s
     }

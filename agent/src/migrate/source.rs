@@ -6,7 +6,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::controller::{Controller, Decision};
-use super::{cpu_digest, Cancel, Fault, MigrateError, MigrateOptions, Progress, Report, RoundStats, Verification};
+use super::{
+    cpu_digest, Cancel, Fault, MigrateError, MigrateOptions, Progress, Report, RoundStats,
+    Verification,
+};
 use crate::guest::layout::PAGE_SIZE;
 use crate::inventory::{self, VmDef};
 use crate::transport::{tune_socket, FrameReader, FrameWriter, IoPath};
@@ -122,7 +125,9 @@ pub fn migrate(
             );
             let _ = vm.dirty().stop();
             vm.resume();
-            vm.devices().log_line(&format!("migration to {dest_name} failed: {e}; running on the source"));
+            vm.devices().log_line(&format!(
+                "migration to {dest_name} failed: {e}; running on the source"
+            ));
             Err(e)
         }
     }
@@ -185,7 +190,8 @@ fn run(
     vm.dirty().start()?;
     let populated = vm.ram().populated()?;
     let touched = populated.iter().filter(|p| **p).count() as u64;
-    let state_bytes = bincode::serialized_size(&vm.devices().save()).unwrap_or(0) + 8192 * vm.spec().programs.len() as u64;
+    let state_bytes = bincode::serialized_size(&vm.devices().save()).unwrap_or(0)
+        + 8192 * vm.spec().programs.len() as u64;
     let controller = Controller::new(opts, state_bytes, rtt);
     let mut rounds = Vec::new();
     let mut pending: Vec<u64> = (0..vm.ram().pages()).collect();
@@ -193,15 +199,37 @@ fn run(
     let stop_reason = loop {
         let round = rounds.len() as u32 + 1;
         let t = Instant::now();
-        let mut stats = send_pages(link, vm, &pending, populated.take().as_deref(), false, round, progress, cancel)?;
-        link.send(Kind::RoundEnd, &msg::RoundEnd { round, pages: stats.pages })?;
+        let mut stats = send_pages(
+            link,
+            vm,
+            &pending,
+            populated.take().as_deref(),
+            false,
+            round,
+            progress,
+            cancel,
+        )?;
+        link.send(
+            Kind::RoundEnd,
+            &msg::RoundEnd {
+                round,
+                pages: stats.pages,
+            },
+        )?;
         pending = vm.dirty().harvest()?;
         stats.secs = t.elapsed().as_secs_f64();
         stats.dirty_pages = pending.len() as u64;
         stats.dirty_rate = pending.len() as f64 / stats.secs;
         stats.bandwidth = stats.bytes as f64 / stats.secs;
         stats.predicted_downtime_ms = controller.predict_ms(stats.dirty_pages, stats.bandwidth);
-        tracing::info!(round, pages = stats.pages, dirty = stats.dirty_pages, bandwidth = stats.bandwidth, predicted_ms = stats.predicted_downtime_ms, "pre-copy round done");
+        tracing::info!(
+            round,
+            pages = stats.pages,
+            dirty = stats.dirty_pages,
+            bandwidth = stats.bandwidth,
+            predicted_ms = stats.predicted_downtime_ms,
+            "pre-copy round done"
+        );
         let decision = controller.decide(&stats, t0.elapsed());
         rounds.push(stats.clone());
         progress(Progress {
@@ -229,7 +257,15 @@ fn run(
     let t_pause = Instant::now();
     let pause = vm.pause();
     let counter_at_pause = vm.stats().counter;
-    let result = stop_and_copy(out, link, opts, &mut pending, rounds.len() as u32 + 1, progress, cancel);
+    let result = stop_and_copy(
+        out,
+        link,
+        opts,
+        &mut pending,
+        rounds.len() as u32 + 1,
+        progress,
+        cancel,
+    );
     let (last, ready, verification) = match result {
         Ok(x) => x,
         Err(e) => return Err(e),
@@ -238,7 +274,9 @@ fn run(
     // 5. Commitment: from Go on the destination owns the VM.
     cancel.set_socket(None);
     link.send(Kind::Go, &msg::Go {})?;
-    let running = link.recv().and_then(|f| Ok(f.expect::<msg::Running>(Kind::Running)?));
+    let running = link
+        .recv()
+        .and_then(|f| Ok(f.expect::<msg::Running>(Kind::Running)?));
     let t_run = Instant::now();
     let running = running.map_err(|e| MigrateError::CommitUnknown(e.to_string()))?;
     let _ = link.send(Kind::Released, &msg::Released {});
@@ -246,7 +284,11 @@ fn run(
     let (entries1, full1) = vm.dirty().ring_counters();
     vm.devices().log_line(&format!("migrated to {dest_name}"));
     let downtime = (t_run - t_pause).as_secs_f64() - rtt.as_secs_f64() / 2.0;
-    tracing::info!(resume_us = running.resume_us, ready_verify_ms = ready.verify_ms, "destination runs the VM");
+    tracing::info!(
+        resume_us = running.resume_us,
+        ready_verify_ms = ready.verify_ms,
+        "destination runs the VM"
+    );
     let total = t0.elapsed().as_secs_f64();
     let bytes_sent = link.writer.bytes_sent();
     Ok(Report {
@@ -265,7 +307,12 @@ fn run(
         memory_bytes: vm.ram().size(),
         memory_touched_bytes: touched * PAGE_SIZE,
         achieved_mibs: bytes_sent as f64 / 1048576.0 / total,
-        io_path: if link.writer.uses_uring() { "io_uring" } else { "plain" }.into(),
+        io_path: if link.writer.uses_uring() {
+            "io_uring"
+        } else {
+            "plain"
+        }
+        .into(),
         dirty_tracking: vm.dirty().mode().to_string(),
         ring_entries: entries1 - entries0,
         ring_full_exits: full1 - full0,
@@ -311,7 +358,11 @@ fn stop_and_copy(
     )?;
     stats.secs = t.elapsed().as_secs_f64();
     stats.bandwidth = stats.bytes as f64 / stats.secs;
-    let source_memory = if opts.verify { Some(vm.ram().digest()?) } else { None };
+    let source_memory = if opts.verify {
+        Some(vm.ram().digest()?)
+    } else {
+        None
+    };
     let ready: msg::Ready = link.recv()?.expect(Kind::Ready)?;
     let verification = match (source_memory, &ready.memory_digest, &ready.vcpu_digest) {
         (Some(sm), Some(dm), Some(dv)) => {
@@ -332,7 +383,11 @@ fn stop_and_copy(
             }
             Some(v)
         }
-        (Some(_), _, _) => return Err(MigrateError::Verify("the destination sent no digests".into())),
+        (Some(_), _, _) => {
+            return Err(MigrateError::Verify(
+                "the destination sent no digests".into(),
+            ))
+        }
         _ => None,
     };
     Ok((stats, ready, verification))
@@ -386,7 +441,9 @@ fn send_pages(
         header.crc = if paused {
             // SAFETY: the vCPUs are paused, so nothing writes these guest pages while they
             // are read as slices; each pointer is a whole page inside guest memory.
-            let slices = ptrs.iter().map(|&p| unsafe { std::slice::from_raw_parts(p, PAGE_SIZE as usize) });
+            let slices = ptrs
+                .iter()
+                .map(|&p| unsafe { std::slice::from_raw_parts(p, PAGE_SIZE as usize) });
             wire::frame_crc(&header, &meta, slices)
         } else {
             wire::frame_crc(&header, &meta, [])
@@ -437,7 +494,13 @@ fn send_file(link: &mut Link, dir: &Path, name: &str) -> Result<(), MigrateError
     Ok(())
 }
 
-fn send_chunk(link: &mut Link, name: &str, size: u64, offset: u64, chunk: &[u8]) -> Result<(), MigrateError> {
+fn send_chunk(
+    link: &mut Link,
+    name: &str,
+    size: u64,
+    offset: u64,
+    chunk: &[u8],
+) -> Result<(), MigrateError> {
     let meta = bincode::serialize(&msg::FileChunk {
         name: name.into(),
         size,

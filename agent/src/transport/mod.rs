@@ -104,7 +104,10 @@ mod tests {
         assert_eq!(got[1].data().len(), 200 * 4096);
         assert_eq!(got[2].data().len(), 100 * 4096);
         assert_eq!(&got[2].data()[..4096], &pages[200][..]);
-        assert_eq!(w.bytes_sent(), got.iter().map(|f| 24 + f.payload.len() as u64).sum::<u64>());
+        assert_eq!(
+            w.bytes_sent(),
+            got.iter().map(|f| 24 + f.payload.len() as u64).sum::<u64>()
+        );
     }
 
     #[test]

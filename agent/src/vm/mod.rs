@@ -218,7 +218,8 @@ impl Vm {
                 dirty_index += 1;
             }
             let banner = format!("vmig guest {name} vcpu{i}: {}\n\0", p.name());
-            self.ram.write(params + param::BANNER as u64, banner.as_bytes())?;
+            self.ram
+                .write(params + param::BANNER as u64, banner.as_bytes())?;
             let v = &self.vcpus[i as usize];
             let fd = v.shared.fd.lock().expect("vcpu fd");
             let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;

@@ -266,11 +266,9 @@ fn run(index: u32, s: &VcpuShared, env: &VcpuEnv) {
                 None
             }
             Ok(VcpuExit::Intr) => None,
-            Ok(VcpuExit::Unsupported(r)) if r == kvm_bindings::KVM_EXIT_DIRTY_RING_FULL => env
-                .dirty
-                .on_ring_full(index)
-                .err()
-                .map(|e| e.to_string()),
+            Ok(VcpuExit::Unsupported(r)) if r == kvm_bindings::KVM_EXIT_DIRTY_RING_FULL => {
+                env.dirty.on_ring_full(index).err().map(|e| e.to_string())
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             Ok(other) => Some(format!("unexpected exit {other:?}")),
             Err(e) => Some(format!("KVM_RUN failed: {e}")),
@@ -278,7 +276,8 @@ fn run(index: u32, s: &VcpuShared, env: &VcpuEnv) {
         drop(fd);
         if let Some(why) = failure {
             tracing::error!(vcpu = index, %why, "vCPU stopped");
-            env.devices.log_line(&format!("vCPU {index} stopped: {why}"));
+            env.devices
+                .log_line(&format!("vCPU {index} stopped: {why}"));
             let mut c = s.ctl.lock().expect("vcpu ctl");
             c.phase = Phase::Exited(Some(why));
             s.cv.notify_all();

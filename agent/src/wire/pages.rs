@@ -99,7 +99,13 @@ mod tests {
         assert!(decode(&m[..m.len() - 1], 4096, 10).is_err(), "short table");
         let mut big = Vec::new();
         encode(
-            &vec![PageEntry { index: 0, zero: true }; MAX_PAGES + 1],
+            &vec![
+                PageEntry {
+                    index: 0,
+                    zero: true
+                };
+                MAX_PAGES + 1
+            ],
             &mut big,
         );
         assert!(decode(&big, 0, 10).is_err());

@@ -1,0 +1,70 @@
+//! The CLI side of the control API.
+
+use std::path::{Path, PathBuf};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use super::{Reply, Request};
+
+/// Errors talking to an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No agent at that socket.
+    #[error("cannot reach the agent at {path}: {cause} (is `vmig agent` running?)")]
+    Connect {
+        /// Socket.
+        path: PathBuf,
+        /// Cause.
+        cause: std::io::Error,
+    },
+    /// I/O on the socket.
+    #[error("agent connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// A reply that does not parse.
+    #[error("bad reply from the agent: {0}")]
+    Decode(#[from] serde_json::Error),
+    /// The agent closed without a final reply.
+    #[error("the agent closed the connection without an answer")]
+    Closed,
+}
+
+/// A connection carrying one request.
+#[derive(Debug)]
+pub struct Call {
+    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    _write: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Call {
+    /// Sends `req` to the agent at `path`.
+    pub async fn start(path: &Path, req: &Request) -> Result<Call, ClientError> {
+        let s = UnixStream::connect(path)
+            .await
+            .map_err(|cause| ClientError::Connect {
+                path: path.to_path_buf(),
+                cause,
+            })?;
+        let (r, mut w) = s.into_split();
+        let mut line = serde_json::to_vec(req)?;
+        line.push(b'\n');
+        w.write_all(&line).await?;
+        Ok(Call {
+            lines: BufReader::new(r).lines(),
+            _write: w,
+        })
+    }
+
+    /// The next reply line.
+    pub async fn next(&mut self) -> Result<Reply, ClientError> {
+        match self.lines.next_line().await? {
+            Some(l) => Ok(serde_json::from_str(&l)?),
+            None => Err(ClientError::Closed),
+        }
+    }
+}
+
+/// One request, one reply.
+pub async fn call(path: &Path, req: &Request) -> Result<Reply, ClientError> {
+    Call::start(path, req).await?.next().await
+}

@@ -1,0 +1,355 @@
+//! The agent daemon: owns the host's VMs, serves the control socket to the CLI and the
+//! migration endpoint to other agents.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, instrument, warn};
+
+use super::{AgentInfo, DigestInfo, Reply, Request};
+use crate::inventory::Inventory;
+use crate::migrate::{self, Cancel, MigrateOptions};
+use crate::transport::IoPath;
+
+/// Errors starting the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A socket could not be bound.
+    #[error("cannot listen on {what}: {cause}")]
+    Bind {
+        /// Which.
+        what: String,
+        /// Cause.
+        cause: std::io::Error,
+    },
+    /// The hosts file is unreadable or malformed.
+    #[error("hosts file {path}: {cause}")]
+    Hosts {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        cause: String,
+    },
+    /// The datastore.
+    #[error(transparent)]
+    Inventory(#[from] crate::inventory::InventoryError),
+}
+
+/// How an agent is set up.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Host name.
+    pub name: String,
+    /// Datastore folder.
+    pub datastore: PathBuf,
+    /// Migration endpoint.
+    pub listen: SocketAddr,
+    /// Control socket.
+    pub control: PathBuf,
+    /// Hosts file (name = "addr:port").
+    pub hosts: Option<PathBuf>,
+    /// Guest memory this host may run, MiB (default: MemAvailable).
+    pub memory_mib: Option<u64>,
+    /// I/O path of incoming migrations.
+    pub io: IoPath,
+}
+
+struct Agent {
+    cfg: AgentConfig,
+    inv: Arc<Inventory>,
+    hosts: HashMap<String, String>,
+    migrations: Mutex<HashMap<String, Arc<Cancel>>>,
+}
+
+/// Reads a hosts file: `hostB = "127.0.0.1:7402"` lines (TOML).
+pub fn read_hosts(path: &Path) -> Result<HashMap<String, String>, AgentError> {
+    let text = std::fs::read_to_string(path).map_err(|e| AgentError::Hosts {
+        path: path.into(),
+        cause: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| AgentError::Hosts {
+        path: path.into(),
+        cause: e.to_string(),
+    })
+}
+
+fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb << 10)
+        .unwrap_or(1 << 30)
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let capacity = cfg
+        .memory_mib
+        .map(|m| m << 20)
+        .unwrap_or_else(mem_available);
+    let inv = Inventory::open(&cfg.datastore, capacity)?;
+    let hosts = match &cfg.hosts {
+        Some(p) => read_hosts(p)?,
+        None => HashMap::new(),
+    };
+    let tcp = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|cause| AgentError::Bind {
+            what: cfg.listen.to_string(),
+            cause,
+        })?;
+    if let Some(dir) = cfg.control.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = std::fs::remove_file(&cfg.control);
+    let unix = UnixListener::bind(&cfg.control).map_err(|cause| AgentError::Bind {
+        what: cfg.control.display().to_string(),
+        cause,
+    })?;
+    info!(name = %cfg.name, listen = %cfg.listen, control = %cfg.control.display(), capacity_mib = capacity >> 20, "agent ready");
+    let agent = Arc::new(Agent {
+        cfg: cfg.clone(),
+        inv,
+        hosts,
+        migrations: Mutex::new(HashMap::new()),
+    });
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = unix.accept() => match r {
+                Ok((s, _)) => { tokio::spawn(control(agent.clone(), s)); }
+                Err(e) => warn!(cause = %e, "control accept failed"),
+            },
+            r = tcp.accept() => match r {
+                Ok((s, peer)) => incoming(agent.clone(), s, peer),
+                Err(e) => warn!(cause = %e, "migration accept failed"),
+            },
+        }
+    }
+    let _ = std::fs::remove_file(&cfg.control);
+    for vm in agent.inv.list() {
+        if vm.state != "stopped" {
+            let _ = agent.inv.stop(&vm.def.name);
+        }
+    }
+    info!("agent stopped");
+    Ok(())
+}
+
+fn incoming(agent: Arc<Agent>, s: tokio::net::TcpStream, peer: SocketAddr) {
+    let std = match s
+        .into_std()
+        .and_then(|s| s.set_nonblocking(false).map(|_| s))
+    {
+        Ok(s) => s,
+        Err(e) => return warn!(cause = %e, "cannot take the migration socket"),
+    };
+    let _ = std::thread::Builder::new()
+        .name("migrate-in".into())
+        .spawn(move || {
+            info!(%peer, "incoming migration");
+            match migrate::dest::receive(std, agent.inv.clone(), &agent.cfg.name, agent.cfg.io) {
+                Ok(name) => info!(vm = %name, %peer, "incoming migration committed"),
+                Err(e) => warn!(%peer, cause = %e, "incoming migration failed"),
+            }
+        });
+}
+
+async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, r: &Reply) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(r).expect("replies serialize");
+    line.push(b'\n');
+    w.write_all(&line).await
+}
+
+#[instrument(skip_all)]
+async fn control(agent: Arc<Agent>, s: UnixStream) {
+    let (r, mut w) = s.into_split();
+    let mut lines = BufReader::new(r).lines();
+    let Ok(Some(line)) = lines.next_line().await else {
+        return;
+    };
+    let req: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = send(&mut w, &Reply::Error(format!("bad request: {e}"))).await;
+            return;
+        }
+    };
+    if let Request::Migrate { name, dest, opts } = req {
+        migrate_out(agent, name, dest, opts, lines, w).await;
+        return;
+    }
+    let a = agent.clone();
+    let reply = tokio::task::spawn_blocking(move || handle(&a, req))
+        .await
+        .unwrap_or_else(|e| Reply::Error(format!("agent task failed: {e}")));
+    let _ = send(&mut w, &reply).await;
+}
+
+fn ok<T: serde::Serialize>(v: T) -> Reply {
+    Reply::Ok(serde_json::to_value(v).expect("serializes"))
+}
+
+fn handle(agent: &Agent, req: Request) -> Reply {
+    let inv = &agent.inv;
+    let r = match req {
+        Request::Ping => {
+            return ok(AgentInfo {
+                name: agent.cfg.name.clone(),
+                listen: agent.cfg.listen.to_string(),
+                datastore: agent.cfg.datastore.display().to_string(),
+                pid: std::process::id(),
+                dirty_ring: kvm_ioctls::Kvm::new()
+                    .map(|k| k.check_extension(kvm_ioctls::Cap::DirtyLogRing))
+                    .unwrap_or(false),
+            })
+        }
+        Request::Create { def } => inv.create(def).map(ok),
+        Request::Start { name } => inv.start(&name).map(ok),
+        Request::Stop { name } => inv.stop(&name).map(ok),
+        Request::Destroy { name } => inv.destroy(&name).map(|_| ok(name)),
+        Request::List => Ok(ok(inv.list())),
+        Request::Show { name } => inv.info(&name).map(ok),
+        Request::Digest { name } => inv.running(&name).and_then(|(_, vm)| {
+            vm.pause();
+            let memory = vm.ram().digest();
+            let counter = vm.stats().counter;
+            vm.resume();
+            Ok(ok(DigestInfo {
+                memory: memory.map_err(crate::vm::VmError::from)?,
+                counter,
+            }))
+        }),
+        Request::Cancel { name } => {
+            return match agent.migrations.lock().expect("migrations").get(&name) {
+                Some(c) => {
+                    c.cancel();
+                    ok(format!("cancelling the migration of {name}"))
+                }
+                None => Reply::Error(format!("no migration of {name:?} in progress")),
+            }
+        }
+        Request::Migrate { .. } => unreachable!("handled by migrate_out"),
+    };
+    r.unwrap_or_else(|e| Reply::Error(e.to_string()))
+}
+
+fn resolve(agent: &Agent, dest: &str) -> Result<SocketAddr, String> {
+    let addr = agent.hosts.get(dest).map(String::as_str).unwrap_or(dest);
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            let known: Vec<&String> = agent.hosts.keys().collect();
+            format!("unknown destination {dest:?}: not in the hosts file (known: {known:?}) and not an address")
+        })
+}
+
+async fn migrate_out(
+    agent: Arc<Agent>,
+    name: String,
+    dest: String,
+    opts: MigrateOptions,
+    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    mut w: tokio::net::unix::OwnedWriteHalf,
+) {
+    let addr = match resolve(&agent, &dest) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = send(&mut w, &Reply::Error(e)).await;
+            return;
+        }
+    };
+    let (def, vm) = match agent.inv.begin_migration(&name) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = send(&mut w, &Reply::Error(e.to_string())).await;
+            return;
+        }
+    };
+    let cancel = Arc::new(Cancel::default());
+    agent
+        .migrations
+        .lock()
+        .expect("migrations")
+        .insert(name.clone(), cancel.clone());
+    let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
+    let a = agent.clone();
+    let c = cancel.clone();
+    let n = name.clone();
+    let worker = std::thread::Builder::new().name(format!("migrate-{name}")).spawn(move || {
+        let dir = a.inv.dir(&n);
+        let out = migrate::source::Outgoing {
+            vm: &vm,
+            def: &def,
+            dir: &dir,
+            agent: &a.cfg.name,
+        };
+        let ptx = tx.clone();
+        let progress = move |p| {
+            let _ = ptx.send(Reply::Progress(p));
+        };
+        let result = migrate::source::migrate(&out, addr, &dest, &opts, &c, &progress);
+        drop(vm);
+        let reply = match result {
+            Ok(report) => {
+                a.inv.end_migration(&n, true);
+                info!(vm = %n, downtime_ms = report.downtime_ms, total_ms = report.total_ms, "migrated");
+                Reply::Report(Box::new(report))
+            }
+            Err(e) => {
+                let unknown = matches!(e, migrate::MigrateError::CommitUnknown(_));
+                if !unknown {
+                    a.inv.end_migration(&n, false);
+                }
+                warn!(vm = %n, cause = %e, "migration failed");
+                Reply::Error(e.to_string())
+            }
+        };
+        a.migrations.lock().expect("migrations").remove(&n);
+        let _ = tx.send(reply);
+    });
+    if let Err(e) = worker {
+        agent.inv.end_migration(&name, false);
+        agent.migrations.lock().expect("migrations").remove(&name);
+        let _ = send(
+            &mut w,
+            &Reply::Error(format!("cannot start the migration: {e}")),
+        )
+        .await;
+        return;
+    }
+    // Relay progress; if the CLI goes away (Ctrl-C), cancel.
+    let mut client_gone = false;
+    loop {
+        tokio::select! {
+            r = rx.recv() => {
+                let Some(r) = r else { break };
+                let last = !matches!(r, Reply::Progress(_));
+                if !client_gone && send(&mut w, &r).await.is_err() {
+                    client_gone = true;
+                    cancel.cancel();
+                }
+                if last { break; }
+            }
+            l = lines.next_line(), if !client_gone => {
+                if matches!(l, Ok(None) | Err(_)) {
+                    client_gone = true;
+                    info!(vm = %name, "CLI disconnected: cancelling the migration");
+                    cancel.cancel();
+                }
+            }
+        }
+    }
+}

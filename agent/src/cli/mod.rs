@@ -1,0 +1,496 @@
+//! Command-line interface.
+
+mod demo;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use vmig::api::client::{call, Call};
+use vmig::api::{self, Reply, Request};
+use vmig::dirty::DirtyTracking;
+use vmig::inventory::{VmDef, VmInfo};
+use vmig::migrate::{Fault, MigrateOptions, Report};
+use vmig::transport::IoPath;
+
+/// vmig: live migration of KVM virtual machines between host agents.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// Control socket of the agent to talk to (default: found from --host or the VM name).
+    #[arg(long, global = true, env = "VMIG_AGENT")]
+    agent: Option<PathBuf>,
+    /// Host whose agent to talk to (its socket is $VMIG_RUN_DIR/HOST.sock).
+    #[arg(long, global = true)]
+    host: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the host agent (the VMM of this host's VMs and its migration endpoint).
+    Agent(AgentArgs),
+    /// Manage VMs.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Migrate a running VM live to another host.
+    Migrate(MigrateArgs),
+    /// Start two local agents, migrate a busy VM between them, print the report and the proof.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// Host name.
+    #[arg(long)]
+    name: String,
+    /// Datastore folder (one folder per VM).
+    #[arg(long)]
+    datastore: PathBuf,
+    /// Migration endpoint.
+    #[arg(long, default_value = "127.0.0.1:7401")]
+    listen: SocketAddr,
+    /// Control socket (default $VMIG_RUN_DIR/NAME.sock).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Hosts file: `hostB = "127.0.0.1:7402"` lines.
+    #[arg(long, env = "VMIG_HOSTS")]
+    hosts: Option<PathBuf>,
+    /// Guest memory this host may run, MiB (default: MemAvailable).
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// I/O path for incoming migrations.
+    #[arg(long, value_enum, default_value_t = IoPath::Auto)]
+    io: IoPath,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCmd {
+    /// Create a VM folder (definition, NVRAM, log, disk).
+    Create(CreateArgs),
+    /// Boot a VM.
+    Start { name: String },
+    /// Power a VM off.
+    Stop { name: String },
+    /// Delete a stopped VM and its folder.
+    Destroy { name: String },
+    /// List VMs.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a VM (definition, state, counters).
+    Show {
+        name: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause a VM briefly and print a digest of its memory.
+    Digest { name: String },
+}
+
+#[derive(Debug, Args)]
+struct CreateArgs {
+    name: String,
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u64,
+    /// vCPUs (1-4).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Program per vCPU, comma-separated (idle, dirty, counter); the last repeats.
+    #[arg(long, value_delimiter = ',', default_value = "counter")]
+    workload: Vec<String>,
+    /// Working set of each dirty vCPU, MiB.
+    #[arg(long, default_value_t = 16)]
+    dirty_mib: u64,
+    /// Pages per second per dirty vCPU (0 = flat out).
+    #[arg(long, default_value_t = 0)]
+    dirty_rate: u64,
+    /// Dirty-tracking mechanism.
+    #[arg(long, value_enum, default_value_t = DirtyTracking::Auto)]
+    dirty_tracking: DirtyTracking,
+    /// Disk size, MiB.
+    #[arg(long, default_value_t = 16)]
+    disk_mib: u64,
+    /// Boot it right away.
+    #[arg(long)]
+    start: bool,
+}
+
+#[derive(Debug, Args)]
+struct MigrateArgs {
+    /// VM to move.
+    name: String,
+    /// Destination host (a name from the hosts file, or ADDR:PORT).
+    #[arg(required_unless_present_any = ["cancel"])]
+    dest: Option<String>,
+    /// Cancel the migration of NAME in progress.
+    #[arg(long)]
+    cancel: bool,
+    /// Largest acceptable downtime, ms.
+    #[arg(long, default_value_t = 50.0)]
+    max_downtime: f64,
+    /// Most pre-copy rounds before stop-and-copy is forced.
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u32,
+    /// Bandwidth cap, MiB/s.
+    #[arg(long)]
+    bandwidth: Option<f64>,
+    /// Whole-migration timeout, seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// Dirty tracking: ring, bitmap, or auto (what the VM was built with).
+    #[arg(long, value_enum, default_value_t = DirtyTracking::Auto)]
+    dirty_tracking: DirtyTracking,
+    /// io_uring or plain sockets.
+    #[arg(long, value_enum, default_value_t = IoPath::Auto)]
+    io: IoPath,
+    /// Compare memory and vCPU digests of both sides before committing.
+    #[arg(long)]
+    verify: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Inject a fault (tests).
+    #[arg(long, value_enum, hide = true)]
+    inject_fault: Option<Fault>,
+}
+
+/// Runs a command.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Agent(a) => agent(a).await,
+        Cmd::Vm(v) => vm(cli.agent, cli.host, v).await,
+        Cmd::Migrate(m) => migrate(cli.agent, cli.host, m).await,
+        Cmd::Demo(d) => demo::run(d).await,
+    }
+}
+
+async fn agent(a: AgentArgs) -> Result<()> {
+    let control = a.control.unwrap_or_else(|| api::socket_of(&a.name));
+    let cfg = api::server::AgentConfig {
+        name: a.name,
+        datastore: a.datastore,
+        listen: a.listen,
+        control,
+        hosts: a.hosts,
+        memory_mib: a.memory_mib,
+        io: a.io,
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        s.cancel();
+    });
+    api::server::run(cfg, shutdown).await?;
+    Ok(())
+}
+
+/// Every agent socket in the run directory.
+fn local_agents() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(api::run_dir())
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The agent to talk to: --agent, --host, the one owning `vm`, or the only one.
+async fn pick_agent(
+    agent: Option<PathBuf>,
+    host: Option<String>,
+    vm: Option<&str>,
+) -> Result<PathBuf> {
+    if let Some(a) = agent {
+        return Ok(a);
+    }
+    if let Some(h) = host {
+        return Ok(api::socket_of(&h));
+    }
+    let all = local_agents();
+    if let Some(name) = vm {
+        for a in &all {
+            if let Ok(Reply::Ok(_)) = call(a, &Request::Show { name: name.into() }).await {
+                return Ok(a.clone());
+            }
+        }
+    }
+    match all.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!(
+            "no agent is running (no socket in {}); start one with `vmig agent`",
+            api::run_dir().display()
+        ),
+        many => match vm {
+            Some(name) => bail!(
+                "no local agent has a VM named {name:?} (agents: {})",
+                names(many)
+            ),
+            None => bail!(
+                "several agents run here ({}): choose one with --host",
+                names(many)
+            ),
+        },
+    }
+}
+
+fn names(socks: &[PathBuf]) -> String {
+    socks
+        .iter()
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn expect_ok(path: &Path, req: Request) -> Result<serde_json::Value> {
+    match call(path, &req).await? {
+        Reply::Ok(v) => Ok(v),
+        Reply::Error(e) => Err(anyhow!(e)),
+        other => bail!("unexpected reply {other:?}"),
+    }
+}
+
+async fn vm(agent: Option<PathBuf>, host: Option<String>, cmd: VmCmd) -> Result<()> {
+    match cmd {
+        VmCmd::Create(c) => {
+            let a = pick_agent(agent, host, None).await?;
+            let def = VmDef {
+                name: c.name.clone(),
+                memory_mib: c.memory_mib,
+                vcpus: c.vcpus,
+                workload: c.workload,
+                dirty_mib: c.dirty_mib,
+                dirty_rate: c.dirty_rate,
+                dirty_tracking: c.dirty_tracking,
+                disk_mib: c.disk_mib,
+            };
+            expect_ok(&a, Request::Create { def }).await?;
+            println!("created {}", c.name);
+            if c.start {
+                expect_ok(
+                    &a,
+                    Request::Start {
+                        name: c.name.clone(),
+                    },
+                )
+                .await?;
+                println!("started {}", c.name);
+            }
+        }
+        VmCmd::Start { name } => {
+            let a = pick_agent(agent, host, Some(&name)).await?;
+            expect_ok(&a, Request::Start { name: name.clone() }).await?;
+            println!("started {name}");
+        }
+        VmCmd::Stop { name } => {
+            let a = pick_agent(agent, host, Some(&name)).await?;
+            expect_ok(&a, Request::Stop { name: name.clone() }).await?;
+            println!("stopped {name}");
+        }
+        VmCmd::Destroy { name } => {
+            let a = pick_agent(agent, host, Some(&name)).await?;
+            expect_ok(&a, Request::Destroy { name: name.clone() }).await?;
+            println!("destroyed {name}");
+        }
+        VmCmd::List { json } => {
+            let agents = match (agent, host) {
+                (None, None) => local_agents(),
+                (a, h) => vec![pick_agent(a, h, None).await?],
+            };
+            let mut all = Vec::new();
+            for a in agents {
+                let v = expect_ok(&a, Request::List).await?;
+                let host = a
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                for i in serde_json::from_value::<Vec<VmInfo>>(v)? {
+                    all.push((host.clone(), i));
+                }
+            }
+            if json {
+                let v: Vec<_> = all
+                    .iter()
+                    .map(|(h, i)| serde_json::json!({"host": h, "vm": i}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<10} {:<16} {:<10} {:>8} {:>5}  workload",
+                    "HOST", "NAME", "STATE", "MEMORY", "VCPUS"
+                );
+                for (h, i) in all {
+                    println!(
+                        "{:<10} {:<16} {:<10} {:>5}MiB {:>5}  {}",
+                        h,
+                        i.def.name,
+                        i.state,
+                        i.def.memory_mib,
+                        i.def.vcpus,
+                        i.def.workload.join(",")
+                    );
+                }
+            }
+        }
+        VmCmd::Show { name, json } => {
+            let a = pick_agent(agent, host, Some(&name)).await?;
+            let v = expect_ok(&a, Request::Show { name }).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let i: VmInfo = serde_json::from_value(v)?;
+                println!("{}", toml::to_string(&i.def)?.trim_end());
+                println!("state = {:?}\ndir = {:?}", i.state, i.dir);
+                if let Some(s) = i.stats {
+                    println!(
+                        "counter = {} ({} reports, {} failed checks)",
+                        s.counter, s.counter_reports, s.counter_failures
+                    );
+                    println!(
+                        "dirty_pages_written = {}\nvcpus = {:?}\ndirty_mode = {:?}",
+                        s.dirty_pages_written, s.vcpus, s.dirty_mode
+                    );
+                }
+            }
+        }
+        VmCmd::Digest { name } => {
+            let a = pick_agent(agent, host, Some(&name)).await?;
+            let v = expect_ok(&a, Request::Digest { name }).await?;
+            println!("{}", serde_json::to_string(&v)?);
+        }
+    }
+    Ok(())
+}
+
+async fn migrate(agent: Option<PathBuf>, host: Option<String>, m: MigrateArgs) -> Result<()> {
+    let a = pick_agent(agent, host, Some(&m.name)).await?;
+    if m.cancel {
+        let v = expect_ok(&a, Request::Cancel { name: m.name }).await?;
+        println!("{}", v.as_str().unwrap_or("cancelling"));
+        return Ok(());
+    }
+    let opts = MigrateOptions {
+        max_downtime_ms: m.max_downtime,
+        max_rounds: m.max_rounds,
+        bandwidth_mibs: m.bandwidth,
+        timeout_s: m.timeout,
+        dirty_tracking: m.dirty_tracking,
+        io: m.io,
+        verify: m.verify,
+        inject: m.inject_fault,
+    };
+    let report = run_migration(
+        &a,
+        &m.name,
+        m.dest.as_deref().unwrap_or_default(),
+        opts,
+        !m.json,
+    )
+    .await?;
+    if m.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(())
+}
+
+/// Runs a migration through the agent at `a`, with a progress bar, cancelling on Ctrl-C.
+pub async fn run_migration(
+    a: &Path,
+    name: &str,
+    dest: &str,
+    opts: MigrateOptions,
+    bar: bool,
+) -> Result<Report> {
+    let mut c = Call::start(
+        a,
+        &Request::Migrate {
+            name: name.into(),
+            dest: dest.into(),
+            opts,
+        },
+    )
+    .await?;
+    let pb = if bar {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} pages {msg}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    pb.enable_steady_tick(Duration::from_millis(200));
+    let mut cancelled = false;
+    loop {
+        let reply = tokio::select! {
+            r = c.next() => r?,
+            _ = tokio::signal::ctrl_c(), if !cancelled => {
+                cancelled = true;
+                pb.println("Ctrl-C: cancelling the migration (the VM stays on the source)");
+                let _ = call(a, &Request::Cancel { name: name.into() }).await;
+                continue;
+            }
+        };
+        match reply {
+            Reply::Progress(p) => {
+                let prefix = match p.phase.as_str() {
+                    "pre-copy" => format!("pre-copy round {}", p.round),
+                    other => other.to_string(),
+                };
+                pb.set_prefix(prefix);
+                pb.set_length(p.total);
+                pb.set_position(p.sent);
+                if let Some(l) = p.last {
+                    let msg = format!(
+                        "| round {}: {} dirty, {:.0} pages/s dirtied, {:.0} MiB/s, predicted downtime {:.1} ms",
+                        l.round,
+                        l.dirty_pages,
+                        l.dirty_rate,
+                        l.bandwidth / 1048576.0,
+                        l.predicted_downtime_ms
+                    );
+                    pb.println(msg.trim_start_matches("| "));
+                    pb.set_message(msg);
+                }
+            }
+            Reply::Report(r) => {
+                pb.finish_and_clear();
+                return Ok(*r);
+            }
+            Reply::Error(e) => {
+                pb.finish_and_clear();
+                bail!("migration of {name} failed: {e}");
+            }
+            Reply::Ok(v) => bail!("unexpected reply {v}"),
+        }
+    }
+}
+
+/// Reads a VM's info from an agent.
+pub async fn show(a: &Path, name: &str) -> Result<VmInfo> {
+    let v = expect_ok(a, Request::Show { name: name.into() })
+        .await
+        .with_context(|| format!("show {name}"))?;
+    Ok(serde_json::from_value(v)?)
+}
