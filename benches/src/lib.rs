@@ -1,1 +1,225 @@
-//! Benchmark helpers.
+//! Benchmark helpers: local agents spawned from the release binary, and the loopback
+//! baselines every figure is compared with in the same run.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Two (or more) agents in a temporary folder.
+pub struct Cluster {
+    /// Folder of datastores, logs, sockets.
+    pub dir: PathBuf,
+    exe: PathBuf,
+    children: Vec<Child>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Cluster {
+    /// Starts agents `names` with the `vmig` binary at `exe`.
+    pub fn start(exe: &Path, names: &[&str]) -> Cluster {
+        let dir = std::env::temp_dir().join(format!("vmig-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("bench folder");
+        let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+        let hosts: String = names
+            .iter()
+            .zip(&ports)
+            .map(|(n, p)| format!("{n} = \"127.0.0.1:{p}\"\n"))
+            .collect();
+        std::fs::write(dir.join("hosts.toml"), hosts).expect("hosts file");
+        let mut c = Cluster {
+            dir: dir.clone(),
+            exe: exe.to_path_buf(),
+            children: Vec::new(),
+        };
+        for (n, p) in names.iter().zip(&ports) {
+            let log = std::fs::File::create(dir.join(format!("{n}.log"))).expect("log");
+            let child = Command::new(exe)
+                .args(["agent", "--name", n, "--listen", &format!("127.0.0.1:{p}")])
+                .arg("--datastore")
+                .arg(dir.join(n))
+                .arg("--hosts")
+                .arg(dir.join("hosts.toml"))
+                .env("VMIG_RUN_DIR", dir.join("run"))
+                .env("VMIG_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("spawn an agent");
+            c.children.push(child);
+        }
+        for n in names {
+            let t = Instant::now();
+            while c.cli(&["--host", n, "vm", "list"]).is_err() {
+                assert!(
+                    t.elapsed() < Duration::from_secs(20),
+                    "agent {n} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        c
+    }
+
+    /// Runs `vmig ARGS`; stdout on success, stderr on failure.
+    pub fn cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(&self.exe)
+            .args(args)
+            .env("VMIG_RUN_DIR", self.dir.join("run"))
+            .env("VMIG_LOG", "warn")
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// `vmig ARGS` parsed as JSON.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self
+            .cli(args)
+            .unwrap_or_else(|e| panic!("vmig {args:?} failed: {e}"));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("vmig {args:?}: {e}: {out}"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Plain loopback TCP: `bytes` written with `write_all` from a 1 MiB buffer, read into a
+/// 1 MiB buffer. Returns bytes per second.
+pub fn loopback_tcp(bytes: u64) -> f64 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        vmig::transport::tune_socket(&s).expect("tune");
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        while n < bytes {
+            let r = s.read(&mut buf).expect("read");
+            assert!(r > 0, "closed early");
+            n += r as u64;
+        }
+    });
+    let mut s = TcpStream::connect(addr).expect("connect");
+    vmig::transport::tune_socket(&s).expect("tune");
+    let buf = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        s.write_all(&buf).expect("write");
+        sent += buf.len() as u64;
+    }
+    reader.join().expect("reader");
+    bytes as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Round trip of a 1-byte ping-pong over loopback TCP, median of `n`, in µs.
+pub fn loopback_rtt_us(n: usize) -> f64 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        s.set_nodelay(true).expect("nodelay");
+        let mut b = [0u8; 1];
+        while s.read_exact(&mut b).is_ok() {
+            if s.write_all(&b).is_err() {
+                break;
+            }
+        }
+    });
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    let mut v = Vec::with_capacity(n);
+    let mut b = [0u8; 1];
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(&b).expect("write");
+        s.read_exact(&mut b).expect("read");
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(s);
+    let _ = echo.join();
+    v.sort_by(f64::total_cmp);
+    v[n / 2]
+}
+
+/// The migration stream's sender alone: `bytes` of page frames (256 pages a frame, data
+/// straight from a buffer standing in for guest memory) through [`vmig::transport::FrameWriter`],
+/// to a reader that reads and discards. Returns bytes per second.
+pub fn frame_sender(bytes: u64, io: vmig::transport::IoPath) -> f64 {
+    use vmig::wire::{self, Header, Kind};
+    let memory = vec![0x6bu8; 64 << 20];
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        vmig::transport::tune_socket(&s).expect("tune");
+        let mut buf = vec![0u8; 1 << 20];
+        while let Ok(r) = s.read(&mut buf) {
+            if r == 0 {
+                break;
+            }
+        }
+    });
+    let s = TcpStream::connect(addr).expect("connect");
+    vmig::transport::tune_socket(&s).expect("tune");
+    let mut w = vmig::transport::FrameWriter::new(s, io, None).expect("writer");
+    let pages_total = memory.len() / 4096;
+    let t = Instant::now();
+    let mut sent = 0u64;
+    let mut next = 0usize;
+    let mut meta = Vec::new();
+    while sent < bytes {
+        let idx: Vec<u64> = (0..256)
+            .map(|i| ((next + i) % pages_total) as u64)
+            .collect();
+        next = (next + 256) % pages_total;
+        let entries: Vec<wire::pages::PageEntry> = idx
+            .iter()
+            .map(|&index| wire::pages::PageEntry { index, zero: false })
+            .collect();
+        wire::pages::encode(&entries, &mut meta);
+        let ptrs: Vec<*const u8> = idx
+            .iter()
+            .map(|&i| memory[i as usize * 4096..].as_ptr())
+            .collect();
+        let mut h = Header {
+            kind: Kind::Pages,
+            flags: 0,
+            payload_len: (meta.len() + ptrs.len() * 4096) as u32,
+            meta_len: meta.len() as u32,
+            crc: 0,
+        };
+        h.crc = wire::frame_crc(&h, &meta, []);
+        let mut head = h.encode().to_vec();
+        head.extend_from_slice(&meta);
+        // SAFETY: every pointer is a 4 KiB page of `memory`, which outlives the writer (it is
+        // flushed and dropped below, before `memory`).
+        unsafe { w.send_pages(head, &ptrs) }.expect("send");
+        sent += (ptrs.len() * 4096) as u64;
+    }
+    w.flush().expect("flush");
+    let secs = t.elapsed().as_secs_f64();
+    drop(w);
+    reader.join().expect("reader");
+    sent as f64 / secs
+}

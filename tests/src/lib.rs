@@ -1,1 +1,800 @@
 //! Helpers for the end-to-end tests: see `tests/`.
+//!
+//! A [`Cluster`] is a set of `vmig agent` processes (one per host) sharing a temporary
+//! folder: a hosts file with free ports, one datastore and one log per agent, and a run
+//! directory for the control sockets. Every command the helpers run has a timeout, so a
+//! wedged agent fails a test instead of hanging it, and dropping the cluster kills its
+//! agents (their guests die with them).
+//!
+//! The guests are emulated by KVM and the machine may have few cores: tests that run VMs
+//! hold [`Cluster::new`]'s lock (a process-wide mutex plus a file lock in the system temp
+//! folder), so they run one at a time even under `cargo test`'s default parallelism.
+
+use std::fs::{self, File};
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value;
+
+/// How long a plain CLI command may take.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an agent may take to answer after its start.
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a test waits for the e2e lock before running anyway.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Panics with a clear message when this machine has no usable `/dev/kvm`.
+pub fn require_kvm() {
+    let ok = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    assert!(
+        ok,
+        "no /dev/kvm (or no permission to open it): this end-to-end test runs real KVM VMs; \
+         skip it with `cargo test -- --skip e2e`"
+    );
+}
+
+/// Options of one agent.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOpts {
+    /// `--memory-mib`: guest memory the host may run.
+    pub memory_mib: Option<u64>,
+    /// `--io`: `uring`, `plain` or `auto`.
+    pub io: Option<String>,
+}
+
+impl AgentOpts {
+    /// An agent with default options.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An agent that may run only `mib` MiB of guest memory.
+    pub fn memory_mib(mib: u64) -> Self {
+        Self {
+            memory_mib: Some(mib),
+            ..Self::default()
+        }
+    }
+}
+
+/// The output of a finished command.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Command line, for messages.
+    pub cmdline: String,
+    /// Exit status (None: killed at its timeout).
+    pub status: Option<ExitStatus>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+    /// How long it ran.
+    pub elapsed: Duration,
+}
+
+impl Output {
+    /// Exited with status 0.
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+
+    /// Stdout and stderr together (for matching error messages).
+    pub fn text(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` -> {} after {:.1} s\n--- stdout\n{}\n--- stderr\n{}",
+            self.cmdline,
+            match self.status {
+                Some(s) => s.to_string(),
+                None => "killed at its timeout".into(),
+            },
+            self.elapsed.as_secs_f64(),
+            self.stdout.trim_end(),
+            self.stderr.trim_end()
+        )
+    }
+}
+
+/// A command running in the background (see [`Cluster::spawn_cli`]).
+#[derive(Debug)]
+pub struct Background {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+    cmdline: String,
+    started: Instant,
+}
+
+impl Background {
+    /// Waits for it to end, killing it past `timeout`.
+    pub fn wait(mut self, timeout: Duration) -> Output {
+        let status = wait_timeout(&mut self.child, timeout);
+        Output {
+            cmdline: self.cmdline.clone(),
+            status,
+            stdout: fs::read_to_string(&self.out).unwrap_or_default(),
+            stderr: fs::read_to_string(&self.err).unwrap_or_default(),
+            elapsed: self.started.elapsed(),
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Waits for `child` up to `timeout`; kills it past that. None if it had to be killed.
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let t = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) if t.elapsed() < timeout => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+/// The `vmig` binary: `$VMIG_BIN`, or `target/<profile>/vmig` next to the test executable,
+/// built (once per test process) when missing or older than the agent's sources.
+pub fn vmig_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("VMIG_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("current_exe");
+        // target/<profile>/deps/<test> → target/<profile>/vmig
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test executable lives in target/<profile>/deps")
+            .to_path_buf();
+        let bin = profile_dir.join("vmig");
+        if needs_build(&bin) && !build_vmig(&profile_dir) && bin.is_file() {
+            eprintln!(
+                "warning: could not rebuild {}: testing the binary already there",
+                bin.display()
+            );
+        }
+        assert!(
+            bin.is_file(),
+            "no vmig binary at {}: run `cargo build -p vmig --bin vmig`",
+            bin.display()
+        );
+        bin
+    })
+}
+
+/// Newest modification time of the files under `dir`.
+fn newest(dir: &Path) -> Option<SystemTime> {
+    let mut best = None;
+    for e in fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        let t = if p.is_dir() {
+            newest(&p)
+        } else {
+            e.metadata().and_then(|m| m.modified()).ok()
+        };
+        best = best.max(t);
+    }
+    best
+}
+
+fn needs_build(bin: &Path) -> bool {
+    let Ok(built) = bin.metadata().and_then(|m| m.modified()) else {
+        return true;
+    };
+    let agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent");
+    let src = newest(&agent.join("src")).max(
+        agent
+            .join("Cargo.toml")
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok(),
+    );
+    src.is_some_and(|s| s > built)
+}
+
+/// Runs `cargo build -p vmig --bin vmig` into the test's target dir; false if it failed.
+fn build_vmig(profile_dir: &Path) -> bool {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let target = profile_dir.parent().expect("target dir");
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let mut c = Command::new(cargo);
+    c.args(["build", "-p", "vmig", "--bin", "vmig"])
+        .env("CARGO_TARGET_DIR", target)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null());
+    if release {
+        c.arg("--release");
+    }
+    eprintln!("building the vmig binary: {c:?}");
+    let mut child = c.spawn().expect("spawn cargo build");
+    let ok = wait_timeout(&mut child, Duration::from_secs(900)).is_some_and(|s| s.success());
+    if !ok {
+        eprintln!("`cargo build -p vmig --bin vmig` failed");
+    }
+    ok
+}
+
+/// Serializes the tests that run VMs: within this process (a mutex) and across processes
+/// (an exclusive `flock` on a file in the temp folder).
+pub struct E2eLock {
+    _guard: MutexGuard<'static, ()>,
+    file: Option<File>,
+}
+
+impl Drop for E2eLock {
+    fn drop(&mut self) {
+        if let Some(f) = &self.file {
+            use std::os::fd::AsRawFd;
+            // SAFETY: unlocks a descriptor this struct owns and keeps open until after the call.
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+        }
+    }
+}
+
+/// Takes the e2e lock (see [`E2eLock`]).
+pub fn e2e_lock() -> E2eLock {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let path = std::env::temp_dir().join("vmig-e2e.lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .ok();
+    let file = file.and_then(|f| {
+        use std::os::fd::AsRawFd;
+        let t = Instant::now();
+        loop {
+            // SAFETY: flock on a descriptor we own; LOCK_NB makes it return at once.
+            let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if r == 0 {
+                return Some(f);
+            }
+            if t.elapsed() > LOCK_TIMEOUT {
+                eprintln!(
+                    "warning: {} still locked after {:?}: running anyway",
+                    path.display(),
+                    LOCK_TIMEOUT
+                );
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    E2eLock {
+        _guard: guard,
+        file,
+    }
+}
+
+/// One agent process.
+#[derive(Debug)]
+pub struct Agent {
+    /// Host name.
+    pub name: String,
+    /// Migration endpoint port.
+    pub port: u16,
+    /// Datastore folder.
+    pub datastore: PathBuf,
+    /// Its stdout+stderr.
+    pub log: PathBuf,
+    opts: AgentOpts,
+    child: Option<Child>,
+}
+
+/// Agents on the local machine, with a shared temp folder.
+pub struct Cluster {
+    agents: Vec<Agent>,
+    run_dir: PathBuf,
+    hosts: PathBuf,
+    dir: tempfile::TempDir,
+    seq: std::sync::atomic::AtomicU32,
+    _lock: E2eLock,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Cluster {
+    /// Takes the e2e lock, writes a hosts file with free ports, starts one agent per host and
+    /// waits until each answers on its control socket.
+    pub fn new(hosts: &[(&str, AgentOpts)]) -> Self {
+        require_kvm();
+        let lock = e2e_lock();
+        let bin = vmig_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("vmig-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        let run_dir = dir.path().join("run");
+        fs::create_dir_all(&run_dir).expect("run dir");
+        let mut agents: Vec<Agent> = hosts
+            .iter()
+            .map(|(name, opts)| Agent {
+                name: name.to_string(),
+                port: free_port(),
+                datastore: dir.path().join(name),
+                log: dir.path().join(format!("{name}.log")),
+                opts: opts.clone(),
+                child: None,
+            })
+            .collect();
+        let hosts_file = dir.path().join("hosts.toml");
+        let mut f = File::create(&hosts_file).expect("hosts file");
+        for a in &agents {
+            writeln!(f, "{} = \"127.0.0.1:{}\"", a.name, a.port).expect("hosts file");
+        }
+        drop(f);
+        for a in &mut agents {
+            spawn_agent(bin, a, &run_dir, &hosts_file);
+        }
+        let c = Self {
+            agents,
+            run_dir,
+            hosts: hosts_file,
+            dir,
+            seq: Default::default(),
+            _lock: lock,
+        };
+        for a in &c.agents {
+            c.wait_agent(&a.name);
+        }
+        c
+    }
+
+    /// The temp folder of this cluster.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The hosts file.
+    pub fn hosts_file(&self) -> &Path {
+        &self.hosts
+    }
+
+    /// The agent of `host`.
+    pub fn agent(&self, host: &str) -> &Agent {
+        self.agents
+            .iter()
+            .find(|a| a.name == host)
+            .unwrap_or_else(|| panic!("no agent {host} in this cluster"))
+    }
+
+    /// The datastore of `host`.
+    pub fn datastore(&self, host: &str) -> PathBuf {
+        self.agent(host).datastore.clone()
+    }
+
+    fn wait_agent(&self, host: &str) {
+        let t = Instant::now();
+        loop {
+            let o = self.cli_timeout(&["--host", host, "vm", "list"], Duration::from_secs(5));
+            if o.success() {
+                return;
+            }
+            if t.elapsed() > AGENT_START_TIMEOUT {
+                panic!(
+                    "agent {host} did not answer within {AGENT_START_TIMEOUT:?}: {o}\n{}",
+                    self.logs()
+                );
+            }
+            let a = self.agent(host);
+            let log = a.log.clone();
+            std::thread::sleep(Duration::from_millis(100));
+            if self.agent_exited(host) {
+                panic!("agent {host} exited at its start:\n{}", tail(&log, 40));
+            }
+        }
+    }
+
+    fn agent_exited(&self, host: &str) -> bool {
+        // try_wait needs &mut: peek through /proc instead.
+        let a = self.agent(host);
+        match &a.child {
+            Some(c) => {
+                let stat = fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap_or_default();
+                // Field 3 is the state; Z = zombie (exited, not reaped).
+                stat.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+                    .unwrap_or(true)
+            }
+            None => true,
+        }
+    }
+
+    /// The last lines of every agent's log.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for a in &self.agents {
+            s += &format!(
+                "===== agent {} log ({}) =====\n{}\n",
+                a.name,
+                a.log.display(),
+                tail(&a.log, 60)
+            );
+        }
+        s
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(vmig_bin());
+        c.args(args)
+            .env("VMIG_RUN_DIR", &self.run_dir)
+            .env_remove("VMIG_AGENT")
+            .env_remove("VMIG_HOSTS")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Starts `vmig ARGS` in the background.
+    pub fn spawn_cli(&self, args: &[&str]) -> Background {
+        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let out = self.dir.path().join(format!("cli-{n}.out"));
+        let err = self.dir.path().join(format!("cli-{n}.err"));
+        let child = self
+            .command(args)
+            .stdout(File::create(&out).expect("cli stdout"))
+            .stderr(File::create(&err).expect("cli stderr"))
+            .spawn()
+            .expect("spawn vmig");
+        Background {
+            child,
+            out,
+            err,
+            cmdline: format!("vmig {}", args.join(" ")),
+            started: Instant::now(),
+        }
+    }
+
+    /// Runs `vmig ARGS`, killing it past `timeout`.
+    pub fn cli_timeout(&self, args: &[&str], timeout: Duration) -> Output {
+        self.spawn_cli(args).wait(timeout)
+    }
+
+    /// Runs `vmig ARGS` (timeout [`CLI_TIMEOUT`]).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_timeout(args, CLI_TIMEOUT)
+    }
+
+    /// Runs `vmig ARGS`, which must succeed.
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let o = self.cli(args);
+        assert!(o.success(), "{o}\n{}", self.logs());
+        o
+    }
+
+    /// Runs `vmig ARGS`, which must fail; returns its output.
+    pub fn fails(&self, args: &[&str]) -> Output {
+        let o = self.cli(args);
+        assert!(
+            o.status.is_some() && !o.success(),
+            "expected a failure: {o}\n{}",
+            self.logs()
+        );
+        o
+    }
+
+    /// Runs `vmig ARGS`, which must succeed and print JSON.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let o = self.ok(args);
+        serde_json::from_str(&o.stdout)
+            .unwrap_or_else(|e| panic!("`{}` printed no JSON ({e}): {o}", o.cmdline))
+    }
+
+    /// `vm show NAME --json` on `host` (None when it fails, e.g. no such VM there).
+    pub fn show(&self, host: &str, vm: &str) -> Option<Value> {
+        let o = self.cli(&["--host", host, "vm", "show", vm, "--json"]);
+        if !o.success() {
+            return None;
+        }
+        Some(serde_json::from_str(&o.stdout).expect("vm show --json prints JSON"))
+    }
+
+    /// `vm digest NAME` on `host`: (memory digest, counter).
+    pub fn digest(&self, host: &str, vm: &str) -> (String, u64) {
+        let v = self.json(&["--host", host, "vm", "digest", vm]);
+        (
+            v["memory"].as_str().expect("digest.memory").to_string(),
+            v["counter"].as_u64().expect("digest.counter"),
+        )
+    }
+
+    /// SIGKILLs the agent of `host` (its VMs die with it) and reaps it.
+    pub fn kill(&mut self, host: &str) {
+        let a = self
+            .agents
+            .iter_mut()
+            .find(|a| a.name == host)
+            .unwrap_or_else(|| panic!("no agent {host}"));
+        if let Some(mut c) = a.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the agent of `host` again (after [`Cluster::kill`]), same port and datastore.
+    pub fn restart(&mut self, host: &str) {
+        self.kill(host);
+        let bin = vmig_bin();
+        let (run_dir, hosts) = (self.run_dir.clone(), self.hosts.clone());
+        let a = self
+            .agents
+            .iter_mut()
+            .find(|a| a.name == host)
+            .expect("agent");
+        spawn_agent(bin, a, &run_dir, &hosts);
+        self.wait_agent(host);
+    }
+}
+
+fn spawn_agent(bin: &Path, a: &mut Agent, run_dir: &Path, hosts: &Path) {
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(&a.log)
+        .expect("agent log");
+    let mut c = Command::new(bin);
+    c.args(["agent", "--name", &a.name])
+        .arg("--datastore")
+        .arg(&a.datastore)
+        .args(["--listen", &format!("127.0.0.1:{}", a.port)])
+        .arg("--hosts")
+        .arg(hosts)
+        .env("VMIG_RUN_DIR", run_dir)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    if let Some(m) = a.opts.memory_mib {
+        c.args(["--memory-mib", &m.to_string()]);
+    }
+    if let Some(io) = &a.opts.io {
+        c.args(["--io", io]);
+    }
+    a.child = Some(c.spawn().expect("spawn vmig agent"));
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let failing = std::thread::panicking();
+        for a in &mut self.agents {
+            if let Some(c) = &mut a.child {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if failing {
+            eprintln!("{}", self.logs());
+            if std::env::var_os("VMIG_KEEP").is_some() {
+                let p = self.dir.path().to_path_buf();
+                eprintln!("keeping {}", p.display());
+                std::mem::forget(std::mem::replace(
+                    &mut self.dir,
+                    tempfile::tempdir().expect("tempdir"),
+                ));
+            }
+        }
+    }
+}
+
+/// Polls `f` every 100 ms until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if t.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The `stats` of a `vm show --json` value: (counter, counter_failures).
+pub fn counter_of(show: &Value) -> (u64, u64) {
+    let s = &show["stats"];
+    (
+        s["counter"].as_u64().unwrap_or(0),
+        s["counter_failures"].as_u64().unwrap_or(u64::MAX),
+    )
+}
+
+/// Files every VM folder holds.
+pub const VM_FILES: [&str; 4] = ["vm.toml", "nvram.bin", "disk.img", "vm.log"];
+
+impl Cluster {
+    /// `vm create NAME ARGS --start` on `host`.
+    pub fn create_vm(&self, host: &str, vm: &str, args: &[&str]) {
+        let mut a = vec!["--host", host, "vm", "create", vm];
+        a.extend_from_slice(args);
+        a.push("--start");
+        self.ok(&a);
+        let s = self.show(host, vm).expect("the new VM shows");
+        assert_eq!(s["state"], "running", "{s:#}");
+    }
+
+    /// Waits until the VM's counter (on `host`) passed `above`, then checks it still grows
+    /// over ~1 s with no failed self-check and the VM "running". Returns the last counter.
+    pub fn assert_counting(&self, host: &str, vm: &str, above: u64) -> u64 {
+        let first = wait_for(Duration::from_secs(20), || {
+            let s = self.show(host, vm)?;
+            let (c, _) = counter_of(&s);
+            (c > above).then_some(s)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{vm} on {host}: counter did not pass {above} within 20 s: {:#}\n{}",
+                self.show(host, vm).unwrap_or_default(),
+                self.logs()
+            )
+        });
+        let (c1, f1) = counter_of(&first);
+        std::thread::sleep(Duration::from_secs(1));
+        let second = self
+            .show(host, vm)
+            .unwrap_or_else(|| panic!("{vm} vanished from {host}\n{}", self.logs()));
+        let (c2, f2) = counter_of(&second);
+        assert_eq!(second["state"], "running", "{vm} on {host}: {second:#}");
+        assert!(c2 > c1, "{vm} on {host}: counter stuck at {c1} -> {c2}");
+        assert_eq!(
+            (f1, f2),
+            (0, 0),
+            "{vm} on {host}: failed self-checks: {second:#}"
+        );
+        c2
+    }
+
+    /// `migrate VM TO --verify --json ARGS` from `from`; must succeed; returns the report.
+    pub fn migrate(&self, from: &str, vm: &str, to: &str, args: &[&str]) -> Value {
+        let o = self.migrate_raw(from, vm, to, args);
+        assert!(o.success(), "migration failed: {o}\n{}", self.logs());
+        serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("no JSON report ({e}): {o}"))
+    }
+
+    /// `migrate VM TO --verify --json ARGS` from `from`, whatever the outcome.
+    pub fn migrate_raw(&self, from: &str, vm: &str, to: &str, args: &[&str]) -> Output {
+        let mut a = vec!["--host", from, "migrate", vm, to, "--verify", "--json"];
+        a.extend_from_slice(args);
+        self.cli_timeout(&a, Duration::from_secs(120))
+    }
+
+    /// Everything a successful migration must show: equal, non-empty digests; the VM gone
+    /// from `from` (agent and datastore) and running on `to` with its folder; the counter
+    /// going on past the pause with no failed self-check.
+    pub fn assert_migrated(&self, report: &Value, vm: &str, from: &str, to: &str) {
+        let v = &report["verification"];
+        assert_eq!(v["memory_equal"], true, "memory digests differ: {report:#}");
+        assert_eq!(v["vcpus_equal"], true, "vCPU digests differ: {report:#}");
+        for (a, b) in [
+            ("source_memory", "dest_memory"),
+            ("source_vcpus", "dest_vcpus"),
+        ] {
+            let (sa, sb) = (v[a].as_str().unwrap_or(""), v[b].as_str().unwrap_or(""));
+            assert!(!sa.is_empty(), "{a} empty: {report:#}");
+            assert_eq!(sa, sb, "{a} vs {b}: {report:#}");
+        }
+        assert_eq!(report["vm"], vm);
+        assert!(
+            self.show(from, vm).is_none(),
+            "{vm} still on {from} after the migration"
+        );
+        let src_dir = self.datastore(from).join(vm);
+        assert!(!src_dir.exists(), "{} still exists", src_dir.display());
+        let dst_dir = self.datastore(to).join(vm);
+        for f in VM_FILES {
+            assert!(
+                dst_dir.join(f).is_file(),
+                "{} missing on the destination",
+                dst_dir.join(f).display()
+            );
+        }
+        assert!(
+            !self.datastore(to).join(".incoming").join(vm).exists(),
+            "staging folder left on {to}"
+        );
+        let at_pause = report["counter_at_pause"]
+            .as_u64()
+            .expect("report.counter_at_pause");
+        let s = self.show(to, vm).expect("the VM shows on the destination");
+        assert_eq!(s["state"], "running", "{s:#}");
+        self.assert_counting(to, vm, at_pause);
+    }
+
+    /// After a failed migration: the VM still runs on `from` (counter growing, no failed
+    /// check) and `to` kept nothing (not registered, no folder, no staging folder).
+    /// (`counting`: the VM runs the counter program, check that it goes on.)
+    pub fn assert_stayed(&self, vm: &str, from: &str, to: Option<&str>, counting: bool) {
+        let before = self
+            .show(from, vm)
+            .unwrap_or_else(|| panic!("{vm} gone from {from}\n{}", self.logs()));
+        assert_eq!(before["state"], "running", "{before:#}");
+        if counting {
+            self.assert_counting(from, vm, counter_of(&before).0);
+        }
+        assert!(self.datastore(from).join(vm).join("vm.toml").is_file());
+        if let Some(to) = to {
+            self.assert_clean(vm, to);
+        }
+    }
+
+    /// `host` holds nothing of `vm`. Waits a little: the destination cleans up after the
+    /// source gave up.
+    pub fn assert_clean(&self, vm: &str, host: &str) {
+        let ds = self.datastore(host);
+        let clean = wait_for(Duration::from_secs(10), || {
+            let gone = !ds.join(".incoming").join(vm).exists() && !ds.join(vm).exists();
+            (gone && self.show(host, vm).is_none()).then_some(())
+        });
+        assert!(
+            clean.is_some(),
+            "{host} kept something of {vm}: show={:?} folder={} staging={}\n{}",
+            self.show(host, vm),
+            ds.join(vm).exists(),
+            ds.join(".incoming").join(vm).exists(),
+            self.logs()
+        );
+    }
+}
+
+impl Cluster {
+    /// Waits until `vm` shows as "migrating" on `host` (a migration is under way).
+    pub fn wait_migrating(&self, host: &str, vm: &str, timeout: Duration) {
+        let seen = wait_for(timeout, || {
+            let s = self.show(host, vm)?;
+            (s["state"] == "migrating").then_some(())
+        });
+        assert!(
+            seen.is_some(),
+            "{vm} on {host} never showed as migrating: {:?}\n{}",
+            self.show(host, vm),
+            self.logs()
+        );
+    }
+}

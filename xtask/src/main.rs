@@ -5,7 +5,10 @@ use std::process::{exit, Command};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (task, rest) = args.split_first().map(|(t, r)| (t.as_str(), r)).unwrap_or(("help", &[]));
+    let (task, rest) = args
+        .split_first()
+        .map(|(t, r)| (t.as_str(), r))
+        .unwrap_or(("help", &[]));
     let ok = match task {
         "setup" => setup(),
         "build" => build(rest),
@@ -28,7 +31,10 @@ fn main() {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn cargo() -> Command {
@@ -71,9 +77,23 @@ fn build(rest: &[String]) -> bool {
 }
 
 fn run(rest: &[String]) -> bool {
-    let args: Vec<String> = if rest.is_empty() { vec!["demo".into()] } else { rest.to_vec() };
+    let args: Vec<String> = if rest.is_empty() {
+        vec!["demo".into()]
+    } else {
+        rest.to_vec()
+    };
     let mut c = cargo();
-    c.args(["run", "--release", "--quiet", "-p", "vmig", "--bin", "vmig", "--"]).args(&args);
+    c.args([
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "vmig",
+        "--bin",
+        "vmig",
+        "--",
+    ])
+    .args(&args);
     sh(c)
 }
 
@@ -102,6 +122,15 @@ fn bench(rest: &[String]) -> bool {
         return false;
     }
     let mut c = cargo();
-    c.args(["run", "--release", "-p", "vmig-benches", "--bin", "migration", "--"]).args(rest);
+    c.args([
+        "run",
+        "--release",
+        "-p",
+        "vmig-benches",
+        "--bin",
+        "migration",
+        "--",
+    ])
+    .args(rest);
     sh(c)
 }

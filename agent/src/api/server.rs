@@ -221,16 +221,31 @@ fn handle(agent: &Agent, req: Request) -> Reply {
         Request::Destroy { name } => inv.destroy(&name).map(|_| ok(name)),
         Request::List => Ok(ok(inv.list())),
         Request::Show { name } => inv.info(&name).map(ok),
-        Request::Digest { name } => inv.running(&name).and_then(|(_, vm)| {
-            vm.pause();
-            let memory = vm.ram().digest();
-            let counter = vm.stats().counter;
-            vm.resume();
-            Ok(ok(DigestInfo {
-                memory: memory.map_err(crate::vm::VmError::from)?,
-                counter,
-            }))
-        }),
+        // Holding the VM's migration slot keeps a migration from pausing (and this from
+        // resuming) it concurrently.
+        Request::Digest { name } => inv
+            .begin_migration(&name)
+            .map_err(|e| match e {
+                crate::inventory::InventoryError::State { name, state, .. } => {
+                    crate::inventory::InventoryError::State {
+                        name,
+                        state,
+                        op: "take a digest now",
+                    }
+                }
+                e => e,
+            })
+            .map(|(_, vm)| {
+                vm.pause();
+                let memory = vm.ram().digest();
+                let counter = vm.stats().counter;
+                vm.resume();
+                inv.end_migration(&name, false);
+                match memory {
+                    Ok(memory) => ok(DigestInfo { memory, counter }),
+                    Err(e) => Reply::Error(e.to_string()),
+                }
+            }),
         Request::Cancel { name } => {
             return match agent.migrations.lock().expect("migrations").get(&name) {
                 Some(c) => {

@@ -1,6 +1,7 @@
 //! Command-line interface.
 
 mod demo;
+mod trace;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use vmig::api::client::{call, Call};
 use vmig::api::{self, Reply, Request};
 use vmig::dirty::DirtyTracking;
 use vmig::inventory::{VmDef, VmInfo};
-use vmig::migrate::{Fault, MigrateOptions, Report};
+use vmig::migrate::{Fault, MigrateOptions, NoConverge, PostcopyPolicy, Report};
 use vmig::transport::IoPath;
 
 /// vmig: live migration of KVM virtual machines between host agents.
@@ -42,6 +43,8 @@ enum Cmd {
     Migrate(MigrateArgs),
     /// Start two local agents, migrate a busy VM between them, print the report and the proof.
     Demo(demo::DemoArgs),
+    /// Attach the eBPF probes to a VM and show its dirty rate, faults and exits live.
+    Trace(trace::TraceArgs),
 }
 
 #[derive(Debug, Args)]
@@ -162,6 +165,21 @@ struct MigrateArgs {
     /// Inject a fault (tests).
     #[arg(long, value_enum, hide = true)]
     inject_fault: Option<Fault>,
+    /// Post-copy: never (pre-copy only), auto (switch when pre-copy cannot converge), always
+    /// (one pre-copy round, then post-copy).
+    #[arg(long, value_enum, default_value_t = PostcopyPolicy::Never)]
+    postcopy: PostcopyPolicy,
+    /// With --postcopy never, when pre-copy cannot converge: force (stop and copy anyway),
+    /// throttle (auto-converge: slow the vCPUs down), abort (stay on the source).
+    #[arg(long, value_enum, default_value_t = NoConverge::Force)]
+    on_no_converge: NoConverge,
+    /// Pre-copy is hopeless when dirty rate × page size / bandwidth stays at or above this
+    /// for 2 rounds (or the dirty set stops shrinking by 10 % over 2 rounds).
+    #[arg(long, default_value_t = 0.8)]
+    converge_threshold: f64,
+    /// Rounds before the convergence judgement starts.
+    #[arg(long, default_value_t = 3)]
+    min_rounds: u32,
 }
 
 /// Runs a command.
@@ -171,6 +189,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Vm(v) => vm(cli.agent, cli.host, v).await,
         Cmd::Migrate(m) => migrate(cli.agent, cli.host, m).await,
         Cmd::Demo(d) => demo::run(d).await,
+        Cmd::Trace(t) => trace::run(cli.agent, cli.host, t).await,
     }
 }
 
@@ -396,6 +415,10 @@ async fn migrate(agent: Option<PathBuf>, host: Option<String>, m: MigrateArgs) -
         io: m.io,
         verify: m.verify,
         inject: m.inject_fault,
+        postcopy: m.postcopy,
+        on_no_converge: m.on_no_converge,
+        converge_threshold: m.converge_threshold,
+        min_rounds: m.min_rounds,
     };
     let report = run_migration(
         &a,
@@ -461,6 +484,15 @@ pub async fn run_migration(
                 pb.set_prefix(prefix);
                 pb.set_length(p.total);
                 pb.set_position(p.sent);
+                if let Some(d) = &p.decision {
+                    pb.println(format!("controller: {d}"));
+                }
+                if p.phase == "post-copy" && p.last.is_none() {
+                    pb.set_message(format!(
+                        "| {} pages remaining, {:.0} faults/s",
+                        p.remaining, p.faults_per_s
+                    ));
+                }
                 if let Some(l) = p.last {
                     let msg = format!(
                         "| round {}: {} dirty, {:.0} pages/s dirtied, {:.0} MiB/s, predicted downtime {:.1} ms",

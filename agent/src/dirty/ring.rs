@@ -57,6 +57,13 @@ impl DirtyRing {
         })
     }
 
+    fn flags(&self, i: u32) -> &AtomicU32 {
+        let entry = self.base + (i % self.entries) as usize * super::RING_ENTRY_BYTES as usize;
+        // SAFETY: `entry` is inside the mapped ring; `flags` is the first u32 of a
+        // 16-byte-aligned `kvm_dirty_gfn` shared with the kernel, accessed atomically.
+        unsafe { &*(entry as *const AtomicU32) }
+    }
+
     /// Moves every pushed entry into `out`; returns the number of entries read.
     pub fn harvest(&self, out: &PageBitmap, slot_base: u64) -> u64 {
         let mut fetch = self.fetch.lock().expect("ring fetch index");
@@ -64,10 +71,7 @@ impl DirtyRing {
         loop {
             let i = (*fetch % self.entries) as usize;
             let entry = self.base + i * super::RING_ENTRY_BYTES as usize;
-            // SAFETY: `entry` is inside the mapped ring; `flags` is the first u32 of a
-            // 16-byte-aligned `kvm_dirty_gfn`, shared with the kernel, so it is read and
-            // written atomically with acquire/release as the KVM API requires.
-            let flags = unsafe { &*(entry as *const AtomicU32) };
+            let flags = self.flags(*fetch);
             if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
                 break;
             }
@@ -76,7 +80,7 @@ impl DirtyRing {
             let offset = unsafe { std::ptr::read_volatile((entry + 8) as *const u64) };
             out.set(slot_base / PAGE_SIZE + offset);
             flags.store(GFN_RESET, Ordering::Release);
-            *fetch = fetch.wrapping_add(1);
+            *fetch = fetch.wrapping_add(1) % self.entries;
             n += 1;
         }
         n

@@ -55,11 +55,18 @@ pub enum Program {
     Dirty,
     /// A self-checking counter.
     Counter,
+    /// Writes every page of its working set once, then idles (`hlt`).
+    Fill,
 }
 
 impl Program {
     /// All programs, in the order of their code in guest memory.
-    pub const ALL: [Program; 3] = [Program::Idle, Program::Dirty, Program::Counter];
+    pub const ALL: [Program; 4] = [
+        Program::Idle,
+        Program::Dirty,
+        Program::Counter,
+        Program::Fill,
+    ];
 
     /// The name used in VM definitions.
     pub fn name(self) -> &'static str {
@@ -67,12 +74,18 @@ impl Program {
             Program::Idle => "idle",
             Program::Dirty => "dirty",
             Program::Counter => "counter",
+            Program::Fill => "fill",
         }
     }
 
     /// Parses a name from a VM definition.
     pub fn parse(s: &str) -> Option<Program> {
         Program::ALL.into_iter().find(|p| p.name() == s)
+    }
+
+    /// Whether the program writes a working set (and needs one in guest memory).
+    pub fn uses_working_set(self) -> bool {
+        matches!(self, Program::Dirty | Program::Fill)
     }
 
     /// Guest-physical address of the program's entry point.
@@ -92,6 +105,7 @@ impl Program {
             }
             Program::Dirty => dirty(&mut a),
             Program::Counter => counter(&mut a),
+            Program::Fill => fill(&mut a),
         }
         a.finish()
     }
@@ -131,6 +145,25 @@ fn dirty(a: &mut Asm) {
     a.dec_rcx();
     a.jnz("page");
     a.jmp("pass");
+}
+
+fn fill(a: &mut Asm) {
+    a.load_rdi(param::WS_BASE);
+    a.load_rcx(param::WS_PAGES);
+    a.load_rax(param::PASS);
+    a.inc_rax();
+    a.store_rax(param::PASS);
+    a.label("page");
+    a.store_rax_at_rdi();
+    a.add_rdi_page();
+    a.dec_rcx();
+    a.jnz("page");
+    a.load_r8(param::WS_PAGES);
+    a.mov_edx_imm(PORT_DIRTY_BATCH as u32);
+    a.out_dx_eax();
+    a.label("done");
+    a.hlt();
+    a.jmp("done");
 }
 
 fn counter(a: &mut Asm) {

@@ -71,7 +71,7 @@ impl VmDef {
             .map(|w| {
                 Program::parse(w).ok_or_else(|| {
                     InventoryError::Invalid(format!(
-                        "unknown workload {w:?} (idle, dirty, counter)"
+                        "unknown workload {w:?} (idle, dirty, counter, fill)"
                     ))
                 })
             })
@@ -115,7 +115,7 @@ impl VmDef {
                 self.name
             )));
         }
-        if !(16..=16384).contains(&self.memory_mib) || self.memory_mib % 2 != 0 {
+        if !(16..=16384).contains(&self.memory_mib) || !self.memory_mib.is_multiple_of(2) {
             return Err(InventoryError::Invalid(format!(
                 "memory {} MiB: use an even number from 16 to 16384",
                 self.memory_mib

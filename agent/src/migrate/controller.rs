@@ -3,21 +3,41 @@
 
 use std::time::Duration;
 
-use super::{MigrateOptions, RoundStats};
+use super::{MigrateOptions, NoConverge, PostcopyPolicy, RoundStats};
 use crate::guest::layout::PAGE_SIZE;
 
 /// Bytes of a page on the wire (data plus its 8-byte entry).
 const PAGE_WIRE_BYTES: f64 = PAGE_SIZE as f64 + 8.0;
+
+/// Throttle steps of auto-converge, percent of each interval the vCPUs sleep.
+pub const THROTTLE_STEPS: [u32; 5] = [20, 40, 60, 80, 99];
 
 /// What to do after a round.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// Another pre-copy round.
     Continue,
+    /// Another pre-copy round with the vCPUs throttled to this percent.
+    Throttle(u32, String),
     /// Pause and send the rest; the reason goes into the report.
     StopAndCopy(String),
+    /// Pause, send the state, run on the destination and fetch the rest on demand.
+    Postcopy(String),
     /// Give up; the VM stays on the source.
     Abort(String),
+}
+
+impl Decision {
+    /// A one-line description for logs and the report.
+    pub fn describe(&self) -> String {
+        match self {
+            Decision::Continue => "continue pre-copy".into(),
+            Decision::Throttle(p, why) => format!("throttle vCPUs to {p} %: {why}"),
+            Decision::StopAndCopy(why) => format!("stop-and-copy: {why}"),
+            Decision::Postcopy(why) => format!("switch to post-copy: {why}"),
+            Decision::Abort(why) => format!("abort: {why}"),
+        }
+    }
 }
 
 /// Decides, round by round.
@@ -27,6 +47,12 @@ pub struct Controller {
     /// Expected size of the vCPU and device state, bytes.
     state_bytes: f64,
     rtt: Duration,
+    /// Rounds seen so far.
+    history: Vec<RoundStats>,
+    /// Current throttle step (index into [`THROTTLE_STEPS`] + 1; 0 = none).
+    throttle_step: usize,
+    /// Round at which the throttle last changed (the judgement restarts from it).
+    throttle_round: u32,
 }
 
 impl Controller {
@@ -36,6 +62,9 @@ impl Controller {
             opts: opts.clone(),
             state_bytes: state_bytes as f64,
             rtt,
+            history: Vec::new(),
+            throttle_step: 0,
+            throttle_round: 0,
         }
     }
 
@@ -47,12 +76,105 @@ impl Controller {
         (bytes / bw + 2.0 * self.rtt.as_secs_f64()) * 1e3
     }
 
-    /// Decides after `r`, `elapsed` into the migration.
-    pub fn decide(&self, r: &RoundStats, elapsed: Duration) -> Decision {
+    /// dirty rate × page bytes / bandwidth: the fraction of the link the guest's writes eat.
+    pub fn dirty_ratio(dirty_rate: f64, bandwidth: f64) -> f64 {
+        dirty_rate * PAGE_WIRE_BYTES / bandwidth.max(1.0)
+    }
+
+    /// The throttle in force, percent.
+    pub fn throttle_pct(&self) -> u32 {
+        match self.throttle_step {
+            0 => 0,
+            n => THROTTLE_STEPS[n - 1],
+        }
+    }
+
+    /// Whether pre-copy is hopeless after the rounds seen: `Some(why)` once at least
+    /// `min_rounds` rounds ran (and 2 since the last throttle change) and either the dirty ratio
+    /// stayed at or above the threshold for the last 2 rounds, or the dirty set did not shrink
+    /// by 10 % over the last 2 rounds.
+    fn hopeless(&self) -> Option<String> {
+        let n = self.history.len();
+        let last = self.history.last()?;
+        if last.round < self.opts.min_rounds.max(1) || n < 3 {
+            return None;
+        }
+        if last.round < self.throttle_round + 2 {
+            return None;
+        }
+        let (a, b) = (&self.history[n - 2], &self.history[n - 1]);
+        let r = self.opts.converge_threshold;
+        if a.dirty_ratio >= r && b.dirty_ratio >= r {
+            return Some(format!(
+                "dirty ratio {:.2} and {:.2} >= threshold {r} in rounds {} and {} ({:.0} pages/s dirtied vs {:.1} MiB/s)",
+                a.dirty_ratio, b.dirty_ratio, a.round, b.round, b.dirty_rate, b.bandwidth / 1048576.0
+            ));
+        }
+        let before = &self.history[n - 3];
+        if b.dirty_pages as f64 > 0.9 * before.dirty_pages as f64 {
+            return Some(format!(
+                "dirty set did not shrink by 10 % over 2 rounds: {} pages after round {}, {} after round {}",
+                before.dirty_pages, before.round, b.dirty_pages, b.round
+            ));
+        }
+        None
+    }
+
+    /// What to do when pre-copy cannot go on (`why`), per policy.
+    fn give_up(&mut self, why: String, round: u32) -> Decision {
+        match (self.opts.postcopy, self.opts.on_no_converge) {
+            (PostcopyPolicy::Auto | PostcopyPolicy::Always, _) => Decision::Postcopy(why),
+            (PostcopyPolicy::Never, NoConverge::Force) => Decision::StopAndCopy(why),
+            (PostcopyPolicy::Never, NoConverge::Abort) => Decision::Abort(why),
+            (PostcopyPolicy::Never, NoConverge::Throttle) => {
+                if self.throttle_step < THROTTLE_STEPS.len() {
+                    self.throttle_step += 1;
+                    self.throttle_round = round;
+                    Decision::Throttle(self.throttle_pct(), why)
+                } else {
+                    Decision::StopAndCopy(format!(
+                        "{why}; throttle already at {} %: forcing stop-and-copy",
+                        self.throttle_pct()
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Decides after `r`, `elapsed` into the migration. Every decision is logged with the
+    /// figures behind it.
+    pub fn decide(&mut self, r: &RoundStats, elapsed: Duration) -> Decision {
+        self.history.push(r.clone());
+        let d = self.decide_inner(r, elapsed);
+        tracing::info!(
+            round = r.round,
+            dirty = r.dirty_pages,
+            dirty_rate = r.dirty_rate,
+            bandwidth = r.bandwidth,
+            dirty_ratio = r.dirty_ratio,
+            predicted_ms = r.predicted_downtime_ms,
+            throttle = r.throttle_pct,
+            decision = %d.describe(),
+            "controller decision"
+        );
+        d
+    }
+
+    fn decide_inner(&mut self, r: &RoundStats, elapsed: Duration) -> Decision {
         if elapsed.as_secs() >= self.opts.timeout_s {
-            return Decision::Abort(format!(
+            let why = format!(
                 "timeout of {} s reached in round {}",
                 self.opts.timeout_s, r.round
+            );
+            return match self.opts.postcopy {
+                PostcopyPolicy::Never => Decision::Abort(why),
+                _ => Decision::Postcopy(why),
+            };
+        }
+        if self.opts.postcopy == PostcopyPolicy::Always {
+            return Decision::Postcopy(format!(
+                "policy always: post-copy after round {} (predicted downtime {:.2} ms)",
+                r.round, r.predicted_downtime_ms
             ));
         }
         if r.predicted_downtime_ms <= self.opts.max_downtime_ms {
@@ -65,19 +187,22 @@ impl Controller {
             ));
         }
         if r.round >= self.opts.max_rounds {
-            return Decision::StopAndCopy(format!(
-                "max rounds ({}) reached: forcing stop-and-copy with predicted downtime {:.2} ms",
+            let why = format!(
+                "max rounds ({}) reached with predicted downtime {:.2} ms",
                 self.opts.max_rounds, r.predicted_downtime_ms
-            ));
+            );
+            return match (self.opts.postcopy, self.opts.on_no_converge) {
+                (PostcopyPolicy::Never, NoConverge::Abort) => Decision::Abort(why),
+                (PostcopyPolicy::Never, _) => Decision::StopAndCopy(format!(
+                    "max rounds ({}) reached: forcing stop-and-copy with predicted downtime {:.2} ms",
+                    self.opts.max_rounds, r.predicted_downtime_ms
+                )),
+                _ => Decision::Postcopy(why),
+            };
         }
-        tracing::debug!(
-            round = r.round,
-            dirty = r.dirty_pages,
-            dirty_rate = r.dirty_rate,
-            bandwidth = r.bandwidth,
-            predicted_ms = r.predicted_downtime_ms,
-            "pre-copy goes on"
-        );
+        if let Some(why) = self.hopeless() {
+            return self.give_up(why, r.round);
+        }
         Decision::Continue
     }
 }
@@ -102,7 +227,7 @@ mod tests {
             timeout_s: 10,
             ..Default::default()
         };
-        let c = Controller::new(&opts, 10_000, Duration::from_micros(100));
+        let mut c = Controller::new(&opts, 10_000, Duration::from_micros(100));
         let d = Duration::from_secs(1);
         assert_eq!(c.decide(&round(1, 80.0), d), Decision::Continue);
         assert!(
@@ -123,5 +248,67 @@ mod tests {
         // 256 pages of 4104 wire bytes at 1 MiB/s: ~1002 ms, plus 2 ms of round trips.
         let p = c.predict_ms(256, 1048576.0);
         assert!((p - (256.0 * 4104.0 / 1048576.0 * 1e3 + 2.0)).abs() < 1e-6);
+    }
+
+    fn hot(round: u32, dirty: u64, ratio: f64) -> RoundStats {
+        RoundStats {
+            round,
+            dirty_pages: dirty,
+            dirty_ratio: ratio,
+            predicted_downtime_ms: 500.0,
+            ..Default::default()
+        }
+    }
+
+    fn run_policy(postcopy: PostcopyPolicy, on: NoConverge) -> Vec<Decision> {
+        let opts = MigrateOptions {
+            postcopy,
+            on_no_converge: on,
+            max_rounds: 30,
+            ..Default::default()
+        };
+        let mut c = Controller::new(&opts, 0, Duration::ZERO);
+        (1..=9)
+            .map(|i| c.decide(&hot(i, 4096, 1.0), Duration::from_secs(1)))
+            .collect()
+    }
+
+    #[test]
+    fn non_convergence_follows_the_policy() {
+        let auto = run_policy(PostcopyPolicy::Auto, NoConverge::Force);
+        assert_eq!(auto[0], Decision::Continue);
+        assert_eq!(auto[1], Decision::Continue);
+        assert!(matches!(&auto[2], Decision::Postcopy(w) if w.contains("threshold")));
+        let always = run_policy(PostcopyPolicy::Always, NoConverge::Force);
+        assert!(matches!(&always[0], Decision::Postcopy(w) if w.contains("always")));
+        let force = run_policy(PostcopyPolicy::Never, NoConverge::Force);
+        assert!(matches!(&force[2], Decision::StopAndCopy(_)));
+        let abort = run_policy(PostcopyPolicy::Never, NoConverge::Abort);
+        assert!(matches!(&abort[2], Decision::Abort(_)));
+        let throttle = run_policy(PostcopyPolicy::Never, NoConverge::Throttle);
+        // Round 3 throttles to 20 %, then every 2 rounds one step more, then force.
+        assert!(matches!(throttle[2], Decision::Throttle(20, _)));
+        assert_eq!(throttle[3], Decision::Continue);
+        assert!(matches!(throttle[4], Decision::Throttle(40, _)));
+        assert!(matches!(throttle[6], Decision::Throttle(60, _)));
+        assert!(matches!(throttle[8], Decision::Throttle(80, _)));
+    }
+
+    #[test]
+    fn a_shrinking_dirty_set_is_not_hopeless() {
+        let opts = MigrateOptions {
+            postcopy: PostcopyPolicy::Auto,
+            ..Default::default()
+        };
+        let mut c = Controller::new(&opts, 0, Duration::ZERO);
+        let d = Duration::from_secs(1);
+        for (i, dirty) in [(1, 10_000), (2, 5000), (3, 2500), (4, 1200)] {
+            assert_eq!(c.decide(&hot(i, dirty, 0.5), d), Decision::Continue);
+        }
+        // Stalls: 1200 -> 1150 -> 1100 is less than 10 % over 2 rounds.
+        assert_eq!(c.decide(&hot(5, 1150, 0.5), d), Decision::Continue);
+        assert!(
+            matches!(c.decide(&hot(6, 1100, 0.5), d), Decision::Postcopy(w) if w.contains("shrink"))
+        );
     }
 }

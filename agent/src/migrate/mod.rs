@@ -9,6 +9,8 @@ pub mod controller;
 pub mod dest;
 pub mod report;
 pub mod source;
+#[cfg(test)]
+mod tests;
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +24,43 @@ use crate::transport::{IoPath, RecvError};
 use crate::vm::VmError;
 use crate::wire::WireError;
 
-pub use report::{Progress, Report, RoundStats, Verification};
+pub use report::{PostcopyStats, Progress, Report, RoundStats, Verification};
+
+/// When to switch to post-copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PostcopyPolicy {
+    /// Pre-copy only; `--on-no-converge` says what to do when it cannot converge.
+    #[default]
+    Never,
+    /// Pre-copy, switching to post-copy when the controller judges it hopeless.
+    Auto,
+    /// One pre-copy round, then post-copy.
+    Always,
+}
+
+impl std::fmt::Display for PostcopyPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PostcopyPolicy::Never => "never",
+            PostcopyPolicy::Auto => "auto",
+            PostcopyPolicy::Always => "always",
+        })
+    }
+}
+
+/// What pre-copy without post-copy does when it cannot converge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NoConverge {
+    /// Stop and copy anyway (downtime above `--max-downtime`).
+    #[default]
+    Force,
+    /// Auto-converge: throttle the vCPUs harder each round until it converges.
+    Throttle,
+    /// Give up; the VM keeps running on the source.
+    Abort,
+}
 
 /// Faults a test can inject into an outgoing migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -53,6 +91,27 @@ pub struct MigrateOptions {
     pub verify: bool,
     /// A fault to inject (tests).
     pub inject: Option<Fault>,
+    /// When to switch to post-copy.
+    #[serde(default)]
+    pub postcopy: PostcopyPolicy,
+    /// What to do when pre-copy cannot converge and post-copy is not allowed.
+    #[serde(default)]
+    pub on_no_converge: NoConverge,
+    /// dirty rate × page size / bandwidth at or above which (for 2 rounds) pre-copy is
+    /// judged hopeless.
+    #[serde(default = "default_threshold")]
+    pub converge_threshold: f64,
+    /// Rounds before the convergence judgement starts.
+    #[serde(default = "default_min_rounds")]
+    pub min_rounds: u32,
+}
+
+fn default_threshold() -> f64 {
+    0.8
+}
+
+fn default_min_rounds() -> u32 {
+    3
 }
 
 impl Default for MigrateOptions {
@@ -66,6 +125,10 @@ impl Default for MigrateOptions {
             io: IoPath::Auto,
             verify: false,
             inject: None,
+            postcopy: PostcopyPolicy::Never,
+            on_no_converge: NoConverge::Force,
+            converge_threshold: default_threshold(),
+            min_rounds: default_min_rounds(),
         }
     }
 }
@@ -102,6 +165,12 @@ pub enum MigrateError {
     /// Past `--timeout`.
     #[error("timed out after {0} s")]
     Timeout(u64),
+    /// Pre-copy cannot converge and `--on-no-converge abort` was asked.
+    #[error("pre-copy does not converge: {0}")]
+    NoConvergence(String),
+    /// Post-copy machinery (userfaultfd).
+    #[error("post-copy: {0}")]
+    Postcopy(String),
     /// VMM failure.
     #[error(transparent)]
     Vm(#[from] VmError),
@@ -171,4 +240,73 @@ pub fn cpu_digest() -> String {
         }
     }
     h.finalize().to_hex()[..16].to_string()
+}
+
+/// An order-independent digest of guest memory as (index, content) pairs: the sum, modulo
+/// 2^256, of BLAKE3(index ‖ page) over every non-zero page.
+///
+/// Post-copy places pages in whatever order faults and the push produce, and the destination
+/// runs while they arrive, so it cannot hash its memory at one instant. Each side adds one
+/// term per page instead: the source over its paused memory, the destination over the pages it
+/// kept at the switch (before running) plus every page as it is placed. The index inside each
+/// term catches a page at the wrong place; a sum (unlike XOR) does not cancel equal terms; and
+/// the state is 32 bytes whatever the guest size (a per-page table would be 32 bytes a page).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageSum([u64; 4]);
+
+impl PageSum {
+    /// Adds the page `index` with `data` (all-zero pages add nothing).
+    pub fn add(&mut self, index: u64, data: &[u8]) {
+        if data.iter().all(|b| *b == 0) {
+            return;
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(&index.to_le_bytes());
+        h.update(data);
+        self.add_hash(h.finalize().as_bytes());
+    }
+
+    fn add_hash(&mut self, h: &[u8; 32]) {
+        let mut carry = 0u128;
+        for (i, limb) in self.0.iter_mut().enumerate() {
+            let v = u64::from_le_bytes(h[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            let sum = *limb as u128 + v as u128 + carry;
+            *limb = sum as u64;
+            carry = sum >> 64;
+        }
+    }
+
+    /// Combines two partial sums.
+    pub fn merge(&mut self, other: &PageSum) {
+        let mut b = [0u8; 32];
+        for (i, limb) in other.0.iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&limb.to_le_bytes());
+        }
+        self.add_hash(&b);
+    }
+
+    /// Hex, most significant limb first.
+    pub fn hex(&self) -> String {
+        self.0.iter().rev().map(|l| format!("{l:016x}")).collect()
+    }
+
+    /// The sum over every non-zero page of `ram` for which `include(index)` holds. Reads
+    /// only pages populated in the host, so it never touches a missing page.
+    pub fn of_ram(
+        ram: &crate::vm::memory::GuestRam,
+        include: impl Fn(u64) -> bool,
+    ) -> Result<PageSum, crate::vm::memory::MemoryError> {
+        let populated = ram.populated()?;
+        let mut sum = PageSum::default();
+        let mut page = vec![0u8; crate::guest::layout::PAGE_SIZE as usize];
+        for (i, &p) in populated.iter().enumerate() {
+            let i = i as u64;
+            if !p || !include(i) || ram.is_zero_page(i) {
+                continue;
+            }
+            ram.read_page(i, &mut page)?;
+            sum.add(i, &page);
+        }
+        Ok(sum)
+    }
 }

@@ -23,6 +23,54 @@ pub struct RoundStats {
     pub bandwidth: f64,
     /// Predicted downtime of stopping now, ms.
     pub predicted_downtime_ms: f64,
+    /// dirty rate × page bytes / bandwidth: pre-copy cannot converge near or above 1.
+    #[serde(default)]
+    pub dirty_ratio: f64,
+    /// Auto-converge throttle in force during the round, percent.
+    #[serde(default)]
+    pub throttle_pct: u32,
+    /// The controller's decision after the round, with its figures.
+    #[serde(default)]
+    pub decision: String,
+}
+
+/// Post-copy figures: the destination's fault statistics and the source's serving counts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PostcopyStats {
+    /// Pages the destination had to fetch (stale or never sent) at the switch.
+    pub pages_missing: u64,
+    /// Missing-page faults read by the destination's fault handler.
+    pub faults: u64,
+    /// Faults on a page already requested.
+    pub duplicate_faults: u64,
+    /// Faults on known zero pages resolved locally.
+    pub zero_local: u64,
+    /// Page requests sent to the source.
+    pub requests: u64,
+    /// Pages placed as answers to requests.
+    pub pages_demand: u64,
+    /// Pages placed from the background push.
+    pub pages_pushed: u64,
+    /// Bytes placed on demand.
+    pub bytes_demand: u64,
+    /// Bytes placed from the push.
+    pub bytes_pushed: u64,
+    /// Fault latency (first fault to placement), µs: faulted pages counted.
+    pub latency_count: u64,
+    /// Median fault latency, µs.
+    pub latency_p50_us: u64,
+    /// 99th percentile, µs.
+    pub latency_p99_us: u64,
+    /// Largest, µs.
+    pub latency_max_us: u64,
+    /// From the destination's vCPUs running to the last page placed, ms.
+    pub duration_ms: f64,
+    /// Source: page requests received (pages).
+    pub source_requested: u64,
+    /// Source: pages sent as answers to requests.
+    pub source_demand_sent: u64,
+    /// Source: pages sent by the background push.
+    pub source_pushed: u64,
 }
 
 /// A progress event sent to the CLI.
@@ -38,6 +86,31 @@ pub struct Progress {
     pub total: u64,
     /// Stats of the last finished round.
     pub last: Option<RoundStats>,
+    /// Post-copy: pages the destination still misses.
+    #[serde(default)]
+    pub remaining: u64,
+    /// Post-copy: page requests per second (remote faults) over the last interval.
+    #[serde(default)]
+    pub faults_per_s: f64,
+    /// The controller's last decision, when it changed something (throttle, switch).
+    #[serde(default)]
+    pub decision: Option<String>,
+}
+
+impl Progress {
+    /// An event of `phase` in `round`, `sent` of `total` pages.
+    pub fn new(phase: &str, round: u32, sent: u64, total: u64) -> Self {
+        Self {
+            phase: phase.into(),
+            round,
+            sent,
+            total,
+            last: None,
+            remaining: 0,
+            faults_per_s: 0.0,
+            decision: None,
+        }
+    }
 }
 
 /// Memory and vCPU digests on both sides, compared before commitment.
@@ -104,6 +177,18 @@ pub struct Report {
     pub counter_at_pause: u64,
     /// Digests, when `--verify`.
     pub verification: Option<Verification>,
+    /// "pre-copy" (stop-and-copy at the end) or "post-copy".
+    #[serde(default)]
+    pub mode: String,
+    /// The post-copy policy in force: never, auto, always.
+    #[serde(default)]
+    pub postcopy_policy: String,
+    /// Every controller decision, in order, with the figures behind it.
+    #[serde(default)]
+    pub decisions: Vec<String>,
+    /// Post-copy statistics, when the migration switched to post-copy.
+    #[serde(default)]
+    pub postcopy: Option<PostcopyStats>,
 }
 
 impl Report {
@@ -124,6 +209,13 @@ impl Report {
             self.rounds.len(),
             self.stop_reason
         );
+        if !self.mode.is_empty() {
+            let _ = writeln!(
+                s,
+                "  mode            {:>10}   post-copy policy {}",
+                self.mode, self.postcopy_policy
+            );
+        }
         let _ = writeln!(
             s,
             "  bytes sent      {:>10.1} MiB",
@@ -152,20 +244,57 @@ impl Report {
                 "    round {:>2}: {:>8} pages ({:>8} zero) {:>8.1} MiB in {:>7.1} ms, {:>7} dirty, {:>8.0} pages/s dirtied, {:>7.1} MiB/s, predicted downtime {:>7.2} ms",
                 r.round, r.pages, r.zero_pages, r.bytes as f64 / 1048576.0, r.secs * 1e3, r.dirty_pages, r.dirty_rate, r.bandwidth / 1048576.0, r.predicted_downtime_ms
             );
+            if r.throttle_pct > 0 || r.dirty_ratio > 0.0 {
+                let _ = writeln!(
+                    s,
+                    "              dirty ratio {:.2}, throttle {} %",
+                    r.dirty_ratio, r.throttle_pct
+                );
+            }
+        }
+        if let Some(p) = &self.postcopy {
+            let _ = writeln!(
+                s,
+                "  post-copy       {:>10} pages missing at the switch, done in {:.1} ms",
+                p.pages_missing, p.duration_ms
+            );
+            let _ = writeln!(
+                s,
+                "    on demand     {:>10} pages ({:.1} MiB), {} faults ({} zero local, {} duplicates)",
+                p.pages_demand,
+                p.bytes_demand as f64 / 1048576.0,
+                p.faults,
+                p.zero_local,
+                p.duplicate_faults
+            );
+            let _ = writeln!(
+                s,
+                "    pushed        {:>10} pages ({:.1} MiB)",
+                p.pages_pushed,
+                p.bytes_pushed as f64 / 1048576.0
+            );
+            let _ = writeln!(
+                s,
+                "    fault latency p50 {} µs, p99 {} µs, max {} µs over {} faulted pages",
+                p.latency_p50_us, p.latency_p99_us, p.latency_max_us, p.latency_count
+            );
+        }
+        for d in &self.decisions {
+            let _ = writeln!(s, "  decision: {d}");
         }
         if let Some(v) = &self.verification {
             let _ = writeln!(
                 s,
                 "  memory digest   source {} / destination {}: {}",
-                &v.source_memory[..16],
-                &v.dest_memory[..16],
+                v.source_memory.get(..16).unwrap_or(&v.source_memory),
+                v.dest_memory.get(..16).unwrap_or(&v.dest_memory),
                 if v.memory_equal { "EQUAL" } else { "DIFFERENT" }
             );
             let _ = writeln!(
                 s,
                 "  vCPU digest     source {} / destination {}: {}",
-                &v.source_vcpus[..16],
-                &v.dest_vcpus[..16],
+                v.source_vcpus.get(..16).unwrap_or(&v.source_vcpus),
+                v.dest_vcpus.get(..16).unwrap_or(&v.dest_vcpus),
                 if v.vcpus_equal { "EQUAL" } else { "DIFFERENT" }
             );
         }

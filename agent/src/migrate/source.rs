@@ -3,16 +3,18 @@
 use std::fs;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::controller::{Controller, Decision};
 use super::{
-    cpu_digest, Cancel, Fault, MigrateError, MigrateOptions, Progress, Report, RoundStats,
-    Verification,
+    cpu_digest, Cancel, Fault, MigrateError, MigrateOptions, PageSum, PostcopyStats, Progress,
+    Report, RoundStats, Verification,
 };
 use crate::guest::layout::PAGE_SIZE;
 use crate::inventory::{self, VmDef};
-use crate::transport::{tune_socket, FrameReader, FrameWriter, IoPath};
+use crate::transport::{tune_socket, FrameReader, FrameWriter, IoPath, RecvError};
 use crate::vm::Vm;
 use crate::wire::{self, messages as msg, pages, Frame, Header, Kind};
 
@@ -81,13 +83,7 @@ pub fn migrate(
     progress: &dyn Fn(Progress),
 ) -> Result<Report, MigrateError> {
     let t0 = Instant::now();
-    progress(Progress {
-        phase: "connecting".into(),
-        round: 0,
-        sent: 0,
-        total: 0,
-        last: None,
-    });
+    progress(Progress::new("connecting", 0, 0, 0));
     let sock = TcpStream::connect_timeout(&dest, Duration::from_secs(5)).map_err(|cause| {
         MigrateError::Connect {
             addr: dest.to_string(),
@@ -116,6 +112,7 @@ pub fn migrate(
             if matches!(e, MigrateError::CommitUnknown(_)) {
                 return Err(e);
             }
+            vm.set_throttle(0);
             // Until Go the source owns the VM: tell the peer, stop logging, run again.
             let _ = link.send(
                 Kind::Abort,
@@ -173,13 +170,7 @@ fn run(
         },
     )?;
     let _: msg::Reserved = link.recv()?.expect(Kind::Reserved)?;
-    progress(Progress {
-        phase: "reserved".into(),
-        round: 0,
-        sent: 0,
-        total: 0,
-        last: None,
-    });
+    progress(Progress::new("reserved", 0, 0, 0));
     for name in [inventory::DEFINITION, inventory::NVRAM, inventory::DISK] {
         send_file(link, out.dir, name)?;
     }
@@ -192,11 +183,12 @@ fn run(
     let touched = populated.iter().filter(|p| **p).count() as u64;
     let state_bytes = bincode::serialized_size(&vm.devices().save()).unwrap_or(0)
         + 8192 * vm.spec().programs.len() as u64;
-    let controller = Controller::new(opts, state_bytes, rtt);
+    let mut controller = Controller::new(opts, state_bytes, rtt);
+    let mut decisions = Vec::new();
     let mut rounds = Vec::new();
     let mut pending: Vec<u64> = (0..vm.ram().pages()).collect();
     let mut populated = Some(populated);
-    let stop_reason = loop {
+    let end = loop {
         let round = rounds.len() as u32 + 1;
         let t = Instant::now();
         let mut stats = send_pages(
@@ -204,6 +196,7 @@ fn run(
             vm,
             &pending,
             populated.take().as_deref(),
+            Kind::Pages,
             false,
             round,
             progress,
@@ -222,6 +215,8 @@ fn run(
         stats.dirty_rate = pending.len() as f64 / stats.secs;
         stats.bandwidth = stats.bytes as f64 / stats.secs;
         stats.predicted_downtime_ms = controller.predict_ms(stats.dirty_pages, stats.bandwidth);
+        stats.dirty_ratio = Controller::dirty_ratio(stats.dirty_rate, stats.bandwidth);
+        stats.throttle_pct = vm.throttle();
         tracing::info!(
             round,
             pages = stats.pages,
@@ -231,44 +226,53 @@ fn run(
             "pre-copy round done"
         );
         let decision = controller.decide(&stats, t0.elapsed());
+        stats.decision = decision.describe();
+        let changed = decision != Decision::Continue;
+        if changed {
+            decisions.push(format!("after round {round}: {}", decision.describe()));
+        }
         rounds.push(stats.clone());
-        progress(Progress {
-            phase: "pre-copy".into(),
-            round,
-            sent: stats.pages,
-            total: stats.pages,
-            last: Some(stats),
-        });
+        let mut ev = Progress::new("pre-copy", round, stats.pages, stats.pages);
+        ev.last = Some(stats);
+        ev.decision = changed.then(|| decision.describe());
+        progress(ev);
         if cancel.is_cancelled() {
             return Err(MigrateError::Cancelled);
         }
         match decision {
             Decision::Continue => {}
-            Decision::StopAndCopy(why) => break why,
+            Decision::Throttle(p, _) => vm.set_throttle(p),
+            Decision::StopAndCopy(why) => break End::StopAndCopy(why),
+            Decision::Postcopy(why) => break End::Postcopy(why),
             Decision::Abort(why) => {
                 tracing::warn!(%why, "aborting");
-                return Err(MigrateError::Timeout(opts.timeout_s));
+                if t0.elapsed().as_secs() >= opts.timeout_s {
+                    return Err(MigrateError::Timeout(opts.timeout_s));
+                }
+                return Err(MigrateError::NoConvergence(why));
             }
         }
     };
-    tracing::info!(reason = %stop_reason, "stop-and-copy");
+    let (stop_reason, postcopy_why) = match end {
+        End::StopAndCopy(why) => {
+            tracing::info!(reason = %why, "stop-and-copy");
+            (why, None)
+        }
+        End::Postcopy(why) => {
+            tracing::info!(reason = %why, "switching to post-copy");
+            (why.clone(), Some(why))
+        }
+    };
 
     // 4. Stop and copy.
     let t_pause = Instant::now();
     let pause = vm.pause();
+    vm.set_throttle(0);
     let counter_at_pause = vm.stats().counter;
-    let result = stop_and_copy(
-        out,
-        link,
-        opts,
-        &mut pending,
-        rounds.len() as u32 + 1,
-        progress,
-        cancel,
-    );
-    let (last, ready, verification) = match result {
-        Ok(x) => x,
-        Err(e) => return Err(e),
+    let round = rounds.len() as u32 + 1;
+    let (last, ready, verification) = match &postcopy_why {
+        None => stop_and_copy(out, link, opts, &mut pending, round, progress, cancel)?,
+        Some(why) => postcopy_switch(out, link, opts, &mut pending, round, why, progress)?,
     };
     rounds.push(last);
     // 5. Commitment: from Go on the destination owns the VM.
@@ -279,11 +283,39 @@ fn run(
         .and_then(|f| Ok(f.expect::<msg::Running>(Kind::Running)?));
     let t_run = Instant::now();
     let running = running.map_err(|e| MigrateError::CommitUnknown(e.to_string()))?;
+    let downtime = (t_run - t_pause).as_secs_f64() - rtt.as_secs_f64() / 2.0;
+    let (postcopy, verification) = match &postcopy_why {
+        None => (None, verification),
+        Some(_) => {
+            vm.devices()
+                .log_line(&format!("post-copy to {dest_name}: serving pages"));
+            let (stats, v) = serve_postcopy(vm, link, opts, &pending, progress).map_err(|e| {
+                tracing::error!(cause = %e, "post-copy incomplete: the VM stays paused on the source");
+                vm.devices().log_line(&format!(
+                    "post-copy to {dest_name} incomplete: {e}; paused here with all its memory"
+                ));
+                MigrateError::CommitUnknown(format!(
+                    "post-copy incomplete: VM paused on source, destination holds a partial VM ({e})"
+                ))
+            })?;
+            // Memory digests from PostcopyDone, vCPU digests from the switch.
+            let v = match (v, verification) {
+                (Some(m), Some(c)) => Some(Verification {
+                    source_vcpus: c.source_vcpus,
+                    dest_vcpus: c.dest_vcpus,
+                    vcpus_equal: c.vcpus_equal,
+                    dest_verify_ms: c.dest_verify_ms,
+                    ..m
+                }),
+                (m, c) => m.or(c),
+            };
+            (Some(stats), v)
+        }
+    };
     let _ = link.send(Kind::Released, &msg::Released {});
     let _ = vm.dirty().stop();
     let (entries1, full1) = vm.dirty().ring_counters();
     vm.devices().log_line(&format!("migrated to {dest_name}"));
-    let downtime = (t_run - t_pause).as_secs_f64() - rtt.as_secs_f64() / 2.0;
     tracing::info!(
         resume_us = running.resume_us,
         ready_verify_ms = ready.verify_ms,
@@ -318,7 +350,22 @@ fn run(
         ring_full_exits: full1 - full0,
         counter_at_pause,
         verification,
+        mode: if postcopy.is_some() {
+            "post-copy"
+        } else {
+            "pre-copy"
+        }
+        .into(),
+        postcopy_policy: opts.postcopy.to_string(),
+        decisions,
+        postcopy,
     })
+}
+
+/// How pre-copy ended.
+enum End {
+    StopAndCopy(String),
+    Postcopy(String),
 }
 
 /// Sends the last dirty pages, the log and the state with the vCPUs paused; waits for the
@@ -337,14 +384,23 @@ fn stop_and_copy(
     pending.extend(vm.dirty().harvest()?);
     pending.sort_unstable();
     pending.dedup();
-    progress(Progress {
-        phase: "stop-and-copy".into(),
+    progress(Progress::new(
+        "stop-and-copy",
         round,
-        sent: 0,
-        total: pending.len() as u64,
-        last: None,
-    });
-    let mut stats = send_pages(link, vm, pending, None, true, round, progress, cancel)?;
+        0,
+        pending.len() as u64,
+    ));
+    let mut stats = send_pages(
+        link,
+        vm,
+        pending,
+        None,
+        Kind::Pages,
+        true,
+        round,
+        progress,
+        cancel,
+    )?;
     vm.devices().log_line("paused for migration: stop-and-copy");
     send_file(link, out.dir, inventory::LOG)?;
     let machine = vm.save()?;
@@ -393,6 +449,361 @@ fn stop_and_copy(
     Ok((stats, ready, verification))
 }
 
+/// Switches to post-copy with the vCPUs paused: sends the stale-page bitmap, the log and the
+/// state, waits for Ready and checks the vCPU digest. `pending` becomes the stale set.
+fn postcopy_switch(
+    out: &Outgoing<'_>,
+    link: &mut Link,
+    opts: &MigrateOptions,
+    pending: &mut Vec<u64>,
+    round: u32,
+    why: &str,
+    progress: &dyn Fn(Progress),
+) -> Result<(RoundStats, msg::Ready, Option<Verification>), MigrateError> {
+    let vm = out.vm;
+    let t = Instant::now();
+    let before = link.writer.bytes_sent();
+    pending.extend(vm.dirty().harvest()?);
+    pending.sort_unstable();
+    pending.dedup();
+    let pages = vm.ram().pages();
+    let mut dirty = vec![0u64; pages.div_ceil(64) as usize];
+    for &p in pending.iter() {
+        dirty[(p / 64) as usize] |= 1 << (p % 64);
+    }
+    let mut ev = Progress::new("post-copy", round, 0, pending.len() as u64);
+    ev.remaining = pending.len() as u64;
+    ev.decision = Some(format!("switch to post-copy: {why}"));
+    progress(ev);
+    link.send(
+        Kind::Postcopy,
+        &msg::Postcopy {
+            dirty,
+            count: pending.len() as u64,
+            reason: why.into(),
+        },
+    )?;
+    vm.devices().log_line("paused for migration: post-copy");
+    send_file(link, out.dir, inventory::LOG)?;
+    let machine = vm.save()?;
+    let source_vcpus = machine.vcpu_digest();
+    link.send(
+        Kind::State,
+        &msg::State {
+            machine,
+            verify: opts.verify,
+        },
+    )?;
+    let ready: msg::Ready = link.recv()?.expect(Kind::Ready)?;
+    let stats = RoundStats {
+        round,
+        bytes: link.writer.bytes_sent() - before,
+        secs: t.elapsed().as_secs_f64(),
+        dirty_pages: pending.len() as u64,
+        decision: format!(
+            "post-copy: {} pages left to the destination's faults and the push",
+            pending.len()
+        ),
+        ..Default::default()
+    };
+    let verification = if opts.verify {
+        let Some(dv) = &ready.vcpu_digest else {
+            return Err(MigrateError::Verify(
+                "the destination sent no vCPU digest".into(),
+            ));
+        };
+        if &source_vcpus != dv {
+            return Err(MigrateError::Verify(format!(
+                "vCPUs {source_vcpus} vs {dv}"
+            )));
+        }
+        // Memory digests come at PostcopyDone.
+        Some(Verification {
+            vcpus_equal: true,
+            source_vcpus,
+            dest_vcpus: dv.clone(),
+            dest_verify_ms: ready.verify_ms,
+            ..Default::default()
+        })
+    } else {
+        None
+    };
+    Ok((stats, ready, verification))
+}
+
+/// Events of the post-copy reader thread.
+enum PcEvent {
+    Request(Vec<u64>),
+    Done(msg::PostcopyDone),
+    Failed(String),
+}
+
+/// Pages per background push frame: small, so a demand page never waits long behind one.
+const PUSH_PAGES: usize = 32;
+/// How long the source waits for the destination to finish post-copy without any frame.
+const POSTCOPY_IDLE: Duration = Duration::from_secs(60);
+
+/// Serves post-copy: answers page requests first, pushes every other stale page in the
+/// background (starting after the latest fault), until the destination's `PostcopyDone`.
+/// The VM stays paused throughout, so its memory is the final memory.
+fn serve_postcopy(
+    vm: &Vm,
+    link: &mut Link,
+    opts: &MigrateOptions,
+    stale: &[u64],
+    progress: &dyn Fn(Progress),
+) -> Result<(PostcopyStats, Option<Verification>), MigrateError> {
+    let t = Instant::now();
+    // The source digest over the paused memory, computed meanwhile.
+    let digest = opts.verify.then(|| {
+        let ram = vm.ram().clone();
+        std::thread::spawn(move || PageSum::of_ram(&ram, |_| true).map(|s| s.hex()))
+    });
+    let (tx, rx) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut reader = FrameReader::new(
+        link.writer.socket().try_clone()?,
+        IoPath::Plain,
+        Duration::from_millis(500),
+    )?;
+    let stop_r = stop.clone();
+    let reader_thread = std::thread::Builder::new()
+        .name("postcopy-requests".into())
+        .spawn(move || loop {
+            let f = match reader.read_frame() {
+                Ok(f) => f,
+                Err(RecvError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                    ) =>
+                {
+                    if stop_r.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    let _ = tx.send(PcEvent::Failed(e.to_string()));
+                    return;
+                }
+            };
+            let ev = match f
+                .verify()
+                .map_err(|e| e.to_string())
+                .and_then(|_| match f.header.kind {
+                    Kind::PageRequest => f
+                        .decode::<msg::PageRequest>()
+                        .map(|r| PcEvent::Request(r.pages))
+                        .map_err(|e| e.to_string()),
+                    Kind::PostcopyDone => f
+                        .decode::<msg::PostcopyDone>()
+                        .map(PcEvent::Done)
+                        .map_err(|e| e.to_string()),
+                    Kind::Abort | Kind::Error => Ok(PcEvent::Failed(
+                        f.decode::<msg::Abort>()
+                            .map(|a| a.reason)
+                            .unwrap_or_else(|e| e.to_string()),
+                    )),
+                    other => Err(format!("unexpected {other:?} frame during post-copy")),
+                }) {
+                Ok(ev) => ev,
+                Err(e) => PcEvent::Failed(e),
+            };
+            let last = !matches!(ev, PcEvent::Request(_));
+            if tx.send(ev).is_err() || last {
+                return;
+            }
+        })?;
+    let result = push_and_answer(vm, link, stale, &rx, progress);
+    stop.store(true, Ordering::SeqCst);
+    let _ = reader_thread.join();
+    let (mut stats, done) = result?;
+    stats.duration_ms = done.stats.duration_ms;
+    let source_sum = match digest {
+        Some(h) => Some(
+            h.join()
+                .map_err(|_| MigrateError::Verify("the digest thread panicked".into()))??,
+        ),
+        None => None,
+    };
+    let verification = match (source_sum, done.memory_digest) {
+        (Some(sm), Some(dm)) => {
+            let equal = sm == dm;
+            if !equal {
+                tracing::error!(source = %sm, dest = %dm, "post-copy memory digests differ");
+            }
+            Some(Verification {
+                memory_equal: equal,
+                source_memory: sm,
+                dest_memory: dm,
+                ..Default::default()
+            })
+        }
+        (Some(_), None) => {
+            tracing::error!("the destination sent no post-copy memory digest");
+            None
+        }
+        _ => None,
+    };
+    tracing::info!(
+        demand = stats.pages_demand,
+        pushed = stats.pages_pushed,
+        p50_us = stats.latency_p50_us,
+        p99_us = stats.latency_p99_us,
+        secs = t.elapsed().as_secs_f64(),
+        "post-copy complete"
+    );
+    Ok((stats, verification))
+}
+
+fn push_and_answer(
+    vm: &Vm,
+    link: &mut Link,
+    stale: &[u64],
+    rx: &mpsc::Receiver<PcEvent>,
+    progress: &dyn Fn(Progress),
+) -> Result<(PostcopyStats, msg::PostcopyDone), MigrateError> {
+    let no_cancel = Cancel::default();
+    let quiet = |_: Progress| {};
+    let mut sent = vec![false; stale.len()];
+    let mut unsent = stale.len();
+    let mut cursor = 0usize;
+    let mut demand: Vec<u64> = Vec::new();
+    let mut stats = PostcopyStats {
+        pages_missing: stale.len() as u64,
+        ..Default::default()
+    };
+    let mut last_progress = Instant::now();
+    let mut requests_at_progress = 0u64;
+    let mut last_frame = Instant::now();
+    let done = loop {
+        // Take every request that arrived; block only when nothing is left to push.
+        let mut next = if unsent == 0 && demand.is_empty() {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(ev) => Some(ev),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(MigrateError::Peer("the request reader ended".into()))
+                }
+            }
+        } else {
+            rx.try_recv().ok()
+        };
+        let mut finished = None;
+        while let Some(ev) = next.take() {
+            last_frame = Instant::now();
+            match ev {
+                PcEvent::Request(pages) => {
+                    stats.source_requested += pages.len() as u64;
+                    demand.extend(pages);
+                }
+                PcEvent::Done(d) => {
+                    finished = Some(d);
+                    break;
+                }
+                PcEvent::Failed(why) => return Err(MigrateError::Peer(why)),
+            }
+            next = rx.try_recv().ok();
+        }
+        if let Some(d) = finished {
+            break d;
+        }
+        if unsent == 0 && demand.is_empty() && last_frame.elapsed() > POSTCOPY_IDLE {
+            return Err(MigrateError::Peer(format!(
+                "no PostcopyDone {} s after the last page",
+                POSTCOPY_IDLE.as_secs()
+            )));
+        }
+        if !demand.is_empty() {
+            // Answer requests for stale pages not sent yet; others are on their way.
+            let mut answer = Vec::new();
+            for p in demand.drain(..) {
+                if let Ok(i) = stale.binary_search(&p) {
+                    if !sent[i] {
+                        sent[i] = true;
+                        unsent -= 1;
+                        answer.push(p);
+                        // Push on from just after the latest fault: locality.
+                        cursor = i + 1;
+                    }
+                }
+            }
+            if !answer.is_empty() {
+                send_pages(
+                    link,
+                    vm,
+                    &answer,
+                    None,
+                    Kind::DemandPages,
+                    true,
+                    0,
+                    &quiet,
+                    &no_cancel,
+                )?;
+                stats.source_demand_sent += answer.len() as u64;
+            }
+        } else if unsent > 0 {
+            let mut batch = Vec::with_capacity(PUSH_PAGES);
+            let mut scanned = 0;
+            while batch.len() < PUSH_PAGES && scanned < stale.len() {
+                if cursor >= stale.len() {
+                    cursor = 0;
+                }
+                if !sent[cursor] {
+                    sent[cursor] = true;
+                    unsent -= 1;
+                    batch.push(stale[cursor]);
+                }
+                cursor += 1;
+                scanned += 1;
+            }
+            send_pages(
+                link,
+                vm,
+                &batch,
+                None,
+                Kind::Pages,
+                true,
+                0,
+                &quiet,
+                &no_cancel,
+            )?;
+            stats.source_pushed += batch.len() as u64;
+        }
+        if last_progress.elapsed() > Duration::from_millis(200) {
+            let dt = last_progress.elapsed().as_secs_f64();
+            last_progress = Instant::now();
+            let mut ev = Progress::new(
+                "post-copy",
+                0,
+                (stale.len() - unsent) as u64,
+                stale.len() as u64,
+            );
+            ev.remaining = unsent as u64;
+            ev.faults_per_s = (stats.source_requested - requests_at_progress) as f64 / dt;
+            requests_at_progress = stats.source_requested;
+            progress(ev);
+        }
+    };
+    let d = &done.stats;
+    let src = (
+        stats.source_requested,
+        stats.source_demand_sent,
+        stats.source_pushed,
+    );
+    stats = d.clone();
+    (
+        stats.source_requested,
+        stats.source_demand_sent,
+        stats.source_pushed,
+    ) = src;
+    let mut ev = Progress::new("post-copy", 0, stale.len() as u64, stale.len() as u64);
+    ev.decision = Some("post-copy complete".into());
+    progress(ev);
+    Ok((stats, done))
+}
+
 /// Sends the given pages in frames of up to 256, straight from guest memory. `populated`
 /// (round 1) marks pages never touched in the host, which are zero without reading them.
 #[allow(clippy::too_many_arguments)]
@@ -401,6 +812,7 @@ fn send_pages(
     vm: &Vm,
     list: &[u64],
     populated: Option<&[bool]>,
+    kind: Kind,
     paused: bool,
     round: u32,
     progress: &dyn Fn(Progress),
@@ -432,7 +844,7 @@ fn send_pages(
         pages::encode(&entries, &mut meta);
         let data_len = ptrs.len() * PAGE_SIZE as usize;
         let mut header = Header {
-            kind: Kind::Pages,
+            kind,
             flags: if paused { wire::DATA_CRC } else { 0 },
             payload_len: (meta.len() + data_len) as u32,
             meta_len: meta.len() as u32,
@@ -462,13 +874,12 @@ fn send_pages(
         stats.zero_pages += (chunk.len() - ptrs.len()) as u64;
         if last_progress.elapsed() > Duration::from_millis(100) {
             last_progress = Instant::now();
-            progress(Progress {
-                phase: if paused { "stop-and-copy" } else { "pre-copy" }.into(),
+            progress(Progress::new(
+                if paused { "stop-and-copy" } else { "pre-copy" },
                 round,
-                sent: stats.pages,
-                total: list.len() as u64,
-                last: None,
-            });
+                stats.pages,
+                list.len() as u64,
+            ));
         }
     }
     link.writer.flush()?;

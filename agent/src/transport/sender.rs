@@ -19,7 +19,7 @@ struct InFlight {
 }
 
 enum Path {
-    Uring(IoUring),
+    Uring(Box<IoUring>),
     Plain,
 }
 
@@ -46,9 +46,9 @@ impl FrameWriter {
     pub fn new(sock: TcpStream, path: IoPath, bandwidth: Option<f64>) -> std::io::Result<Self> {
         let path = match path {
             IoPath::Plain => Path::Plain,
-            IoPath::Uring => Path::Uring(IoUring::new(8)?),
+            IoPath::Uring => Path::Uring(Box::new(IoUring::new(8)?)),
             IoPath::Auto => match IoUring::new(8) {
-                Ok(r) => Path::Uring(r),
+                Ok(r) => Path::Uring(Box::new(r)),
                 Err(e) => {
                     tracing::warn!(cause = %e, "io_uring unavailable, sending with plain writev");
                     Path::Plain

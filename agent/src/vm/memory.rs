@@ -42,7 +42,7 @@ impl GuestRam {
     /// Maps `size` bytes of guest memory.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
         use crate::guest::layout::{MAX_MEMORY, MIN_MEMORY};
-        if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) || size % (2 << 20) != 0 {
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) || !size.is_multiple_of(2 << 20) {
             return Err(MemoryError::BadSize(size));
         }
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
@@ -177,6 +177,49 @@ impl GuestRam {
             h.update(&page);
         }
         Ok(h.finalize().to_hex().to_string())
+    }
+
+    /// Drops the given pages (`MADV_DONTNEED`): they become missing (read as zero, or fault
+    /// to userfaultfd once registered). `pages` must be ascending; runs are dropped together.
+    pub fn discard_pages(&self, pages: &[u64]) -> Result<(), MemoryError> {
+        let mut i = 0;
+        while i < pages.len() {
+            let first = pages[i];
+            if first >= self.pages() {
+                return Err(MemoryError::OutOfRange {
+                    addr: first.saturating_mul(PAGE_SIZE),
+                    len: PAGE_SIZE as usize,
+                });
+            }
+            let mut n = 1;
+            while i + n < pages.len() && pages[i + n] == first + n as u64 {
+                n += 1;
+            }
+            if first + n as u64 > self.pages() {
+                return Err(MemoryError::OutOfRange {
+                    addr: first * PAGE_SIZE,
+                    len: n * PAGE_SIZE as usize,
+                });
+            }
+            // SAFETY: the range is whole pages inside the live guest mapping (checked above);
+            // MADV_DONTNEED on private anonymous memory only drops content, which callers
+            // want: no Rust reference into guest memory exists (all access is by copy).
+            let r = unsafe {
+                libc::madvise(
+                    self.page_ptr(first).cast(),
+                    n * PAGE_SIZE as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if r != 0 {
+                return Err(MemoryError::Map(format!(
+                    "madvise(MADV_DONTNEED): {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            i += n;
+        }
+        Ok(())
     }
 
     /// The `vm-memory` view, for the KVM memory slot.

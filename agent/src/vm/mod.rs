@@ -7,7 +7,7 @@ pub mod state;
 pub mod vcpu;
 
 use std::io::Write;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -82,10 +82,12 @@ impl VmSpec {
         let dirty = self
             .programs
             .iter()
-            .filter(|p| **p == Program::Dirty)
+            .filter(|p| p.uses_working_set())
             .count() as u64;
         if dirty > 0 {
-            if self.dirty_bytes < layout::PAGE_SIZE || self.dirty_bytes % layout::PAGE_SIZE != 0 {
+            if self.dirty_bytes < layout::PAGE_SIZE
+                || !self.dirty_bytes.is_multiple_of(layout::PAGE_SIZE)
+            {
                 return Err(VmError::Invalid(format!(
                     "dirty working set {} bytes is not a positive number of pages",
                     self.dirty_bytes
@@ -133,6 +135,10 @@ pub struct Vm {
     dirty: Arc<DirtyLog>,
     vcpus: Vec<Vcpu>,
     msr_list: Vec<u32>,
+    /// Auto-converge throttle, percent (shared with the vCPU threads).
+    throttle: Arc<AtomicU32>,
+    /// Whether the throttle's kick timer thread runs.
+    kicker: Arc<AtomicBool>,
 }
 
 impl Vm {
@@ -162,6 +168,7 @@ impl Vm {
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
         let mut msr_list = Vec::new();
+        let throttle = Arc::new(AtomicU32::new(0));
         for i in 0..spec.programs.len() as u32 {
             let fd = vm_fd
                 .create_vcpu(i as u64)
@@ -176,6 +183,7 @@ impl Vm {
                 devices: devices.clone(),
                 dirty: dirty.clone(),
                 dirty_rate: spec.dirty_rate,
+                throttle: throttle.clone(),
             };
             vcpus.push(Vcpu::spawn(i, fd, env, name).map_err(VmError::Thread)?);
         }
@@ -187,7 +195,42 @@ impl Vm {
             dirty,
             vcpus,
             msr_list,
+            throttle,
+            kicker: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Sets the auto-converge throttle: each vCPU sleeps `percent` % of the time (0 to 99).
+    /// While it is non-zero a timer kicks the vCPUs out of `KVM_RUN` every 10 ms so that a
+    /// guest that rarely exits is throttled too.
+    pub fn set_throttle(&self, percent: u32) {
+        let percent = percent.min(99);
+        self.throttle.store(percent, Ordering::SeqCst);
+        if percent == 0 || self.kicker.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let shared: Vec<_> = self.vcpus.iter().map(|v| v.shared.clone()).collect();
+        let throttle = self.throttle.clone();
+        let kicker = self.kicker.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .spawn(move || {
+                while throttle.load(Ordering::SeqCst) > 0 {
+                    std::thread::sleep(Duration::from_millis(10));
+                    for s in &shared {
+                        vcpu::kick_if_running(s);
+                    }
+                }
+                kicker.store(false, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            self.kicker.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// The auto-converge throttle, percent.
+    pub fn throttle(&self) -> u32 {
+        self.throttle.load(Ordering::SeqCst)
     }
 
     /// Loads page tables, programs and parameters, and points every vCPU at its program.
@@ -202,14 +245,14 @@ impl Vm {
             let params = layout::params(i);
             let w = |off: u8, v: u64| self.ram.write_u64(params + off as u64, v);
             w(0, 0x564d_4947_5041_5241)?; // "ARAPGIMV": marks a parameter page.
-            if *p == Program::Dirty {
+            if p.uses_working_set() {
                 let pages = self.spec.dirty_bytes / layout::PAGE_SIZE;
                 w(
                     param::WS_BASE,
                     layout::WORKING_SETS + dirty_index * self.spec.dirty_bytes,
                 )?;
                 w(param::WS_PAGES, pages)?;
-                let batch = if self.spec.dirty_rate == 0 {
+                let batch = if self.spec.dirty_rate == 0 || *p == Program::Fill {
                     pages
                 } else {
                     (self.spec.dirty_rate / 100).clamp(1, pages)
@@ -374,6 +417,7 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        self.throttle.store(0, Ordering::SeqCst);
         for v in &mut self.vcpus {
             v.stop();
         }
@@ -537,5 +581,45 @@ mod tests {
     #[test]
     fn dirty_bitmap_reports_exactly_the_written_pages() {
         dirty_log_reports_exactly_the_written_pages(DirtyTracking::Bitmap);
+    }
+}
+
+#[cfg(test)]
+mod ring_wrap {
+    use super::*;
+
+    /// Between two harvests 600 ms apart a flat-out `dirty` vCPU pushes far more entries
+    /// than its ring holds; the background harvester must keep the ring from overflowing, so
+    /// every harvest still reports the whole working set (see `dirty::HARVEST_INTERVAL`).
+    #[test]
+    fn dirty_ring_keeps_reporting_across_many_wraps() {
+        let s = VmSpec {
+            memory: 64 << 20,
+            programs: vec![Program::Dirty],
+            dirty_bytes: 16 << 20,
+            dirty_rate: 0,
+            dirty_tracking: DirtyTracking::Ring,
+        };
+        let vm = Vm::create(&s, "w", Box::new(std::io::sink())).unwrap();
+        vm.boot("w").unwrap();
+        vm.dirty().start().unwrap();
+        vm.resume();
+        for i in 0..5 {
+            let before = vm.stats().dirty_pages_written;
+            std::thread::sleep(Duration::from_millis(600));
+            let written = vm.stats().dirty_pages_written - before;
+            let got = vm.dirty().harvest().unwrap();
+            let (entries, _) = vm.dirty().ring_counters();
+            assert!(
+                got.len() >= 4096,
+                "harvest {i}: {} pages after {written} writes ({entries} ring entries so far)",
+                got.len()
+            );
+        }
+        assert!(
+            vm.dirty().ring_counters().0 > 4 * 65536,
+            "the ring wrapped several times"
+        );
+        vm.dirty().stop().unwrap();
     }
 }

@@ -1,6 +1,6 @@
 //! vCPU threads: each vCPU runs `KVM_RUN` on its own thread and parks at a gate when paused.
 
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -48,6 +48,20 @@ pub struct VcpuShared {
     pub tid: AtomicI32,
     /// `KVM_RUN` exits handled.
     pub exits: AtomicU64,
+    /// `pthread_self()` of the vCPU thread (0 until it started), for throttle kicks.
+    pthread: AtomicU64,
+}
+
+/// Kicks vCPU `s` out of `KVM_RUN` if it is running (the throttle's timer uses this so a
+/// guest that rarely exits still honours its duty cycle).
+pub fn kick_if_running(s: &VcpuShared) {
+    let c = s.ctl.lock().expect("vcpu ctl");
+    let t = s.pthread.load(Ordering::Relaxed);
+    if c.phase == Phase::Running && t != 0 {
+        // SAFETY: the thread is alive: it sets its phase to Exited under this lock before
+        // it returns, and we hold the lock and saw it Running.
+        unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
+    }
 }
 
 /// One vCPU and its thread.
@@ -71,6 +85,8 @@ pub struct VcpuEnv {
     pub dirty: Arc<DirtyLog>,
     /// Pages per second the `dirty` program may write on this vCPU (0: flat out).
     pub dirty_rate: u64,
+    /// Auto-converge throttle, percent of each interval the vCPU sleeps (0: none).
+    pub throttle: Arc<AtomicU32>,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -95,6 +111,7 @@ impl Vcpu {
             fd: Mutex::new(fd),
             tid: AtomicI32::new(0),
             exits: AtomicU64::new(0),
+            pthread: AtomicU64::new(0),
         });
         kick_signal();
         let s = shared.clone();
@@ -213,12 +230,18 @@ fn gettid() -> i32 {
 /// The vCPU thread.
 fn run(index: u32, s: &VcpuShared, env: &VcpuEnv) {
     s.tid.store(gettid(), Ordering::Relaxed);
+    // SAFETY: pthread_self has no arguments and cannot fail.
+    s.pthread
+        .store(unsafe { libc::pthread_self() } as u64, Ordering::Relaxed);
+    // Start of the current run slice, for the throttle's duty cycle.
+    let mut slice = Instant::now();
     let mut pacer = Pacer {
         rate: env.dirty_rate,
         start: Instant::now(),
         pages: 0,
     };
     let mut wait: Option<Duration> = None;
+    let mut wait_done = false;
     loop {
         // The gate: park while paused; leave when stopped; sleep through HLT or pacing.
         {
@@ -227,6 +250,7 @@ fn run(index: u32, s: &VcpuShared, env: &VcpuEnv) {
                 if c.want == Want::Run {
                     c = s.cv.wait_timeout(c, d).expect("vcpu ctl").0;
                 }
+                wait_done = true;
             }
             while c.want == Want::Pause {
                 if c.phase != Phase::Paused {
@@ -244,7 +268,12 @@ fn run(index: u32, s: &VcpuShared, env: &VcpuEnv) {
                 c.phase = Phase::Running;
                 pacer.start = Instant::now();
                 pacer.pages = 0;
+                wait_done = true;
             }
+        }
+        if wait_done {
+            slice = Instant::now();
+            wait_done = false;
         }
         let mut fd = s.fd.lock().expect("vcpu fd");
         let exit = fd.run();
@@ -274,6 +303,18 @@ fn run(index: u32, s: &VcpuShared, env: &VcpuEnv) {
             Err(e) => Some(format!("KVM_RUN failed: {e}")),
         };
         drop(fd);
+        // Auto-converge: after running `ran`, sleep so that sleep / (run + sleep) = p %.
+        let p = env.throttle.load(Ordering::Relaxed).min(99);
+        if p > 0 {
+            let ran = slice.elapsed();
+            if ran >= Duration::from_millis(2) {
+                let nap = ran.mul_f64(p as f64 / (100 - p) as f64);
+                let nap = nap.min(Duration::from_secs(1));
+                wait = Some(wait.map_or(nap, |w| w.max(nap)));
+            }
+        } else if wait.is_none() {
+            slice = Instant::now();
+        }
         if let Some(why) = failure {
             tracing::error!(vcpu = index, %why, "vCPU stopped");
             env.devices

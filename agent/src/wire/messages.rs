@@ -110,3 +110,32 @@ pub struct Abort {
 /// Source → destination: released.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Released {}
+
+/// Source → destination: switch to post-copy. The vCPUs are paused on the source; `State`
+/// follows. Pages whose bit is set in `dirty` changed since they were sent (or were never
+/// sent): the destination must drop its copy and fetch them on demand or wait for the push.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Postcopy {
+    /// Bitmap of stale pages, one bit per guest page (LSB first), `ceil(pages / 64)` words.
+    pub dirty: Vec<u64>,
+    /// Pages the bitmap marks.
+    pub count: u64,
+    /// Why the source switched (for the destination's log).
+    pub reason: String,
+}
+
+/// Destination → source: pages a vCPU is waiting for (highest priority).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PageRequest {
+    /// Page indices.
+    pub pages: Vec<u64>,
+}
+
+/// Destination → source: every page is present; post-copy is over.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PostcopyDone {
+    /// Fault and placement statistics of the destination.
+    pub stats: crate::migrate::report::PostcopyStats,
+    /// Post-copy memory digest (see `migrate::digest`), when the source asked to verify.
+    pub memory_digest: Option<String>,
+}

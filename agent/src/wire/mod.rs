@@ -17,6 +17,20 @@
 //! ```
 //! Either side may send `Abort`/`Error` instead; until `Go` the source owns the VM.
 //!
+//! Post-copy (the controller's switch, or `--postcopy always`) replaces the last dirty pages:
+//! ```text
+//!   ... vCPUs paused ...
+//!   Postcopy{dirty bitmap}  State   ───►     drops the stale pages, registers userfaultfd
+//!                                   ◄───   Ready{vCPU digest}
+//!   Go                              ───►     registers the VM, runs its vCPUs
+//!                                   ◄───   Running
+//!                                   ◄───   PageRequest{pages}*   (vCPU faults)
+//!   DemandPages* (answers)  Pages* (background push)  ───►   placed with UFFDIO_COPY
+//!                                   ◄───   PostcopyDone{fault stats, digest}
+//!   Released                        ───►
+//! ```
+//! Until `PostcopyDone` the source keeps the VM paused with all of its memory.
+//!
 //! Every frame is a 24-byte little-endian header followed by `payload_len` bytes:
 //! `meta_len` bytes of metadata (a page table, or a bincode-encoded message), then data (page
 //! contents, file bytes). The CRC-32 covers the header (CRC field zero) and the metadata, and
@@ -78,14 +92,39 @@ pub enum Kind {
     Error = 14,
     /// Source released the VM.
     Released = 15,
+    /// Source switches to post-copy: the pages the destination must not trust.
+    Postcopy = 16,
+    /// Destination asks for pages a vCPU faulted on.
+    PageRequest = 17,
+    /// Guest pages answering a `PageRequest` (same layout as `Pages`).
+    DemandPages = 18,
+    /// Destination holds every page: post-copy is over.
+    PostcopyDone = 19,
 }
 
 impl Kind {
     fn from_u16(v: u16) -> Option<Kind> {
         use Kind::*;
         [
-            Hello, Welcome, Reserve, Reserved, Refused, Pages, RoundEnd, FileChunk, State, Ready,
-            Go, Running, Abort, Error, Released,
+            Hello,
+            Welcome,
+            Reserve,
+            Reserved,
+            Refused,
+            Pages,
+            RoundEnd,
+            FileChunk,
+            State,
+            Ready,
+            Go,
+            Running,
+            Abort,
+            Error,
+            Released,
+            Postcopy,
+            PageRequest,
+            DemandPages,
+            PostcopyDone,
         ]
         .into_iter()
         .find(|k| *k as u16 == v)
@@ -317,6 +356,7 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Go => "Go",
         Kind::Hello => "Hello",
         Kind::Reserve => "Reserve",
+        Kind::PostcopyDone => "PostcopyDone",
         _ => "another frame",
     }
 }
