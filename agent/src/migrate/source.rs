@@ -401,17 +401,7 @@ fn stop_and_copy(
         progress,
         cancel,
     )?;
-    vm.devices().log_line("paused for migration: stop-and-copy");
-    send_file(link, out.dir, inventory::LOG)?;
-    let machine = vm.save()?;
-    let source_vcpus = machine.vcpu_digest();
-    link.send(
-        Kind::State,
-        &msg::State {
-            machine,
-            verify: opts.verify,
-        },
-    )?;
+    let source_vcpus = send_state(out, link, opts, "stop-and-copy")?;
     stats.secs = t.elapsed().as_secs_f64();
     stats.bandwidth = stats.bytes as f64 / stats.secs;
     let source_memory = if opts.verify {
@@ -483,17 +473,7 @@ fn postcopy_switch(
             reason: why.into(),
         },
     )?;
-    vm.devices().log_line("paused for migration: post-copy");
-    send_file(link, out.dir, inventory::LOG)?;
-    let machine = vm.save()?;
-    let source_vcpus = machine.vcpu_digest();
-    link.send(
-        Kind::State,
-        &msg::State {
-            machine,
-            verify: opts.verify,
-        },
-    )?;
+    let source_vcpus = send_state(out, link, opts, "post-copy")?;
     let ready: msg::Ready = link.recv()?.expect(Kind::Ready)?;
     let stats = RoundStats {
         round,
@@ -930,4 +910,28 @@ fn send_chunk(
     f.extend_from_slice(&meta);
     f.extend_from_slice(chunk);
     Ok(link.writer.send_bytes(f)?)
+}
+
+/// With the vCPUs paused: notes the pause in the VM log, sends the log and the vCPU and device
+/// state; returns the digest of the vCPU state sent.
+fn send_state(
+    out: &Outgoing<'_>,
+    link: &mut Link,
+    opts: &MigrateOptions,
+    phase: &str,
+) -> Result<String, MigrateError> {
+    out.vm
+        .devices()
+        .log_line(&format!("paused for migration: {phase}"));
+    send_file(link, out.dir, inventory::LOG)?;
+    let machine = out.vm.save()?;
+    let digest = machine.vcpu_digest();
+    link.send(
+        Kind::State,
+        &msg::State {
+            machine,
+            verify: opts.verify,
+        },
+    )?;
+    Ok(digest)
 }
