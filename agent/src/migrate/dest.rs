@@ -399,15 +399,17 @@ fn run_postcopy(
         );
         let result = (|| -> Result<msg::PostcopyDone, MigrateError> {
             commit(inv, reservation, def, vm.clone())?;
-            vm.resume();
+            // Running is queued before the vCPUs start: their first fault queues a page
+            // request behind it, and the source reads Running first (the writer keeps order).
             let resume_us = t_go.elapsed().as_micros() as u64;
-            vm.devices().log_line(&format!(
-                "migrated in from {source} (post-copy): running on {agent}"
-            ));
             let _ = tx.send(Out::Frame(wire::control_frame(
                 Kind::Running,
                 &msg::Running { resume_us },
             )));
+            vm.resume();
+            vm.devices().log_line(&format!(
+                "migrated in from {source} (post-copy): running on {agent}"
+            ));
             let t_run = Instant::now();
             let mut placed = PageSum::default();
             while mem.remaining() > 0 {

@@ -140,6 +140,64 @@ fn busy_opts(bandwidth: f64) -> MigrateOptions {
 }
 
 #[test]
+fn auto_switches_to_postcopy_when_the_guest_outruns_the_link() {
+    let _serial = serial();
+    let p = pair("hot", 64, &["counter", "dirty"], 16);
+    let opts = MigrateOptions {
+        postcopy: PostcopyPolicy::Auto,
+        ..busy_opts(10.0)
+    };
+    let (r, phases) = migrate(&p, "hot", &opts);
+    let report = r.unwrap();
+    print(&report);
+    eprintln!("phases: {phases:?}");
+    assert_eq!(report.mode, "post-copy");
+    assert!(report.stop_reason.contains("threshold") || report.stop_reason.contains("shrink"));
+    assert!(report.rounds.len() >= 3, "min rounds before the switch");
+    assert!(report
+        .decisions
+        .iter()
+        .any(|d| d.contains("switch to post-copy")));
+    let v = report.verification.clone().unwrap();
+    assert!(v.memory_equal, "{} vs {}", v.source_memory, v.dest_memory);
+    assert!(v.vcpus_equal);
+    let pc = report.postcopy.clone().unwrap();
+    assert_eq!(pc.pages_demand + pc.pages_pushed, pc.pages_missing);
+    assert!(phases.iter().any(|ph| ph.starts_with("post-copy")));
+    runs_on_destination(&p, "hot", &report);
+}
+
+#[test]
+fn always_runs_one_round_then_postcopy_with_demand_faults() {
+    let _serial = serial();
+    let p = pair("always", 64, &["counter", "dirty"], 16);
+    let opts = MigrateOptions {
+        postcopy: PostcopyPolicy::Always,
+        ..busy_opts(20.0)
+    };
+    let (r, _) = migrate(&p, "always", &opts);
+    let report = r.unwrap();
+    print(&report);
+    assert_eq!(report.mode, "post-copy");
+    // One pre-copy round, then the switch pass.
+    assert_eq!(report.rounds.len(), 2);
+    assert!(report.stop_reason.contains("always"));
+    let v = report.verification.clone().unwrap();
+    assert!(v.memory_equal, "{} vs {}", v.source_memory, v.dest_memory);
+    let pc = report.postcopy.clone().unwrap();
+    // The dirty vCPU faults on its working set. Whether a faulting page is then counted as
+    // demanded or pushed depends on which answer lands first (the background push races the
+    // request), so the faults and their latencies are what is certain.
+    assert!(pc.faults > 0, "the dirty vCPU faults on its working set");
+    assert!(pc.requests > 0, "faults turned into page requests");
+    assert!(
+        pc.latency_count > 0 && pc.latency_p50_us > 0 && pc.latency_p99_us >= pc.latency_p50_us
+    );
+    assert_eq!(pc.pages_demand + pc.pages_pushed, pc.pages_missing);
+    runs_on_destination(&p, "always", &report);
+}
+
+#[test]
 fn never_with_throttle_converges_by_slowing_the_guest() {
     let _serial = serial();
     let p = pair("throttled", 64, &["counter", "dirty"], 16);
