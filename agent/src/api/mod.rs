@@ -57,6 +57,17 @@ pub enum Request {
         /// Knobs.
         opts: MigrateOptions,
     },
+    /// Finish a post-copy migration out that lost its connection (progress, then the report).
+    Resume {
+        /// VM.
+        name: String,
+    },
+    /// Give up a post-copy migration out that lost its connection: run the VM here again
+    /// from the switch point (the destination must be known lost).
+    Rollback {
+        /// VM.
+        name: String,
+    },
     /// Cancel a migration in progress.
     Cancel {
         /// VM.

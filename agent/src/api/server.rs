@@ -65,6 +65,9 @@ struct Agent {
     inv: Arc<Inventory>,
     hosts: HashMap<String, String>,
     migrations: Mutex<HashMap<String, Arc<Cancel>>>,
+    /// Post-copy migrations out that lost their connection: the VM is paused here with its
+    /// memory until `migrate --resume` (or `--rollback`).
+    parked: Mutex<HashMap<String, Box<migrate::source::Parked>>>,
 }
 
 /// Reads a hosts file: `hostB = "127.0.0.1:7402"` lines (TOML).
@@ -123,6 +126,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         inv,
         hosts,
         migrations: Mutex::new(HashMap::new()),
+        parked: Mutex::new(HashMap::new()),
     });
     loop {
         tokio::select! {
@@ -187,7 +191,11 @@ async fn control(agent: Arc<Agent>, s: UnixStream) {
         }
     };
     if let Request::Migrate { name, dest, opts } = req {
-        migrate_out(agent, name, dest, opts, lines, w).await;
+        migrate_out(agent, name, Job::Migrate { dest, opts }, lines, w).await;
+        return;
+    }
+    if let Request::Resume { name } = req {
+        migrate_out(agent, name, Job::Resume, lines, w).await;
         return;
     }
     let a = agent.clone();
@@ -255,7 +263,37 @@ fn handle(agent: &Agent, req: Request) -> Reply {
                 None => Reply::Error(format!("no migration of {name:?} in progress")),
             }
         }
-        Request::Migrate { .. } => unreachable!("handled by migrate_out"),
+        Request::Rollback { name } => {
+            let Some(parked) = agent.parked.lock().expect("parked").remove(&name) else {
+                return Reply::Error(format!(
+                    "no interrupted post-copy of {name:?} here: nothing to roll back"
+                ));
+            };
+            return match inv.running(&name) {
+                Ok((def, vm)) => {
+                    let dir = inv.dir(&name);
+                    let out = migrate::source::Outgoing {
+                        vm: &vm,
+                        def: &def,
+                        dir: &dir,
+                        agent: &agent.cfg.name,
+                    };
+                    let dest = parked.dest_name().to_string();
+                    migrate::source::rollback(&out, parked);
+                    inv.end_migration(&name, false);
+                    ok(format!(
+                        "{name} runs here again from the post-copy switch point; what it did on {dest} since is lost"
+                    ))
+                }
+                Err(e) => {
+                    agent.parked.lock().expect("parked").insert(name, parked);
+                    Reply::Error(e.to_string())
+                }
+            };
+        }
+        Request::Migrate { .. } | Request::Resume { .. } => {
+            unreachable!("handled by migrate_out")
+        }
     };
     r.unwrap_or_else(|e| Reply::Error(e.to_string()))
 }
@@ -271,25 +309,43 @@ fn resolve(agent: &Agent, dest: &str) -> Result<SocketAddr, String> {
         })
 }
 
+/// A migration out to run: a new one, or the resumption of an interrupted post-copy.
+enum Job {
+    Migrate { dest: String, opts: MigrateOptions },
+    Resume,
+}
+
 async fn migrate_out(
     agent: Arc<Agent>,
     name: String,
-    dest: String,
-    opts: MigrateOptions,
+    job: Job,
     mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
     mut w: tokio::net::unix::OwnedWriteHalf,
 ) {
-    let addr = match resolve(&agent, &dest) {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = send(&mut w, &Reply::Error(e)).await;
-            return;
-        }
+    // What the worker runs: a fresh migration (with the destination's address), or a parked
+    // post-copy.
+    let start = match job {
+        Job::Migrate { dest, opts } => resolve(&agent, &dest).and_then(|addr| {
+            agent
+                .inv
+                .begin_migration(&name)
+                .map_err(|e| e.to_string())
+                .map(|(def, vm)| (def, vm, Ok((addr, dest, opts))))
+        }),
+        Job::Resume => match agent.parked.lock().expect("parked").remove(&name) {
+            None => Err(format!(
+                "no interrupted post-copy of {name:?} here: nothing to resume"
+            )),
+            Some(parked) => match agent.inv.running(&name) {
+                Ok((def, vm)) => Ok((def, vm, Err(parked))),
+                Err(e) => Err(e.to_string()),
+            },
+        },
     };
-    let (def, vm) = match agent.inv.begin_migration(&name) {
+    let (def, vm, job) = match start {
         Ok(x) => x,
         Err(e) => {
-            let _ = send(&mut w, &Reply::Error(e.to_string())).await;
+            let _ = send(&mut w, &Reply::Error(e)).await;
             return;
         }
     };
@@ -315,13 +371,27 @@ async fn migrate_out(
         let progress = move |p| {
             let _ = ptx.send(Reply::Progress(p));
         };
-        let result = migrate::source::migrate(&out, addr, &dest, &opts, &c, &progress);
+        let result = match job {
+            Ok((addr, dest, opts)) => {
+                migrate::source::migrate(&out, addr, &dest, &opts, &c, &progress)
+            }
+            Err(parked) => migrate::source::resume(&out, parked, &progress),
+        };
         drop(vm);
         let reply = match result {
             Ok(report) => {
                 a.inv.end_migration(&n, true);
                 info!(vm = %n, downtime_ms = report.downtime_ms, total_ms = report.total_ms, "migrated");
                 Reply::Report(Box::new(report))
+            }
+            Err(e @ migrate::MigrateError::PostcopyInterrupted { .. }) => {
+                let why = e.to_string();
+                warn!(vm = %n, cause = %why, "post-copy parked");
+                if let migrate::MigrateError::PostcopyInterrupted { parked, .. } = e {
+                    // The VM stays paused and migrating here until resumed or rolled back.
+                    a.parked.lock().expect("parked").insert(n.clone(), parked);
+                }
+                Reply::Error(why)
             }
             Err(e) => {
                 let unknown = matches!(e, migrate::MigrateError::CommitUnknown(_));

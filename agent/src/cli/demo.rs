@@ -164,7 +164,17 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         verify: true,
         ..Default::default()
     };
-    let report = super::run_migration(&sa, "vm1", "hostB", opts, !a.json).await?;
+    let report = super::run_migration(
+        &sa,
+        "vm1",
+        Request::Migrate {
+            name: "vm1".into(),
+            dest: "hostB".into(),
+            opts,
+        },
+        !a.json,
+    )
+    .await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -133,11 +133,23 @@ struct MigrateArgs {
     /// VM to move.
     name: String,
     /// Destination host (a name from the hosts file, or ADDR:PORT).
-    #[arg(required_unless_present_any = ["cancel"])]
+    #[arg(required_unless_present_any = ["cancel", "resume", "rollback"])]
     dest: Option<String>,
     /// Cancel the migration of NAME in progress.
     #[arg(long)]
     cancel: bool,
+    /// Finish the interrupted post-copy migration of NAME (it lost its connection): reconnect
+    /// to its destination and send the pages it still lacks.
+    #[arg(long, conflicts_with_all = ["cancel", "rollback", "dest"])]
+    resume: bool,
+    /// Give up the interrupted post-copy migration of NAME and run it here again from the
+    /// switch point. Only when the destination is lost for good: what the VM did there is lost.
+    #[arg(long, conflicts_with_all = ["cancel", "resume", "dest"])]
+    rollback: bool,
+    /// Seconds to keep reconnecting when the connection drops during post-copy, before the
+    /// migration is parked for --resume (0: park at once).
+    #[arg(long, default_value_t = 30)]
+    resume_window: u64,
     /// Largest acceptable downtime, ms.
     #[arg(long, default_value_t = 50.0)]
     max_downtime: f64,
@@ -406,7 +418,33 @@ async fn migrate(agent: Option<PathBuf>, host: Option<String>, m: MigrateArgs) -
         println!("{}", v.as_str().unwrap_or("cancelling"));
         return Ok(());
     }
-    let opts = MigrateOptions {
+    if m.rollback {
+        let v = expect_ok(&a, Request::Rollback { name: m.name }).await?;
+        println!("{}", v.as_str().unwrap_or("rolled back"));
+        return Ok(());
+    }
+    let req = if m.resume {
+        Request::Resume {
+            name: m.name.clone(),
+        }
+    } else {
+        Request::Migrate {
+            name: m.name.clone(),
+            dest: m.dest.clone().unwrap_or_default(),
+            opts: migrate_options(&m),
+        }
+    };
+    let report = run_migration(&a, &m.name, req, !m.json).await?;
+    if m.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(())
+}
+
+fn migrate_options(m: &MigrateArgs) -> MigrateOptions {
+    MigrateOptions {
         max_downtime_ms: m.max_downtime,
         max_rounds: m.max_rounds,
         bandwidth_mibs: m.bandwidth,
@@ -419,40 +457,14 @@ async fn migrate(agent: Option<PathBuf>, host: Option<String>, m: MigrateArgs) -
         on_no_converge: m.on_no_converge,
         converge_threshold: m.converge_threshold,
         min_rounds: m.min_rounds,
-    };
-    let report = run_migration(
-        &a,
-        &m.name,
-        m.dest.as_deref().unwrap_or_default(),
-        opts,
-        !m.json,
-    )
-    .await?;
-    if m.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", report.render());
+        resume_window_s: m.resume_window,
     }
-    Ok(())
 }
 
-/// Runs a migration through the agent at `a`, with a progress bar, cancelling on Ctrl-C.
-pub async fn run_migration(
-    a: &Path,
-    name: &str,
-    dest: &str,
-    opts: MigrateOptions,
-    bar: bool,
-) -> Result<Report> {
-    let mut c = Call::start(
-        a,
-        &Request::Migrate {
-            name: name.into(),
-            dest: dest.into(),
-            opts,
-        },
-    )
-    .await?;
+/// Runs a migration (`Migrate` or `Resume` request) through the agent at `a`, with a progress
+/// bar, cancelling on Ctrl-C.
+pub async fn run_migration(a: &Path, name: &str, req: Request, bar: bool) -> Result<Report> {
+    let mut c = Call::start(a, &req).await?;
     let pb = if bar {
         ProgressBar::new(0)
     } else {

@@ -1,13 +1,15 @@
 //! The destination side: receives a VM, and registers and runs it only on the source's Go.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use vmig_uffd::{PageSource, PageSourceError, Placement, PostcopyMemory};
+use vmig_uffd::{FaultHandler, PageSource, PageSourceError, Placement, PostcopyMemory};
 
 use super::{cpu_digest, MigrateError, PageSum, PostcopyStats};
 use crate::dirty::PageBitmap;
@@ -99,8 +101,12 @@ fn run(
         },
     ))?;
 
-    // 2. Reservation.
-    let reserve: msg::Reserve = verified(reader)?.expect(Kind::Reserve)?;
+    // 2. Reservation (or the resumption of a post-copy that lost its connection).
+    let f = verified(reader)?;
+    if f.header.kind == Kind::Resume {
+        return resume_session(reader, writer, inv, f.decode()?);
+    }
+    let reserve: msg::Reserve = f.expect(Kind::Reserve)?;
     let def = match VmDef::parse(&reserve.definition) {
         Ok(d) if d.name == reserve.name && d.spec() == reserve.spec => d,
         Ok(_) => {
@@ -257,8 +263,10 @@ enum Out {
 }
 
 /// The fault handler's page source: queues the request for the writer thread, never blocks.
+#[derive(Default)]
 struct NetSource {
-    tx: Mutex<mpsc::Sender<Out>>,
+    /// None until a connection serves the session.
+    tx: Mutex<Option<mpsc::Sender<Out>>>,
     down: Arc<AtomicBool>,
 }
 
@@ -269,11 +277,14 @@ impl PageSource for NetSource {
                 "the migration connection failed".into(),
             ));
         }
-        self.tx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .send(Out::Request(index))
-            .map_err(|_| PageSourceError::Disconnected("the request writer ended".into()))
+        match &*self.tx.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(tx) => tx
+                .send(Out::Request(index))
+                .map_err(|_| PageSourceError::Disconnected("the request writer ended".into())),
+            None => Err(PageSourceError::Disconnected(
+                "no connection serves the post-copy yet".into(),
+            )),
+        }
     }
 }
 
@@ -370,49 +381,126 @@ fn run_postcopy(
     // MADV_DONTNEED and the VM has not run since, so every page not in `known` is missing.
     let mem = unsafe { PostcopyMemory::register(ram.page_ptr(0), ram.size() as usize, &known) }
         .map_err(|e| MigrateError::Postcopy(e.to_string()))?;
-    let (tx, rx) = mpsc::channel();
-    let down = Arc::new(AtomicBool::new(false));
     let handler = mem
-        .start(Arc::new(NetSource {
-            tx: Mutex::new(tx.clone()),
-            down: down.clone(),
-        }))
+        .start(Arc::new(NetSource::default()))
         .map_err(|e| MigrateError::Postcopy(e.to_string()))?;
     writer.send_bytes(wire::control_frame(Kind::Ready, &ready))?;
     let _: msg::Go = verified(reader)?.expect(Kind::Go)?;
 
     // Commitment: from here the VM runs here, whatever happens to the connection.
     let t_go = Instant::now();
-    // The requests' writer (every earlier frame was flushed by `send_bytes`).
-    let req_sock = writer.socket().try_clone()?;
     let vm = Arc::new(vm);
     let name = def.name.clone();
-    let outcome = std::thread::scope(|scope| {
+    commit(inv, reservation, def, vm.clone())?;
+    let key = (inv.datastore().to_path_buf(), name.clone());
+    let mut session = Session {
+        id: pc.session,
+        vm,
+        mem,
+        handler: Some(handler),
+        stale: stale.len() as u64,
+        sum: sum.take(),
+        t_run: Instant::now(),
+    };
+    set_slot(&key, Slot::Active(writer.socket().try_clone()?));
+    let result = serve_session(reader, writer, &mut session, |tx| {
+        // Running is queued before the vCPUs start: their first fault queues a page request
+        // behind it, and the source reads Running first (the writer keeps order).
+        let resume_us = t_go.elapsed().as_micros() as u64;
+        let _ = tx.send(Out::Frame(wire::control_frame(
+            Kind::Running,
+            &msg::Running { resume_us },
+        )));
+        SessionStart::Resume(format!(
+            "migrated in from {source} (post-copy): running on {agent}"
+        ))
+    });
+    end_session(reader, key, session, result)
+}
+
+/// A post-copy session on the destination: the VM runs here and its missing pages come from
+/// the source, over one connection or, after a cut, over the next one (`Resume`).
+struct Session {
+    id: u64,
+    vm: Arc<Vm>,
+    mem: Arc<PostcopyMemory>,
+    /// Runs until every page is here (across connections).
+    handler: Option<FaultHandler>,
+    /// Pages missing at the switch.
+    stale: u64,
+    /// Memory digest so far (the pages kept at the switch, then every page placed).
+    sum: Option<PageSum>,
+    t_run: Instant,
+}
+
+/// Where a post-copy session is.
+enum Slot {
+    /// Served over a connection (a clone of its socket, to cut a half-open one on resume).
+    Active(TcpStream),
+    /// Its connection failed: the VM waits on its faults for a `Resume`.
+    Parked(Session),
+}
+
+/// Post-copy sessions of this process, by datastore and VM name.
+static SESSIONS: Mutex<BTreeMap<(PathBuf, String), Slot>> = Mutex::new(BTreeMap::new());
+
+fn sessions() -> std::sync::MutexGuard<'static, BTreeMap<(PathBuf, String), Slot>> {
+    SESSIONS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn set_slot(key: &(PathBuf, String), slot: Slot) {
+    sessions().insert(key.clone(), slot);
+}
+
+/// What `serve_session` does after queuing the opening frame.
+enum SessionStart {
+    /// Run the vCPUs (first connection), with this log line.
+    Resume(String),
+    /// The vCPUs already run (a resumed connection): log this line.
+    Continue(String),
+}
+
+/// Serves a session over one connection: page requests go out through a writer thread, pages
+/// are placed as they arrive, until none is missing. `start` queues the opening frame.
+fn serve_session(
+    reader: &mut FrameReader,
+    writer: &FrameWriter,
+    s: &mut Session,
+    start: impl FnOnce(&mpsc::Sender<Out>) -> SessionStart,
+) -> Result<msg::PostcopyDone, MigrateError> {
+    // The requests' writer (every earlier frame was flushed by `send_bytes`).
+    let req_sock = writer.socket().try_clone()?;
+    let (tx, rx) = mpsc::channel();
+    let down = Arc::new(AtomicBool::new(false));
+    s.mem.set_source(Arc::new(NetSource {
+        tx: Mutex::new(Some(tx.clone())),
+        down: down.clone(),
+    }));
+    let pages = s.vm.ram().pages();
+    std::thread::scope(|scope| {
+        let d = down.clone();
         let w = scope.spawn(
             move || match FrameWriter::new(req_sock, IoPath::Plain, None) {
-                Ok(mut req_writer) => write_requests(&mut req_writer, rx, &down),
+                Ok(mut req_writer) => write_requests(&mut req_writer, rx, &d),
                 Err(e) => {
-                    down.store(true, Ordering::SeqCst);
+                    d.store(true, Ordering::SeqCst);
                     tracing::error!(cause = %e, "post-copy: no request writer");
                 }
             },
         );
         let result = (|| -> Result<msg::PostcopyDone, MigrateError> {
-            commit(inv, reservation, def, vm.clone())?;
-            // Running is queued before the vCPUs start: their first fault queues a page
-            // request behind it, and the source reads Running first (the writer keeps order).
-            let resume_us = t_go.elapsed().as_micros() as u64;
-            let _ = tx.send(Out::Frame(wire::control_frame(
-                Kind::Running,
-                &msg::Running { resume_us },
-            )));
-            vm.resume();
-            vm.devices().log_line(&format!(
-                "migrated in from {source} (post-copy): running on {agent}"
-            ));
-            let t_run = Instant::now();
-            let mut placed = PageSum::default();
-            while mem.remaining() > 0 {
+            match start(&tx) {
+                SessionStart::Resume(line) => {
+                    s.vm.resume();
+                    s.vm.devices().log_line(&line);
+                }
+                SessionStart::Continue(line) => s.vm.devices().log_line(&line),
+            }
+            // Faults that waited while no connection was up (none on the first one).
+            if let Err(e) = s.mem.reissue_pending() {
+                tracing::warn!(cause = %e, "post-copy: re-requesting waiting faults failed");
+            }
+            while s.mem.remaining() > 0 {
                 let f = reader.read_frame()?;
                 let why = match f.header.kind {
                     Kind::DemandPages => Placement::Demand,
@@ -429,16 +517,18 @@ fn run_postcopy(
                         .into())
                     }
                 };
-                place_pages(&f, &mem, pages, why, sum.is_some().then_some(&mut placed))?;
+                place_pages(&f, &s.mem, pages, why, s.sum.as_mut())?;
             }
-            handler
-                .stop()
+            if let Some(h) = s.handler.take() {
+                h.stop()
+                    .map_err(|e| MigrateError::Postcopy(e.to_string()))?;
+            }
+            s.mem
+                .unregister()
                 .map_err(|e| MigrateError::Postcopy(e.to_string()))?;
-            mem.unregister()
-                .map_err(|e| MigrateError::Postcopy(e.to_string()))?;
-            let st = mem.stats();
+            let st = s.mem.stats();
             let stats = PostcopyStats {
-                pages_missing: stale.len() as u64,
+                pages_missing: s.stale,
                 faults: st.faults,
                 duplicate_faults: st.duplicate_faults,
                 zero_local: st.zero_local,
@@ -451,25 +541,37 @@ fn run_postcopy(
                 latency_p50_us: st.latency.p50_us,
                 latency_p99_us: st.latency.p99_us,
                 latency_max_us: st.latency.max_us,
-                duration_ms: t_run.elapsed().as_secs_f64() * 1e3,
+                duration_ms: s.t_run.elapsed().as_secs_f64() * 1e3,
                 ..Default::default()
             };
-            if let Some(s) = &mut sum {
-                s.merge(&placed);
-            }
             let done = msg::PostcopyDone {
                 stats,
-                memory_digest: sum.map(|s| s.hex()),
+                memory_digest: s.sum.as_ref().map(PageSum::hex),
             };
             let _ = tx.send(Out::Frame(wire::control_frame(Kind::PostcopyDone, &done)));
             Ok(done)
         })();
+        if result.is_err() {
+            // Faults from now on wait for the next connection.
+            down.store(true, Ordering::SeqCst);
+        }
         let _ = tx.send(Out::Close);
         let _ = w.join();
         result
-    });
-    match outcome {
+    })
+}
+
+/// After a connection of a session ended: completes it, or parks it for a `Resume`.
+fn end_session(
+    reader: &mut FrameReader,
+    key: (PathBuf, String),
+    s: Session,
+    result: Result<msg::PostcopyDone, MigrateError>,
+) -> Result<String, MigrateError> {
+    let name = key.1.clone();
+    match result {
         Ok(done) => {
+            sessions().remove(&key);
             tracing::info!(
                 vm = %name,
                 demand = done.stats.pages_demand,
@@ -479,19 +581,20 @@ fn run_postcopy(
                 p99_us = done.stats.latency_p99_us,
                 "post-copy complete"
             );
-            vm.devices()
+            s.vm.devices()
                 .log_line("post-copy complete: every page is here");
         }
         Err(e) => {
             // The VM runs here and may be blocked on pages only the source has: never let
-            // the registration go (a missing page would then read as zeros).
-            tracing::error!(vm = %name, cause = %e, remaining = mem.remaining(),
-                "post-copy incomplete: the VM waits for pages that the source still holds");
-            vm.devices().log_line(&format!(
-                "post-copy incomplete ({} pages missing): {e}",
-                mem.remaining()
+            // the registration go (a missing page would then read as zeros). The handler
+            // keeps recording faults; the source's `Resume` picks the session up.
+            tracing::error!(vm = %name, cause = %e, remaining = s.mem.remaining(),
+                "post-copy connection lost: the VM waits for pages that the source holds, until it resumes");
+            s.vm.devices().log_line(&format!(
+                "post-copy interrupted ({} pages missing): {e}; waiting for the source to resume",
+                s.mem.remaining()
             ));
-            std::mem::forget(mem);
+            set_slot(&key, Slot::Parked(s));
             return Err(e);
         }
     }
@@ -503,6 +606,93 @@ fn run_postcopy(
         }
     }
     Ok(name)
+}
+
+/// How long a resume waits for the previous connection of its session to fail.
+const TAKEOVER: Duration = Duration::from_secs(10);
+
+/// Picks up a parked post-copy session for the source that reconnected.
+fn resume_session(
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+    inv: &Arc<Inventory>,
+    r: msg::Resume,
+) -> Result<String, MigrateError> {
+    let key = (inv.datastore().to_path_buf(), r.name.clone());
+    let t = Instant::now();
+    let refusal = loop {
+        let mut map = sessions();
+        match map.remove(&key) {
+            Some(Slot::Parked(s)) if s.id == r.session => {
+                drop(map);
+                return resume_parked(reader, writer, key, s);
+            }
+            Some(Slot::Parked(s)) => {
+                map.insert(key.clone(), Slot::Parked(s));
+                break format!("the post-copy of {} here is another session", r.name);
+            }
+            Some(Slot::Active(sock)) => {
+                // The old connection may be half-open: cut it; its thread parks the session.
+                let _ = sock.shutdown(std::net::Shutdown::Both);
+                map.insert(key.clone(), Slot::Active(sock));
+            }
+            None => break format!("no post-copy of {} waits here", r.name),
+        }
+        drop(map);
+        if t.elapsed() > TAKEOVER {
+            break format!(
+                "the post-copy of {} is still attached to its previous connection",
+                r.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    tracing::info!(vm = %r.name, reason = %refusal, "refusing to resume");
+    writer.send_bytes(wire::control_frame(
+        Kind::Refused,
+        &msg::Refused {
+            reason: refusal.clone(),
+        },
+    ))?;
+    Err(MigrateError::Refused(refusal))
+}
+
+fn resume_parked(
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+    key: (PathBuf, String),
+    mut s: Session,
+) -> Result<String, MigrateError> {
+    let pages = s.vm.ram().pages();
+    let mut missing = vec![0u64; pages.div_ceil(64) as usize];
+    let list = s.mem.missing_pages();
+    for &p in &list {
+        missing[(p / 64) as usize] |= 1 << (p % 64);
+    }
+    let waiting = s.mem.pending().len() as u64;
+    tracing::info!(vm = %key.1, missing = list.len(), waiting, "resuming post-copy");
+    let active = writer
+        .socket()
+        .try_clone()
+        .map(|sock| set_slot(&key, Slot::Active(sock)));
+    let result = match active {
+        Ok(()) => serve_session(reader, writer, &mut s, |tx| {
+            let _ = tx.send(Out::Frame(wire::control_frame(
+                Kind::Resumed,
+                &msg::Resumed {
+                    missing,
+                    count: list.len() as u64,
+                    waiting,
+                },
+            )));
+            SessionStart::Continue(format!(
+                "post-copy resumed: {} pages missing, {waiting} faults waiting",
+                list.len()
+            ))
+        }),
+        Err(e) => Err(e.into()),
+    };
+    end_session(reader, key, s, result)
 }
 
 /// Checks a post-copy page frame and places its pages; never touches guest memory itself.

@@ -70,6 +70,8 @@ pub enum Fault {
     CorruptFrame,
     /// Speak protocol version 99.
     BadVersion,
+    /// Shut the connection down once half of the post-copy pages are pushed (once).
+    CutPostcopy,
 }
 
 /// The user's knobs.
@@ -104,6 +106,14 @@ pub struct MigrateOptions {
     /// Rounds before the convergence judgement starts.
     #[serde(default = "default_min_rounds")]
     pub min_rounds: u32,
+    /// Seconds the source keeps reconnecting after the connection drops during post-copy,
+    /// before it parks the migration for `vmig migrate --resume` (0: park at once).
+    #[serde(default = "default_resume_window")]
+    pub resume_window_s: u64,
+}
+
+fn default_resume_window() -> u64 {
+    30
 }
 
 fn default_threshold() -> f64 {
@@ -129,6 +139,7 @@ impl Default for MigrateOptions {
             on_no_converge: NoConverge::Force,
             converge_threshold: default_threshold(),
             min_rounds: default_min_rounds(),
+            resume_window_s: default_resume_window(),
         }
     }
 }
@@ -189,6 +200,21 @@ pub enum MigrateError {
     /// The destination did not confirm after Go: the outcome is unknown.
     #[error("commit outcome unknown (no confirmation after Go: {0}); the VM stays paused on the source: check the destination")]
     CommitUnknown(String),
+    /// Post-copy lost its connection and reconnecting failed within the resume window: the VM
+    /// runs on the destination, which waits for the pages this source still holds.
+    #[error("post-copy to {dest} interrupted ({reason}); the VM runs on {dest} and waits for pages held here ({missing} missing at the last contact): run `vmig migrate --resume {vm}` once {dest} is reachable (or `vmig migrate --rollback {vm}` if {dest} is lost)")]
+    PostcopyInterrupted {
+        /// VM.
+        vm: String,
+        /// Destination agent.
+        dest: String,
+        /// Pages the destination did not have at the last contact.
+        missing: u64,
+        /// What failed.
+        reason: String,
+        /// What the source keeps to finish it.
+        parked: Box<source::Parked>,
+    },
 }
 
 /// Cancels a migration from another thread: sets a flag and shuts the socket down so a

@@ -71,6 +71,9 @@ pub struct PostcopyStats {
     pub source_demand_sent: u64,
     /// Source: pages sent by the background push.
     pub source_pushed: u64,
+    /// Connections lost during post-copy and resumed.
+    #[serde(default)]
+    pub interruptions: u32,
 }
 
 /// A progress event sent to the CLI.
@@ -258,6 +261,13 @@ impl Report {
                 "  post-copy       {:>10} pages missing at the switch, done in {:.1} ms",
                 p.pages_missing, p.duration_ms
             );
+            if p.interruptions > 0 {
+                let _ = writeln!(
+                    s,
+                    "    resumed       {:>10} times after losing the connection",
+                    p.interruptions
+                );
+            }
             let _ = writeln!(
                 s,
                 "    on demand     {:>10} pages ({:.1} MiB), {} faults ({} zero local, {} duplicates)",

@@ -43,6 +43,23 @@ struct Link {
 }
 
 impl Link {
+    /// Connects to the agent at `dest`.
+    fn connect(dest: SocketAddr, opts: &MigrateOptions) -> Result<Link, MigrateError> {
+        let sock = TcpStream::connect_timeout(&dest, Duration::from_secs(5)).map_err(|cause| {
+            MigrateError::Connect {
+                addr: dest.to_string(),
+                cause,
+            }
+        })?;
+        tune_socket(&sock)?;
+        let bandwidth = opts.bandwidth_mibs.map(|m| m * 1048576.0);
+        Ok(Link {
+            writer: FrameWriter::new(sock.try_clone()?, opts.io, bandwidth)?,
+            reader: FrameReader::new(sock, IoPath::Plain, REPLY_TIMEOUT)?,
+            inject: None,
+        })
+    }
+
     fn send<T: serde::Serialize>(&mut self, kind: Kind, m: &T) -> Result<(), MigrateError> {
         Ok(self.writer.send_bytes(wire::control_frame(kind, m))?)
     }
@@ -84,20 +101,9 @@ pub fn migrate(
 ) -> Result<Report, MigrateError> {
     let t0 = Instant::now();
     progress(Progress::new("connecting", 0, 0, 0));
-    let sock = TcpStream::connect_timeout(&dest, Duration::from_secs(5)).map_err(|cause| {
-        MigrateError::Connect {
-            addr: dest.to_string(),
-            cause,
-        }
-    })?;
-    tune_socket(&sock)?;
-    cancel.set_socket(Some(sock.try_clone()?));
-    let bandwidth = opts.bandwidth_mibs.map(|m| m * 1048576.0);
-    let mut link = Link {
-        writer: FrameWriter::new(sock.try_clone()?, opts.io, bandwidth)?,
-        reader: FrameReader::new(sock, IoPath::Plain, REPLY_TIMEOUT)?,
-        inject: opts.inject,
-    };
+    let mut link = Link::connect(dest, opts)?;
+    link.inject = opts.inject;
+    cancel.set_socket(Some(link.writer.socket().try_clone()?));
     let vm = out.vm;
     let result = run(out, &mut link, dest_name, opts, cancel, progress, t0);
     cancel.set_socket(None);
@@ -109,7 +115,11 @@ pub fn migrate(
             } else {
                 link.explain(e)
             };
-            if matches!(e, MigrateError::CommitUnknown(_)) {
+            if matches!(
+                e,
+                MigrateError::CommitUnknown(_) | MigrateError::PostcopyInterrupted { .. }
+            ) {
+                // Past Go: the destination may run the VM; it must never run here too.
                 return Err(e);
             }
             vm.set_throttle(0);
@@ -141,12 +151,7 @@ fn run(
 ) -> Result<Report, MigrateError> {
     let vm = out.vm;
     // 1. Pre-migration: version, page size, CPU.
-    let hello = wire::messages::Hello {
-        version: wire::VERSION,
-        agent: out.agent.into(),
-        page_size: PAGE_SIZE as u32,
-        cpu: cpu_digest(),
-    };
+    let hello = hello(out);
     let t_hello = Instant::now();
     if link.inject == Some(Fault::BadVersion) {
         let mut f = wire::control_frame(Kind::Hello, &hello);
@@ -270,9 +275,10 @@ fn run(
     vm.set_throttle(0);
     let counter_at_pause = vm.stats().counter;
     let round = rounds.len() as u32 + 1;
+    let session = session_id();
     let (last, ready, verification) = match &postcopy_why {
         None => stop_and_copy(out, link, opts, &mut pending, round, progress, cancel)?,
-        Some(why) => postcopy_switch(out, link, opts, &mut pending, round, why, progress)?,
+        Some(why) => postcopy_switch(out, link, opts, &mut pending, round, why, session, progress)?,
     };
     rounds.push(last);
     // 5. Commitment: from Go on the destination owns the VM.
@@ -284,50 +290,17 @@ fn run(
     let t_run = Instant::now();
     let running = running.map_err(|e| MigrateError::CommitUnknown(e.to_string()))?;
     let downtime = (t_run - t_pause).as_secs_f64() - rtt.as_secs_f64() / 2.0;
-    let (postcopy, verification) = match &postcopy_why {
-        None => (None, verification),
-        Some(_) => {
-            vm.devices()
-                .log_line(&format!("post-copy to {dest_name}: serving pages"));
-            let (stats, v) = serve_postcopy(vm, link, opts, &pending, progress).map_err(|e| {
-                tracing::error!(cause = %e, "post-copy incomplete: the VM stays paused on the source");
-                vm.devices().log_line(&format!(
-                    "post-copy to {dest_name} incomplete: {e}; paused here with all its memory"
-                ));
-                MigrateError::CommitUnknown(format!(
-                    "post-copy incomplete: VM paused on source, destination holds a partial VM ({e})"
-                ))
-            })?;
-            // Memory digests from PostcopyDone, vCPU digests from the switch.
-            let v = match (v, verification) {
-                (Some(m), Some(c)) => Some(Verification {
-                    source_vcpus: c.source_vcpus,
-                    dest_vcpus: c.dest_vcpus,
-                    vcpus_equal: c.vcpus_equal,
-                    dest_verify_ms: c.dest_verify_ms,
-                    ..m
-                }),
-                (m, c) => m.or(c),
-            };
-            (Some(stats), v)
-        }
-    };
-    let _ = link.send(Kind::Released, &msg::Released {});
-    let _ = vm.dirty().stop();
-    let (entries1, full1) = vm.dirty().ring_counters();
-    vm.devices().log_line(&format!("migrated to {dest_name}"));
     tracing::info!(
         resume_us = running.resume_us,
         ready_verify_ms = ready.verify_ms,
         "destination runs the VM"
     );
-    let total = t0.elapsed().as_secs_f64();
-    let bytes_sent = link.writer.bytes_sent();
-    Ok(Report {
+    let _ = vm.dirty().stop();
+    let (entries1, full1) = vm.dirty().ring_counters();
+    let report = Report {
         vm: out.def.name.clone(),
         from: out.agent.into(),
         to: dest_name.into(),
-        total_ms: total * 1e3,
         downtime_ms: downtime * 1e3,
         pause_ms: pause.as_secs_f64() * 1e3,
         rtt_us: rtt.as_secs_f64() * 1e6,
@@ -335,10 +308,8 @@ fn run(
         zero_pages: rounds.iter().map(|r| r.zero_pages).sum(),
         rounds,
         stop_reason,
-        bytes_sent,
         memory_bytes: vm.ram().size(),
         memory_touched_bytes: touched * PAGE_SIZE,
-        achieved_mibs: bytes_sent as f64 / 1048576.0 / total,
         io_path: if link.writer.uses_uring() {
             "io_uring"
         } else {
@@ -350,7 +321,7 @@ fn run(
         ring_full_exits: full1 - full0,
         counter_at_pause,
         verification,
-        mode: if postcopy.is_some() {
+        mode: if postcopy_why.is_some() {
             "post-copy"
         } else {
             "pre-copy"
@@ -358,8 +329,245 @@ fn run(
         .into(),
         postcopy_policy: opts.postcopy.to_string(),
         decisions,
-        postcopy,
+        ..Default::default()
+    };
+    if postcopy_why.is_none() {
+        let _ = link.send(Kind::Released, &msg::Released {});
+        vm.devices().log_line(&format!("migrated to {dest_name}"));
+        return Ok(finished(report, link.writer.bytes_sent(), t0));
+    }
+    vm.devices()
+        .log_line(&format!("post-copy to {dest_name}: serving pages"));
+    let parked = Box::new(Parked {
+        dest: link.writer.socket().peer_addr()?,
+        dest_name: dest_name.into(),
+        session,
+        stale: pending,
+        opts: MigrateOptions {
+            inject: None,
+            ..opts.clone()
+        },
+        t0,
+        report,
+        bytes: 0,
+        interruptions: 0,
+    });
+    finish_postcopy(out, parked, Some(link), progress)
+}
+
+/// Completes a report's totals.
+fn finished(mut report: Report, bytes_sent: u64, t0: Instant) -> Report {
+    let total = t0.elapsed().as_secs_f64();
+    report.total_ms = total * 1e3;
+    report.bytes_sent = bytes_sent;
+    report.achieved_mibs = bytes_sent as f64 / 1048576.0 / total;
+    report
+}
+
+/// The hello of this agent.
+fn hello(out: &Outgoing<'_>) -> msg::Hello {
+    msg::Hello {
+        version: wire::VERSION,
+        agent: out.agent.into(),
+        page_size: PAGE_SIZE as u32,
+        cpu: cpu_digest(),
+    }
+}
+
+/// What the source keeps of a post-copy in progress: enough to reconnect and finish it.
+/// The VM itself stays paused in the inventory with all of its memory.
+#[derive(Debug)]
+pub struct Parked {
+    dest: SocketAddr,
+    dest_name: String,
+    session: u64,
+    /// Pages the destination lacked at the last contact (at the switch: the stale set).
+    stale: Vec<u64>,
+    opts: MigrateOptions,
+    t0: Instant,
+    /// The report so far (pre-copy rounds, downtime, vCPU verification).
+    report: Report,
+    /// Bytes sent over every connection so far.
+    bytes: u64,
+    /// Connections lost during post-copy.
+    interruptions: u32,
+}
+
+impl Parked {
+    /// The destination agent's name.
+    pub fn dest_name(&self) -> &str {
+        &self.dest_name
+    }
+
+    /// Pages the destination lacked at the last contact.
+    pub fn missing(&self) -> u64 {
+        self.stale.len() as u64
+    }
+}
+
+/// Finishes an interrupted post-copy: reconnects to the destination and serves the pages it
+/// still lacks. On failure the migration is parked again (see [`MigrateError::PostcopyInterrupted`]).
+pub fn resume(
+    out: &Outgoing<'_>,
+    parked: Box<Parked>,
+    progress: &dyn Fn(Progress),
+) -> Result<Report, MigrateError> {
+    progress(Progress::new("connecting", 0, 0, 0));
+    finish_postcopy(out, parked, None, progress)
+}
+
+/// Gives up an interrupted post-copy: runs the VM here again from the switch point. Only for
+/// a destination known to be lost: whatever the guest did there since the switch is gone,
+/// and if the destination still runs, two copies of the guest now run.
+pub fn rollback(out: &Outgoing<'_>, parked: Box<Parked>) {
+    let vm = out.vm;
+    tracing::warn!(vm = %out.def.name, dest = %parked.dest_name, "rolling back an interrupted post-copy: resuming the VM on the source from the switch point");
+    vm.devices().log_line(&format!(
+        "post-copy to {} abandoned: running here again from the switch point",
+        parked.dest_name
+    ));
+    vm.resume();
+}
+
+/// Serves post-copy over `first` (if any), then reconnects within the resume window whenever
+/// the connection fails. Never lets the VM's pages go before the destination holds them all.
+fn finish_postcopy(
+    out: &Outgoing<'_>,
+    mut parked: Box<Parked>,
+    first: Option<&mut Link>,
+    progress: &dyn Fn(Progress),
+) -> Result<Report, MigrateError> {
+    let mut failure = match first {
+        Some(link) => match serve_link(out, link, &mut parked, progress) {
+            Ok(r) => return Ok(r),
+            Err(e) => Some(e),
+        },
+        None => None,
+    };
+    let until = Instant::now() + Duration::from_secs(parked.opts.resume_window_s);
+    let mut delay = Duration::from_millis(100);
+    loop {
+        if let Some(e) = &failure {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            tracing::warn!(cause = %e, missing = parked.stale.len(), retry_in_ms = delay.as_millis() as u64,
+                "post-copy connection lost: the VM waits on the destination; reconnecting");
+            std::thread::sleep(delay.min(until - now));
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+        let attempt = reconnect(out, &mut parked, progress)
+            .and_then(|mut link| serve_link(out, &mut link, &mut parked, progress));
+        match attempt {
+            Ok(r) => return Ok(r),
+            Err(e) => failure = Some(e),
+        }
+    }
+    let e = failure.expect("the loop ends after a failure");
+    tracing::error!(cause = %e, missing = parked.stale.len(), "post-copy interrupted: the VM stays paused on the source with all its memory");
+    out.vm.devices().log_line(&format!(
+        "post-copy to {} interrupted ({e}): paused here with all its memory",
+        parked.dest_name
+    ));
+    Err(MigrateError::PostcopyInterrupted {
+        vm: out.def.name.clone(),
+        dest: parked.dest_name.clone(),
+        missing: parked.stale.len() as u64,
+        reason: e.to_string(),
+        parked,
     })
+}
+
+/// Reconnects to the destination of `parked` and asks it to resume; learns which pages it
+/// still lacks.
+fn reconnect(
+    out: &Outgoing<'_>,
+    parked: &mut Parked,
+    progress: &dyn Fn(Progress),
+) -> Result<Link, MigrateError> {
+    let mut link = Link::connect(parked.dest, &parked.opts)?;
+    link.send(Kind::Hello, &hello(out))?;
+    let _: msg::Welcome = link.recv()?.expect(Kind::Welcome)?;
+    link.send(
+        Kind::Resume,
+        &msg::Resume {
+            name: out.def.name.clone(),
+            session: parked.session,
+        },
+    )?;
+    let r: msg::Resumed = link.recv()?.expect(Kind::Resumed)?;
+    let pages = out.vm.ram().pages();
+    if r.missing.len() as u64 != pages.div_ceil(64) {
+        return Err(wire::WireError::BadPages(format!(
+            "missing-page bitmap of {} words for {pages} pages",
+            r.missing.len()
+        ))
+        .into());
+    }
+    let missing: Vec<u64> = (0..pages)
+        .filter(|&i| r.missing[(i / 64) as usize] & (1 << (i % 64)) != 0)
+        .collect();
+    tracing::info!(
+        missing = missing.len(),
+        waiting_faults = r.waiting,
+        "the destination resumes post-copy"
+    );
+    let mut ev = Progress::new("post-copy", 0, 0, missing.len() as u64);
+    ev.remaining = missing.len() as u64;
+    ev.decision = Some(format!(
+        "resumed: {} pages still missing, {} faults waiting",
+        missing.len(),
+        r.waiting
+    ));
+    progress(ev);
+    parked.stale = missing;
+    parked.interruptions += 1;
+    Ok(link)
+}
+
+/// Serves post-copy over one connection to its end; then releases the VM.
+fn serve_link(
+    out: &Outgoing<'_>,
+    link: &mut Link,
+    parked: &mut Parked,
+    progress: &dyn Fn(Progress),
+) -> Result<Report, MigrateError> {
+    let served = serve_postcopy(out.vm, link, &parked.opts, &parked.stale, progress);
+    parked.bytes += link.writer.bytes_sent();
+    let (mut stats, v) = served?;
+    stats.interruptions = parked.interruptions;
+    let _ = link.send(Kind::Released, &msg::Released {});
+    out.vm
+        .devices()
+        .log_line(&format!("migrated to {}", parked.dest_name));
+    let mut report = parked.report.clone();
+    // Memory digests from PostcopyDone, vCPU digests from the switch.
+    report.verification = match (v, report.verification.take()) {
+        (Some(m), Some(c)) => Some(Verification {
+            source_vcpus: c.source_vcpus,
+            dest_vcpus: c.dest_vcpus,
+            vcpus_equal: c.vcpus_equal,
+            dest_verify_ms: c.dest_verify_ms,
+            ..m
+        }),
+        (m, c) => m.or(c),
+    };
+    report.postcopy = Some(stats);
+    Ok(finished(report, parked.bytes, parked.t0))
+}
+
+/// A fresh post-copy session id (random, so a resume never finds a stale session).
+fn session_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// How pre-copy ended.
@@ -441,6 +649,7 @@ fn stop_and_copy(
 
 /// Switches to post-copy with the vCPUs paused: sends the stale-page bitmap, the log and the
 /// state, waits for Ready and checks the vCPU digest. `pending` becomes the stale set.
+#[allow(clippy::too_many_arguments)]
 fn postcopy_switch(
     out: &Outgoing<'_>,
     link: &mut Link,
@@ -448,6 +657,7 @@ fn postcopy_switch(
     pending: &mut Vec<u64>,
     round: u32,
     why: &str,
+    session: u64,
     progress: &dyn Fn(Progress),
 ) -> Result<(RoundStats, msg::Ready, Option<Verification>), MigrateError> {
     let vm = out.vm;
@@ -471,6 +681,7 @@ fn postcopy_switch(
             dirty,
             count: pending.len() as u64,
             reason: why.into(),
+            session,
         },
     )?;
     let source_vcpus = send_state(out, link, opts, "post-copy")?;
@@ -750,6 +961,14 @@ fn push_and_answer(
                 &no_cancel,
             )?;
             stats.source_pushed += batch.len() as u64;
+            if link.inject == Some(Fault::CutPostcopy) && unsent <= stale.len() / 2 {
+                link.inject = None;
+                tracing::warn!(
+                    pushed = stats.source_pushed,
+                    "injected fault: cutting the post-copy connection"
+                );
+                let _ = link.writer.socket().shutdown(std::net::Shutdown::Both);
+            }
         }
         if last_progress.elapsed() > Duration::from_millis(200) {
             let dt = last_progress.elapsed().as_secs_f64();

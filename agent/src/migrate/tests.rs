@@ -1,11 +1,14 @@
 //! In-process migrations between two inventories ("agents") in one test process: the
 //! controller's policies and post-copy, end to end over loopback TCP.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{source, Cancel, MigrateError, MigrateOptions, NoConverge, PostcopyPolicy, Report};
+use super::{
+    source, Cancel, Fault, MigrateError, MigrateOptions, NoConverge, PostcopyPolicy, Report,
+};
 use crate::inventory::{Inventory, VmDef};
 use crate::transport::IoPath;
 
@@ -69,13 +72,8 @@ fn migrate(
         let s = vm.stats();
         s.counter_reports >= 2 && (!dirty || s.dirty_pages_written >= 3 * 4096)
     });
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let dst = p.dst.clone();
-    let receiver = std::thread::spawn(move || {
-        let (sock, _) = listener.accept().unwrap();
-        super::dest::receive(sock, dst, "dst", IoPath::Auto)
-    });
+    let incoming = Incoming::start(p.dst.clone());
+    let addr = incoming.addr;
     let (def, vm) = p.src.begin_migration(name).unwrap();
     let dir = p.src.dir(name);
     let out = source::Outgoing {
@@ -85,18 +83,9 @@ fn migrate(
         agent: "src",
     };
     let phases = Mutex::new(Vec::<String>::new());
-    let progress = |ev: super::Progress| {
-        let mut ph = phases.lock().unwrap();
-        let label = match &ev.decision {
-            Some(d) => format!("{}: {d}", ev.phase),
-            None => ev.phase.clone(),
-        };
-        if ph.last() != Some(&label) {
-            ph.push(label);
-        }
-    };
+    let progress = |ev: super::Progress| record(&phases, ev);
     let result = source::migrate(&out, addr, "dst", opts, &Cancel::default(), &progress);
-    let dest = receiver.join().unwrap();
+    let dest = incoming.finish().pop().expect("one incoming connection");
     match &result {
         Ok(_) => {
             assert!(dest.is_ok(), "destination failed: {dest:?}");
@@ -108,6 +97,58 @@ fn migrate(
         }
     }
     (result, phases.into_inner().unwrap())
+}
+
+/// Records a progress event's phase (and decision) when it changes.
+fn record(phases: &Mutex<Vec<String>>, ev: super::Progress) {
+    let mut ph = phases.lock().unwrap();
+    let label = match &ev.decision {
+        Some(d) => format!("{}: {d}", ev.phase),
+        None => ev.phase.clone(),
+    };
+    if ph.last() != Some(&label) {
+        ph.push(label);
+    }
+}
+
+/// The destination "agent": accepts every migration connection on a loopback port, each in its
+/// own thread, until `finish`, which returns their results in order of arrival.
+struct Incoming {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Result<String, MigrateError>>>,
+}
+
+impl Incoming {
+    fn start(dst: Arc<Inventory>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            while !stopping.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((sock, _)) => {
+                        sock.set_nonblocking(false).unwrap();
+                        let dst = dst.clone();
+                        conns.push(std::thread::spawn(move || {
+                            super::dest::receive(sock, dst, "dst", IoPath::Auto)
+                        }));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            conns.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        Self { addr, stop, thread }
+    }
+
+    fn finish(self) -> Vec<Result<String, MigrateError>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
 }
 
 fn print(report: &Report) {
@@ -260,4 +301,102 @@ fn auto_never_switches_for_a_converging_guest() {
     assert!(report.stop_reason.starts_with("converged"));
     assert!(report.verification.as_ref().unwrap().memory_equal);
     runs_on_destination(&p, "calm", &report);
+}
+
+#[test]
+fn postcopy_link_cut_reconnects_within_the_window_and_loses_no_page() {
+    let _serial = serial();
+    let p = pair("cut", 64, &["counter", "dirty"], 16);
+    let opts = MigrateOptions {
+        postcopy: PostcopyPolicy::Always,
+        inject: Some(Fault::CutPostcopy),
+        ..busy_opts(20.0)
+    };
+    let (r, phases) = migrate(&p, "cut", &opts);
+    let report = r.unwrap();
+    print(&report);
+    assert_eq!(report.mode, "post-copy");
+    let pc = report.postcopy.clone().unwrap();
+    assert_eq!(pc.interruptions, 1, "one cut, one reconnection");
+    assert!(
+        phases.iter().any(|ph| ph.contains("resumed:")),
+        "{phases:?}"
+    );
+    // Counted across both connections: every missing page placed exactly once.
+    assert_eq!(pc.pages_demand + pc.pages_pushed, pc.pages_missing);
+    let v = report.verification.clone().unwrap();
+    assert!(v.memory_equal, "{} vs {}", v.source_memory, v.dest_memory);
+    assert!(v.vcpus_equal);
+    runs_on_destination(&p, "cut", &report);
+}
+
+#[test]
+fn postcopy_link_cut_parks_then_resume_finishes_it() {
+    let _serial = serial();
+    let p = pair("parked", 64, &["counter", "dirty"], 16);
+    let opts = MigrateOptions {
+        postcopy: PostcopyPolicy::Always,
+        inject: Some(Fault::CutPostcopy),
+        resume_window_s: 0,
+        ..busy_opts(20.0)
+    };
+    let (_, vm) = p.src.running("parked").unwrap();
+    wait_for("the guest runs", Duration::from_secs(30), || {
+        let s = vm.stats();
+        s.counter_reports >= 2 && s.dirty_pages_written >= 3 * 4096
+    });
+    let incoming = Incoming::start(p.dst.clone());
+    let (def, vm) = p.src.begin_migration("parked").unwrap();
+    let dir = p.src.dir("parked");
+    let out = source::Outgoing {
+        vm: &vm,
+        def: &def,
+        dir: &dir,
+        agent: "src",
+    };
+    let phases = Mutex::new(Vec::<String>::new());
+    let progress = |ev: super::Progress| record(&phases, ev);
+    let err = source::migrate(
+        &out,
+        incoming.addr,
+        "dst",
+        &opts,
+        &Cancel::default(),
+        &progress,
+    )
+    .unwrap_err();
+    eprintln!("interrupted: {err}");
+    let MigrateError::PostcopyInterrupted {
+        parked, missing, ..
+    } = err
+    else {
+        panic!("expected an interrupted post-copy, got {err}");
+    };
+    assert!(missing > 0, "the cut came before the last page");
+    // Both sides keep the VM: paused here with its memory, running there and waiting.
+    assert!(!vm.is_running(), "the source keeps the VM paused");
+    let (_, there) = p.dst.running("parked").unwrap();
+    let mut last = there.stats().dirty_pages_written;
+    wait_for(
+        "the destination's dirtying vCPU blocks on a missing page",
+        Duration::from_secs(20),
+        || {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = there.stats().dirty_pages_written;
+            std::mem::replace(&mut last, now) == now
+        },
+    );
+    let report = source::resume(&out, parked, &progress).unwrap();
+    print(&report);
+    let results = incoming.finish();
+    assert_eq!(results.len(), 2, "the first connection and the resumed one");
+    assert!(results[0].is_err() && results[1].is_ok(), "{results:?}");
+    p.src.end_migration("parked", true);
+    let pc = report.postcopy.clone().unwrap();
+    assert_eq!(pc.interruptions, 1);
+    assert_eq!(pc.pages_demand + pc.pages_pushed, pc.pages_missing);
+    let v = report.verification.clone().unwrap();
+    assert!(v.memory_equal, "{} vs {}", v.source_memory, v.dest_memory);
+    assert!(v.vcpus_equal);
+    runs_on_destination(&p, "parked", &report);
 }

@@ -122,6 +122,28 @@ pub struct Postcopy {
     pub count: u64,
     /// Why the source switched (for the destination's log).
     pub reason: String,
+    /// Names this post-copy session, so a resume finds the right one.
+    pub session: u64,
+}
+
+/// Source → destination: finish the interrupted post-copy `session` of VM `name`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Resume {
+    /// VM.
+    pub name: String,
+    /// The session from `Postcopy`.
+    pub session: u64,
+}
+
+/// Destination → source: the session waits here; these pages are still missing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Resumed {
+    /// Bitmap of missing pages, one bit per guest page (LSB first), `ceil(pages / 64)` words.
+    pub missing: Vec<u64>,
+    /// Pages the bitmap marks.
+    pub count: u64,
+    /// Faults waiting since the connection dropped (their requests follow).
+    pub waiting: u64,
 }
 
 /// Destination → source: pages a vCPU is waiting for (highest priority).

@@ -31,6 +31,20 @@
 //! ```
 //! Until `PostcopyDone` the source keeps the VM paused with all of its memory.
 //!
+//! If the connection drops during post-copy, the destination's vCPUs wait on their faults and
+//! both sides keep their state; the source reconnects (automatically within its resume window,
+//! or on `vmig migrate --resume`):
+//! ```text
+//!   Hello                           ───►
+//!                                   ◄───   Welcome
+//!   Resume{name, session}           ───►     finds the waiting session
+//!                                   ◄───   Resumed{pages still missing} | Refused{reason}
+//!                                   ◄───   PageRequest{pages}*   (faults waiting since the cut)
+//!   DemandPages* Pages*             ───►
+//!                                   ◄───   PostcopyDone
+//!   Released                        ───►
+//! ```
+//!
 //! Every frame is a 24-byte little-endian header followed by `payload_len` bytes:
 //! `meta_len` bytes of metadata (a page table, or a bincode-encoded message), then data (page
 //! contents, file bytes). The CRC-32 covers the header (CRC field zero) and the metadata, and
@@ -100,6 +114,10 @@ pub enum Kind {
     DemandPages = 18,
     /// Destination holds every page: post-copy is over.
     PostcopyDone = 19,
+    /// Source reconnects to finish an interrupted post-copy.
+    Resume = 20,
+    /// Destination: the post-copy session waits here; the pages it still lacks.
+    Resumed = 21,
 }
 
 impl Kind {
@@ -125,6 +143,8 @@ impl Kind {
             PageRequest,
             DemandPages,
             PostcopyDone,
+            Resume,
+            Resumed,
         ]
         .into_iter()
         .find(|k| *k as u16 == v)
@@ -357,6 +377,8 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Hello => "Hello",
         Kind::Reserve => "Reserve",
         Kind::PostcopyDone => "PostcopyDone",
+        Kind::Resume => "Resume",
+        Kind::Resumed => "Resumed",
         _ => "another frame",
     }
 }
