@@ -61,6 +61,8 @@ pub enum Request {
     Resume {
         /// VM.
         name: String,
+        /// Overrides the reconnect window the migration was started with.
+        resume_window_s: Option<u64>,
     },
     /// Give up a post-copy migration out that lost its connection: run the VM here again
     /// from the switch point (the destination must be known lost).

@@ -194,8 +194,12 @@ async fn control(agent: Arc<Agent>, s: UnixStream) {
         migrate_out(agent, name, Job::Migrate { dest, opts }, lines, w).await;
         return;
     }
-    if let Request::Resume { name } = req {
-        migrate_out(agent, name, Job::Resume, lines, w).await;
+    if let Request::Resume {
+        name,
+        resume_window_s,
+    } = req
+    {
+        migrate_out(agent, name, Job::Resume(resume_window_s), lines, w).await;
         return;
     }
     let a = agent.clone();
@@ -312,7 +316,7 @@ fn resolve(agent: &Agent, dest: &str) -> Result<SocketAddr, String> {
 /// A migration out to run: a new one, or the resumption of an interrupted post-copy.
 enum Job {
     Migrate { dest: String, opts: MigrateOptions },
-    Resume,
+    Resume(Option<u64>),
 }
 
 async fn migrate_out(
@@ -332,12 +336,17 @@ async fn migrate_out(
                 .map_err(|e| e.to_string())
                 .map(|(def, vm)| (def, vm, Ok((addr, dest, opts))))
         }),
-        Job::Resume => match agent.parked.lock().expect("parked").remove(&name) {
+        Job::Resume(window) => match agent.parked.lock().expect("parked").remove(&name) {
             None => Err(format!(
                 "no interrupted post-copy of {name:?} here: nothing to resume"
             )),
-            Some(parked) => match agent.inv.running(&name) {
-                Ok((def, vm)) => Ok((def, vm, Err(parked))),
+            Some(mut parked) => match agent.inv.running(&name) {
+                Ok((def, vm)) => {
+                    if let Some(w) = window {
+                        parked.set_resume_window(w);
+                    }
+                    Ok((def, vm, Err(parked)))
+                }
                 Err(e) => Err(e.to_string()),
             },
         },

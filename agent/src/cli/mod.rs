@@ -147,9 +147,10 @@ struct MigrateArgs {
     #[arg(long, conflicts_with_all = ["cancel", "resume", "dest"])]
     rollback: bool,
     /// Seconds to keep reconnecting when the connection drops during post-copy, before the
-    /// migration is parked for --resume (0: park at once).
-    #[arg(long, default_value_t = 30)]
-    resume_window: u64,
+    /// migration is parked for --resume (0: park at once) [default: 30; with --resume: as the
+    /// migration was started].
+    #[arg(long)]
+    resume_window: Option<u64>,
     /// Largest acceptable downtime, ms.
     #[arg(long, default_value_t = 50.0)]
     max_downtime: f64,
@@ -426,6 +427,7 @@ async fn migrate(agent: Option<PathBuf>, host: Option<String>, m: MigrateArgs) -
     let req = if m.resume {
         Request::Resume {
             name: m.name.clone(),
+            resume_window_s: m.resume_window,
         }
     } else {
         Request::Migrate {
@@ -457,7 +459,7 @@ fn migrate_options(m: &MigrateArgs) -> MigrateOptions {
         on_no_converge: m.on_no_converge,
         converge_threshold: m.converge_threshold,
         min_rounds: m.min_rounds,
-        resume_window_s: m.resume_window,
+        resume_window_s: m.resume_window.unwrap_or(30),
     }
 }
 

@@ -403,6 +403,11 @@ impl Parked {
     pub fn missing(&self) -> u64 {
         self.stale.len() as u64
     }
+
+    /// Seconds to keep reconnecting when the connection drops (see `MigrateOptions`).
+    pub fn set_resume_window(&mut self, secs: u64) {
+        self.opts.resume_window_s = secs;
+    }
 }
 
 /// Finishes an interrupted post-copy: reconnects to the destination and serves the pages it
