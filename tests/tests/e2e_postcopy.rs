@@ -122,8 +122,9 @@ fn e2e_postcopy_link_cut_then_migrate_resume_finishes_it() {
     assert!(again.text().contains("nothing to resume"), "{again}");
 }
 
-/// The destination dies while the cut post-copy is parked: `--rollback` runs the VM on the
-/// source again from the switch point (its paused memory), and its counter goes on.
+/// The destination is lost while the cut post-copy is parked (its VM powered off, then the
+/// agent killed): `--resume` fails and says why, and `--rollback` runs the VM on the source
+/// again from the switch point (its paused memory); its counter goes on.
 #[test]
 fn e2e_postcopy_destination_lost_then_rollback_runs_it_on_the_source() {
     let mut c = two_hosts();
@@ -146,6 +147,21 @@ fn e2e_postcopy_destination_lost_then_rollback_runs_it_on_the_source() {
     );
     assert!(!o.success(), "{o}");
     let at_switch = vmig_tests::counter_of(&c.show("hostA", "vm1").expect("vm1 on hostA")).0;
+    // hostB's operator powers the half-arrived VM off (its faults wait on pages hostB will
+    // never get): the stop gives the missing pages up and completes.
+    c.ok(&["--host", "hostB", "vm", "stop", "vm1"]);
+    let b = c.show("hostB", "vm1").expect("vm1 registered on hostB");
+    assert_eq!(b["state"], "stopped", "{b:#}");
+    let o = c.fails(&[
+        "--host",
+        "hostA",
+        "migrate",
+        "vm1",
+        "--resume",
+        "--resume-window",
+        "0",
+    ]);
+    assert!(o.text().contains("no post-copy of"), "{o}");
     c.kill("hostB");
     // With hostB gone a resume cannot work, and says so; the VM is still held.
     let o = c.fails(&[

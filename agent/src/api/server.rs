@@ -229,7 +229,14 @@ fn handle(agent: &Agent, req: Request) -> Reply {
         }
         Request::Create { def } => inv.create(def).map(ok),
         Request::Start { name } => inv.start(&name).map(ok),
-        Request::Stop { name } => inv.stop(&name).map(ok),
+        Request::Stop { name } => {
+            // A VM that arrived in post-copy and lost its source waits on its faults: powering
+            // it off gives its missing pages up (the source still holds the VM).
+            if migrate::dest::discard_parked(inv.datastore(), &name) {
+                warn!(vm = %name, "stopping a VM whose post-copy was interrupted: its missing pages are given up here");
+            }
+            inv.stop(&name).map(ok)
+        }
         Request::Destroy { name } => inv.destroy(&name).map(|_| ok(name)),
         Request::List => Ok(ok(inv.list())),
         Request::Show { name } => inv.info(&name).map(ok),

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -446,6 +446,27 @@ static SESSIONS: Mutex<BTreeMap<(PathBuf, String), Slot>> = Mutex::new(BTreeMap:
 
 fn sessions() -> std::sync::MutexGuard<'static, BTreeMap<(PathBuf, String), Slot>> {
     SESSIONS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Gives up the parked post-copy session of VM `name` (its connection was lost): closes its
+/// userfaultfd, so faults waiting on missing pages resolve to zero pages and the VM can be
+/// powered off. Returns whether there was one.
+pub fn discard_parked(datastore: &Path, name: &str) -> bool {
+    let key = (datastore.to_path_buf(), name.to_string());
+    let mut map = sessions();
+    if !matches!(map.get(&key), Some(Slot::Parked(_))) {
+        return false;
+    }
+    let Some(Slot::Parked(s)) = map.remove(&key) else {
+        return false;
+    };
+    drop(map);
+    tracing::warn!(vm = %name, remaining = s.mem.remaining(), "discarding an interrupted post-copy session");
+    s.vm.devices()
+        .log_line("post-copy session discarded: the missing pages are given up");
+    // The handler holds the memory too: stop it first, then the last reference closes the fd.
+    drop(s);
+    true
 }
 
 fn set_slot(key: &(PathBuf, String), slot: Slot) {
