@@ -47,6 +47,26 @@ fn assert_all_pages_placed(pc: &Value) {
     );
 }
 
+/// Migrates vm1 from hostA to hostB in post-copy and shuts the connection down half-way
+/// through the push, with no reconnect window: the migration parks.
+fn cut_postcopy(c: &Cluster) -> vmig_tests::Output {
+    c.migrate_raw(
+        "hostA",
+        "vm1",
+        "hostB",
+        &[
+            "--bandwidth",
+            "20",
+            "--postcopy",
+            "always",
+            "--inject-fault",
+            "cut-postcopy",
+            "--resume-window",
+            "0",
+        ],
+    )
+}
+
 /// A guest dirtying faster than a 10 MiB/s link: `--postcopy auto` switches after the
 /// minimum rounds, the destination ends with the source's final memory, the counter goes on.
 #[test]
@@ -81,21 +101,7 @@ fn e2e_postcopy_link_cut_then_migrate_resume_finishes_it() {
     let c = two_hosts();
     c.create_vm("hostA", "vm1", HOT);
     c.assert_counting("hostA", "vm1", 0);
-    let o = c.migrate_raw(
-        "hostA",
-        "vm1",
-        "hostB",
-        &[
-            "--bandwidth",
-            "20",
-            "--postcopy",
-            "always",
-            "--inject-fault",
-            "cut-postcopy",
-            "--resume-window",
-            "0",
-        ],
-    );
+    let o = cut_postcopy(&c);
     eprintln!("{o}");
     assert!(!o.success(), "the cut migration reported success: {o}");
     assert!(o.text().contains("--resume vm1"), "{o}");
@@ -130,21 +136,7 @@ fn e2e_postcopy_destination_lost_then_rollback_runs_it_on_the_source() {
     let mut c = two_hosts();
     c.create_vm("hostA", "vm1", HOT);
     c.assert_counting("hostA", "vm1", 0);
-    let o = c.migrate_raw(
-        "hostA",
-        "vm1",
-        "hostB",
-        &[
-            "--bandwidth",
-            "20",
-            "--postcopy",
-            "always",
-            "--inject-fault",
-            "cut-postcopy",
-            "--resume-window",
-            "0",
-        ],
-    );
+    let o = cut_postcopy(&c);
     assert!(!o.success(), "{o}");
     let at_switch = vmig_tests::counter_of(&c.show("hostA", "vm1").expect("vm1 on hostA")).0;
     // hostB's operator powers the half-arrived VM off (its faults wait on pages hostB will

@@ -107,8 +107,16 @@ fn test(rest: &[String]) -> bool {
     let mut c = cargo();
     c.args(["test", "--workspace", "--exclude", "xtask"]);
     if !Path::new("/dev/kvm").exists() {
-        eprintln!("\n*** SKIPPED: no /dev/kvm on this machine: every test that runs a VM (names with `kvm`/`e2e`) is skipped ***\n");
-        c.args(["--", "--skip", "vm::", "--skip", "e2e"]);
+        eprintln!("\n*** SKIPPED: no /dev/kvm on this machine: every test that runs a VM (`vm::`, `migrate::tests`, `e2e`) is skipped ***\n");
+        c.args([
+            "--",
+            "--skip",
+            "vm::",
+            "--skip",
+            "migrate::tests",
+            "--skip",
+            "e2e",
+        ]);
     }
     c.args(rest);
     sh(c)

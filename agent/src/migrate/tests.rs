@@ -171,6 +171,18 @@ fn runs_on_destination(p: &Pair, name: &str, report: &Report) {
     assert!(p.src.running(name).is_err(), "the source released the VM");
 }
 
+/// A post-copy report's proof: memory and vCPU digests equal, every page missing at the
+/// switch placed once (on demand or pushed). Returns the post-copy figures.
+fn postcopy_landed(report: &Report) -> super::PostcopyStats {
+    assert_eq!(report.mode, "post-copy");
+    let v = report.verification.clone().unwrap();
+    assert!(v.memory_equal, "{} vs {}", v.source_memory, v.dest_memory);
+    assert!(v.vcpus_equal, "{} vs {}", v.source_vcpus, v.dest_vcpus);
+    let pc = report.postcopy.clone().unwrap();
+    assert_eq!(pc.pages_demand + pc.pages_pushed, pc.pages_missing);
+    pc
+}
+
 fn busy_opts(bandwidth: f64) -> MigrateOptions {
     MigrateOptions {
         bandwidth_mibs: Some(bandwidth),
@@ -192,18 +204,13 @@ fn auto_switches_to_postcopy_when_the_guest_outruns_the_link() {
     let report = r.unwrap();
     print(&report);
     eprintln!("phases: {phases:?}");
-    assert_eq!(report.mode, "post-copy");
+    postcopy_landed(&report);
     assert!(report.stop_reason.contains("threshold") || report.stop_reason.contains("shrink"));
     assert!(report.rounds.len() >= 3, "min rounds before the switch");
     assert!(report
         .decisions
         .iter()
         .any(|d| d.contains("switch to post-copy")));
-    let v = report.verification.clone().unwrap();
-    assert!(v.memory_equal, "{} vs {}", v.source_memory, v.dest_memory);
-    assert!(v.vcpus_equal);
-    let pc = report.postcopy.clone().unwrap();
-    assert_eq!(pc.pages_demand + pc.pages_pushed, pc.pages_missing);
     assert!(phases.iter().any(|ph| ph.starts_with("post-copy")));
     runs_on_destination(&p, "hot", &report);
 }
@@ -219,13 +226,10 @@ fn always_runs_one_round_then_postcopy_with_demand_faults() {
     let (r, _) = migrate(&p, "always", &opts);
     let report = r.unwrap();
     print(&report);
-    assert_eq!(report.mode, "post-copy");
+    let pc = postcopy_landed(&report);
     // One pre-copy round, then the switch pass.
     assert_eq!(report.rounds.len(), 2);
     assert!(report.stop_reason.contains("always"));
-    let v = report.verification.clone().unwrap();
-    assert!(v.memory_equal, "{} vs {}", v.source_memory, v.dest_memory);
-    let pc = report.postcopy.clone().unwrap();
     // The dirty vCPU faults on its working set. Whether a faulting page is then counted as
     // demanded or pushed depends on which answer lands first (the background push races the
     // request), so the faults and their latencies are what is certain.
@@ -234,7 +238,6 @@ fn always_runs_one_round_then_postcopy_with_demand_faults() {
     assert!(
         pc.latency_count > 0 && pc.latency_p50_us > 0 && pc.latency_p99_us >= pc.latency_p50_us
     );
-    assert_eq!(pc.pages_demand + pc.pages_pushed, pc.pages_missing);
     runs_on_destination(&p, "always", &report);
 }
 
@@ -315,18 +318,13 @@ fn postcopy_link_cut_reconnects_within_the_window_and_loses_no_page() {
     let (r, phases) = migrate(&p, "cut", &opts);
     let report = r.unwrap();
     print(&report);
-    assert_eq!(report.mode, "post-copy");
-    let pc = report.postcopy.clone().unwrap();
+    // Counted across both connections: every missing page placed exactly once.
+    let pc = postcopy_landed(&report);
     assert_eq!(pc.interruptions, 1, "one cut, one reconnection");
     assert!(
         phases.iter().any(|ph| ph.contains("resumed:")),
         "{phases:?}"
     );
-    // Counted across both connections: every missing page placed exactly once.
-    assert_eq!(pc.pages_demand + pc.pages_pushed, pc.pages_missing);
-    let v = report.verification.clone().unwrap();
-    assert!(v.memory_equal, "{} vs {}", v.source_memory, v.dest_memory);
-    assert!(v.vcpus_equal);
     runs_on_destination(&p, "cut", &report);
 }
 
@@ -392,11 +390,6 @@ fn postcopy_link_cut_parks_then_resume_finishes_it() {
     assert_eq!(results.len(), 2, "the first connection and the resumed one");
     assert!(results[0].is_err() && results[1].is_ok(), "{results:?}");
     p.src.end_migration("parked", true);
-    let pc = report.postcopy.clone().unwrap();
-    assert_eq!(pc.interruptions, 1);
-    assert_eq!(pc.pages_demand + pc.pages_pushed, pc.pages_missing);
-    let v = report.verification.clone().unwrap();
-    assert!(v.memory_equal, "{} vs {}", v.source_memory, v.dest_memory);
-    assert!(v.vcpus_equal);
+    assert_eq!(postcopy_landed(&report).interruptions, 1);
     runs_on_destination(&p, "parked", &report);
 }
