@@ -304,18 +304,9 @@ impl Inventory {
     pub fn stop(&self, name: &str) -> Result<VmInfo, InventoryError> {
         let vm = {
             let mut inner = self.inner();
-            let e = inner
-                .vms
-                .get_mut(name)
-                .ok_or_else(|| InventoryError::NotFound(name.into()))?;
-            if e.migrating {
-                return Err(InventoryError::State {
-                    name: name.into(),
-                    state: "migrating",
-                    op: "stop it",
-                });
-            }
-            e.vm.take()
+            Self::idle_entry(&mut inner, name, "migrating", "stop it")?
+                .vm
+                .take()
         };
         if let Some(vm) = vm {
             vm.devices().log_line("stopped");
@@ -391,9 +382,13 @@ impl Inventory {
         Ok((e.def.clone(), vm))
     }
 
-    /// Marks a VM as migrating out (one migration at a time).
-    pub fn begin_migration(&self, name: &str) -> Result<(VmDef, Arc<Vm>), InventoryError> {
-        let mut inner = self.inner();
+    /// The entry of `name`, refusing (with `state`, `op` in the error) while it migrates.
+    fn idle_entry<'a>(
+        inner: &'a mut Inner,
+        name: &str,
+        state: &'static str,
+        op: &'static str,
+    ) -> Result<&'a mut Entry, InventoryError> {
         let e = inner
             .vms
             .get_mut(name)
@@ -401,10 +396,17 @@ impl Inventory {
         if e.migrating {
             return Err(InventoryError::State {
                 name: name.into(),
-                state: "already migrating",
-                op: "migrate it again",
+                state,
+                op,
             });
         }
+        Ok(e)
+    }
+
+    /// Marks a VM as migrating out (one migration at a time).
+    pub fn begin_migration(&self, name: &str) -> Result<(VmDef, Arc<Vm>), InventoryError> {
+        let mut inner = self.inner();
+        let e = Self::idle_entry(&mut inner, name, "already migrating", "migrate it again")?;
         let vm = e.vm.clone().ok_or(InventoryError::State {
             name: name.into(),
             state: "stopped",
