@@ -125,14 +125,20 @@ fn print_banner(a: &mut Asm) {
     a.label("printed");
 }
 
-fn dirty(a: &mut Asm) {
-    a.load_r8(param::BATCH);
-    a.label("pass");
+/// Starts a pass over the working set: rdi = its base, rcx = its pages, rax = PASS + 1
+/// (stored back), the value every page of this pass gets.
+fn begin_pass(a: &mut Asm) {
     a.load_rdi(param::WS_BASE);
     a.load_rcx(param::WS_PAGES);
     a.load_rax(param::PASS);
     a.inc_rax();
     a.store_rax(param::PASS);
+}
+
+fn dirty(a: &mut Asm) {
+    a.load_r8(param::BATCH);
+    a.label("pass");
+    begin_pass(a);
     a.label("page");
     a.store_rax_at_rdi();
     a.add_rdi_page();
@@ -148,11 +154,7 @@ fn dirty(a: &mut Asm) {
 }
 
 fn fill(a: &mut Asm) {
-    a.load_rdi(param::WS_BASE);
-    a.load_rcx(param::WS_PAGES);
-    a.load_rax(param::PASS);
-    a.inc_rax();
-    a.store_rax(param::PASS);
+    begin_pass(a);
     a.label("page");
     a.store_rax_at_rdi();
     a.add_rdi_page();
