@@ -604,22 +604,29 @@ mod ring_wrap {
         vm.boot("w").unwrap();
         vm.dirty().start().unwrap();
         vm.resume();
-        for i in 0..5 {
+        // Until the ring wrapped several times (as fast as the machine lets the guest run).
+        let t = Instant::now();
+        let mut i = 0;
+        while vm.dirty().ring_counters().0 < 4 * 65536 {
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "the ring did not wrap 4 times in 120 s ({} entries): the vCPU stalled",
+                vm.dirty().ring_counters().0
+            );
             let before = vm.stats().dirty_pages_written;
             std::thread::sleep(Duration::from_millis(600));
             let written = vm.stats().dirty_pages_written - before;
             let got = vm.dirty().harvest().unwrap();
             let (entries, _) = vm.dirty().ring_counters();
+            // Every page the guest reported writing is in the harvest (up to the 4096 pages of
+            // its working set; 10 % slack for writes reported across a harvest).
             assert!(
-                got.len() >= 4096,
+                written > 0 && got.len() as u64 >= written.min(4096) * 9 / 10,
                 "harvest {i}: {} pages after {written} writes ({entries} ring entries so far)",
                 got.len()
             );
+            i += 1;
         }
-        assert!(
-            vm.dirty().ring_counters().0 > 4 * 65536,
-            "the ring wrapped several times"
-        );
         vm.dirty().stop().unwrap();
     }
 }
