@@ -280,6 +280,12 @@ impl PageSource for NetSource {
 /// Most page indices in one `PageRequest`.
 const MAX_REQUEST: usize = 512;
 
+/// Post-copy: the destination reports placed page-frame bytes (`PagesPlaced`) every this many
+/// bytes. Must stay well below the source's push window (`source::PUSH_WINDOW`), or the push
+/// would stall waiting for a report that never comes.
+const PLACED_REPORT_BYTES: u64 = 64 << 10;
+const _: () = assert!(4 * PLACED_REPORT_BYTES <= super::source::PUSH_WINDOW);
+
 /// Sends what the channel carries; page requests are batched into `PageRequest` frames.
 fn write_requests(writer: &mut FrameWriter, rx: mpsc::Receiver<Out>, down: &AtomicBool) {
     let mut batch = Vec::new();
@@ -412,6 +418,8 @@ fn run_postcopy(
             ));
             let t_run = Instant::now();
             let mut placed = PageSum::default();
+            // Page-frame bytes placed, and the count last reported to the source.
+            let (mut placed_bytes, mut reported) = (0u64, 0u64);
             while mem.remaining() > 0 {
                 let f = reader.read_frame()?;
                 let why = match f.header.kind {
@@ -430,6 +438,16 @@ fn run_postcopy(
                     }
                 };
                 place_pages(&f, &mem, pages, why, sum.is_some().then_some(&mut placed))?;
+                placed_bytes += (wire::HEADER_LEN + f.payload.len()) as u64;
+                if placed_bytes - reported >= PLACED_REPORT_BYTES {
+                    reported = placed_bytes;
+                    let _ = tx.send(Out::Frame(wire::control_frame(
+                        Kind::PagesPlaced,
+                        &msg::PagesPlaced {
+                            bytes: placed_bytes,
+                        },
+                    )));
+                }
             }
             handler
                 .stop()

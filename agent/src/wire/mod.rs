@@ -26,10 +26,13 @@
 //!                                   ◄───   Running
 //!                                   ◄───   PageRequest{pages}*   (vCPU faults)
 //!   DemandPages* (answers)  Pages* (background push)  ───►   placed with UFFDIO_COPY
+//!                                   ◄───   PagesPlaced{bytes}*   (flow control of the push)
 //!                                   ◄───   PostcopyDone{fault stats, digest}
 //!   Released                        ───►
 //! ```
-//! Until `PostcopyDone` the source keeps the VM paused with all of its memory.
+//! Until `PostcopyDone` the source keeps the VM paused with all of its memory. The source keeps
+//! at most a small window of push data beyond the last `PagesPlaced`: an answer to a
+//! `PageRequest` shares the stream with the push, and must not queue behind megabytes of it.
 //!
 //! Every frame is a 24-byte little-endian header followed by `payload_len` bytes:
 //! `meta_len` bytes of metadata (a page table, or a bincode-encoded message), then data (page
@@ -47,8 +50,8 @@ use serde::{de::DeserializeOwned, Serialize};
 
 /// "VMIG" in little-endian byte order.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"VMIG");
-/// The protocol version this agent speaks.
-pub const VERSION: u16 = 1;
+/// The protocol version this agent speaks. 2: post-copy flow control (`PagesPlaced`).
+pub const VERSION: u16 = 2;
 /// Header length.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload a receiver accepts.
@@ -100,6 +103,8 @@ pub enum Kind {
     DemandPages = 18,
     /// Destination holds every page: post-copy is over.
     PostcopyDone = 19,
+    /// Destination placed the post-copy page frames up to a byte count (flow control).
+    PagesPlaced = 20,
 }
 
 impl Kind {
@@ -125,6 +130,7 @@ impl Kind {
             PageRequest,
             DemandPages,
             PostcopyDone,
+            PagesPlaced,
         ]
         .into_iter()
         .find(|k| *k as u16 == v)
@@ -415,9 +421,10 @@ mod tests {
             meta_len: 0,
             crc: 0,
         };
+        let other = VERSION + 1;
         assert!(matches!(
-            Header::parse(&h.encode_version(2)),
-            Err(WireError::Version { got: 2 })
+            Header::parse(&h.encode_version(other)),
+            Err(WireError::Version { got }) if got == other
         ));
         let mut b = h.encode();
         b[0] = 0;
