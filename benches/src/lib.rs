@@ -84,6 +84,15 @@ impl Cluster {
         }
     }
 
+    /// Stops VM `vm` on agent `host` and deletes it, so that its vCPUs no longer compete with
+    /// the next measurement for the CPUs.
+    pub fn remove(&self, host: &str, vm: &str) {
+        for cmd in ["stop", "destroy"] {
+            self.cli(&["--host", host, "vm", cmd, vm])
+                .unwrap_or_else(|e| panic!("vm {cmd} {vm} on {host}: {e}"));
+        }
+    }
+
     /// `vmig ARGS` parsed as JSON.
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let out = self
@@ -222,4 +231,33 @@ pub fn frame_sender(bytes: u64, io: vmig::transport::IoPath) -> f64 {
     drop(w);
     reader.join().expect("reader");
     sent as f64 / secs
+}
+
+/// Panics, loudly, unless the migration report `r` carries verification digests and both the
+/// memory and the vCPU digests of the two sides are equal. Benchmarks run with `--verify`: a
+/// figure from a migration that lost or corrupted memory is worthless.
+pub fn assert_verified(what: &str, r: &serde_json::Value) {
+    let v = &r["verification"];
+    assert!(
+        v.is_object(),
+        "{what}: the report has no verification (was --verify passed?): {r}"
+    );
+    for (equal, a, b) in [
+        ("memory_equal", "source_memory", "dest_memory"),
+        ("vcpus_equal", "source_vcpus", "dest_vcpus"),
+    ] {
+        assert!(
+            v[equal].as_bool() == Some(true),
+            "{what}: DIGESTS DIFFER: {equal} is false: source {} destination {}",
+            v[a],
+            v[b]
+        );
+    }
+}
+
+/// The median of `v` (the upper middle for an even length); NaN when empty.
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }

@@ -291,6 +291,12 @@ impl PageSource for NetSource {
 /// Most page indices in one `PageRequest`.
 const MAX_REQUEST: usize = 512;
 
+/// Post-copy: the destination reports placed page-frame bytes (`PagesPlaced`) every this many
+/// bytes. Must stay well below the source's push window (`source::PUSH_WINDOW`), or the push
+/// would stall waiting for a report that never comes.
+const PLACED_REPORT_BYTES: u64 = 64 << 10;
+const _: () = assert!(4 * PLACED_REPORT_BYTES <= super::source::PUSH_WINDOW);
+
 /// Sends what the channel carries; page requests are batched into `PageRequest` frames.
 fn write_requests(writer: &mut FrameWriter, rx: mpsc::Receiver<Out>, down: &AtomicBool) {
     let mut batch = Vec::new();
@@ -521,6 +527,9 @@ fn serve_session(
             if let Err(e) = s.mem.reissue_pending() {
                 tracing::warn!(cause = %e, "post-copy: re-requesting waiting faults failed");
             }
+            // Page-frame bytes placed on this connection, and the count last reported to the
+            // source (its push window).
+            let (mut placed_bytes, mut reported) = (0u64, 0u64);
             while s.mem.remaining() > 0 {
                 let f = reader.read_frame()?;
                 let why = match f.header.kind {
@@ -539,6 +548,16 @@ fn serve_session(
                     }
                 };
                 place_pages(&f, &s.mem, pages, why, s.sum.as_mut())?;
+                placed_bytes += (wire::HEADER_LEN + f.payload.len()) as u64;
+                if placed_bytes - reported >= PLACED_REPORT_BYTES {
+                    reported = placed_bytes;
+                    let _ = tx.send(Out::Frame(wire::control_frame(
+                        Kind::PagesPlaced,
+                        &msg::PagesPlaced {
+                            bytes: placed_bytes,
+                        },
+                    )));
+                }
             }
             if let Some(h) = s.handler.take() {
                 h.stop()

@@ -730,12 +730,19 @@ fn postcopy_switch(
 /// Events of the post-copy reader thread.
 enum PcEvent {
     Request(Vec<u64>),
+    /// The destination placed this many page-frame bytes (`PagesPlaced`).
+    Placed(u64),
     Done(msg::PostcopyDone),
     Failed(String),
 }
 
 /// Pages per background push frame: small, so a demand page never waits long behind one.
 const PUSH_PAGES: usize = 32;
+/// Push bytes the source keeps in flight beyond the destination's last `PagesPlaced`. Without a
+/// bound the push fills both socket buffers (megabytes), and every answer to a page request
+/// queues behind them; with it, an answer waits behind at most this much. It also bounds the
+/// push to this much per round trip (512 MiB/s at 1 ms), far above what the destination places.
+pub(super) const PUSH_WINDOW: u64 = 512 << 10;
 /// How long the source waits for the destination to finish post-copy without any frame.
 const POSTCOPY_IDLE: Duration = Duration::from_secs(60);
 
@@ -792,6 +799,10 @@ fn serve_postcopy(
                         .decode::<msg::PageRequest>()
                         .map(|r| PcEvent::Request(r.pages))
                         .map_err(|e| e.to_string()),
+                    Kind::PagesPlaced => f
+                        .decode::<msg::PagesPlaced>()
+                        .map(|p| PcEvent::Placed(p.bytes))
+                        .map_err(|e| e.to_string()),
                     Kind::PostcopyDone => f
                         .decode::<msg::PostcopyDone>()
                         .map(PcEvent::Done)
@@ -806,7 +817,7 @@ fn serve_postcopy(
                 Ok(ev) => ev,
                 Err(e) => PcEvent::Failed(e),
             };
-            let last = !matches!(ev, PcEvent::Request(_));
+            let last = !matches!(ev, PcEvent::Request(_) | PcEvent::Placed(_));
             if tx.send(ev).is_err() || last {
                 return;
             }
@@ -853,6 +864,37 @@ fn serve_postcopy(
     Ok((stats, verification))
 }
 
+/// Flow control of the post-copy push: the page-frame bytes sent since the push began that the
+/// destination has not reported placed, against a window.
+#[derive(Debug)]
+struct PushWindow {
+    /// The writer's byte count when the push began.
+    base: u64,
+    /// Bytes the destination reported placed (`PagesPlaced`), counted from `base`.
+    placed: u64,
+    window: u64,
+}
+
+impl PushWindow {
+    fn new(sent: u64, window: u64) -> Self {
+        Self {
+            base: sent,
+            placed: 0,
+            window,
+        }
+    }
+
+    /// Whether another push frame may go, with the writer at `sent` bytes.
+    fn open(&self, sent: u64) -> bool {
+        (sent - self.base).saturating_sub(self.placed) < self.window
+    }
+
+    /// The destination placed `bytes` (reports may arrive out of date, never out of order).
+    fn placed(&mut self, bytes: u64) {
+        self.placed = self.placed.max(bytes);
+    }
+}
+
 fn push_and_answer(
     vm: &Vm,
     link: &mut Link,
@@ -873,9 +915,12 @@ fn push_and_answer(
     let mut last_progress = Instant::now();
     let mut requests_at_progress = 0u64;
     let mut last_frame = Instant::now();
+    let mut window = PushWindow::new(link.writer.bytes_sent(), PUSH_WINDOW);
     let done = loop {
-        // Take every request that arrived; block only when nothing is left to push.
-        let mut next = if unsent == 0 && demand.is_empty() {
+        // Take every request and report that arrived; block only when there is nothing to
+        // push (all sent, or a window's worth not placed yet): a request or report wakes it.
+        let can_push = unsent > 0 && window.open(link.writer.bytes_sent());
+        let mut next = if !can_push && demand.is_empty() {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(ev) => Some(ev),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -894,6 +939,7 @@ fn push_and_answer(
                     stats.source_requested += pages.len() as u64;
                     demand.extend(pages);
                 }
+                PcEvent::Placed(bytes) => window.placed(bytes),
                 PcEvent::Done(d) => {
                     finished = Some(d);
                     break;
@@ -905,9 +951,10 @@ fn push_and_answer(
         if let Some(d) = finished {
             break d;
         }
-        if unsent == 0 && demand.is_empty() && last_frame.elapsed() > POSTCOPY_IDLE {
+        let can_push = unsent > 0 && window.open(link.writer.bytes_sent());
+        if !can_push && demand.is_empty() && last_frame.elapsed() > POSTCOPY_IDLE {
             return Err(MigrateError::Peer(format!(
-                "no PostcopyDone {} s after the last page",
+                "no word from the destination for {} s ({unsent} pages not sent yet)",
                 POSTCOPY_IDLE.as_secs()
             )));
         }
@@ -939,7 +986,7 @@ fn push_and_answer(
                 )?;
                 stats.source_demand_sent += answer.len() as u64;
             }
-        } else if unsent > 0 {
+        } else if can_push {
             let mut batch = Vec::with_capacity(PUSH_PAGES);
             let mut scanned = 0;
             while batch.len() < PUSH_PAGES && scanned < stale.len() {
@@ -1158,4 +1205,30 @@ fn send_state(
         },
     )?;
     Ok(digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PushWindow;
+
+    #[test]
+    fn push_waits_once_a_window_is_unplaced() {
+        // The writer had sent 1000 bytes (pre-copy, state) when the push began.
+        let mut w = PushWindow::new(1000, 100);
+        assert!(w.open(1000));
+        assert!(w.open(1099));
+        assert!(!w.open(1100), "a full window is not placed yet");
+        w.placed(50);
+        assert!(w.open(1100));
+        assert!(!w.open(1150));
+    }
+
+    #[test]
+    fn an_older_report_does_not_shrink_what_was_placed() {
+        let mut w = PushWindow::new(0, 100);
+        w.placed(80);
+        w.placed(30);
+        assert!(w.open(179));
+        assert!(!w.open(180));
+    }
 }

@@ -153,6 +153,15 @@ pub struct PageRequest {
     pub pages: Vec<u64>,
 }
 
+/// Destination → source, during post-copy: bytes of page frames (`Pages` and `DemandPages`,
+/// headers included) received and placed since `Running`. The source sends push data only while
+/// less than a window of it is beyond this count.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PagesPlaced {
+    /// Page-frame bytes placed so far.
+    pub bytes: u64,
+}
+
 /// Destination → source: every page is present; post-copy is over.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PostcopyDone {

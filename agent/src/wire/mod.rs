@@ -26,10 +26,13 @@
 //!                                   ◄───   Running
 //!                                   ◄───   PageRequest{pages}*   (vCPU faults)
 //!   DemandPages* (answers)  Pages* (background push)  ───►   placed with UFFDIO_COPY
+//!                                   ◄───   PagesPlaced{bytes}*   (flow control of the push)
 //!                                   ◄───   PostcopyDone{fault stats, digest}
 //!   Released                        ───►
 //! ```
-//! Until `PostcopyDone` the source keeps the VM paused with all of its memory.
+//! Until `PostcopyDone` the source keeps the VM paused with all of its memory. The source keeps
+//! at most a small window of push data beyond the last `PagesPlaced`: an answer to a
+//! `PageRequest` shares the stream with the push, and must not queue behind megabytes of it.
 //!
 //! If the connection drops during post-copy, the destination's vCPUs wait on their faults and
 //! both sides keep their state; the source reconnects (automatically within its resume window,
@@ -61,8 +64,8 @@ use serde::{de::DeserializeOwned, Serialize};
 
 /// "VMIG" in little-endian byte order.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"VMIG");
-/// The protocol version this agent speaks.
-pub const VERSION: u16 = 1;
+/// The protocol version this agent speaks. 2: post-copy flow control (`PagesPlaced`).
+pub const VERSION: u16 = 2;
 /// Header length.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload a receiver accepts.
@@ -118,6 +121,8 @@ pub enum Kind {
     Resume = 20,
     /// Destination: the post-copy session waits here; the pages it still lacks.
     Resumed = 21,
+    /// Destination placed the post-copy page frames up to a byte count (flow control).
+    PagesPlaced = 22,
 }
 
 impl Kind {
@@ -145,6 +150,7 @@ impl Kind {
             PostcopyDone,
             Resume,
             Resumed,
+            PagesPlaced,
         ]
         .into_iter()
         .find(|k| *k as u16 == v)
@@ -437,9 +443,10 @@ mod tests {
             meta_len: 0,
             crc: 0,
         };
+        let other = VERSION + 1;
         assert!(matches!(
-            Header::parse(&h.encode_version(2)),
-            Err(WireError::Version { got: 2 })
+            Header::parse(&h.encode_version(other)),
+            Err(WireError::Version { got }) if got == other
         ));
         let mut b = h.encode();
         b[0] = 0;
