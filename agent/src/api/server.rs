@@ -102,6 +102,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         .map(|m| m << 20)
         .unwrap_or_else(mem_available);
     let inv = Inventory::open(&cfg.datastore, capacity)?;
+    // Computed now, not inside the first migration's round-trip measurement.
+    let cpu = migrate::cpu_digest();
+    tracing::debug!(%cpu, "CPU feature digest");
     let hosts = match &cfg.hosts {
         Some(p) => read_hosts(p)?,
         None => HashMap::new(),

@@ -246,7 +246,15 @@ impl Cancel {
 }
 
 /// A digest of the CPU features KVM offers guests here (source and destination must agree).
+///
+/// Computed once per process (it opens `/dev/kvm` and reads CPUID): the `Hello` exchange that
+/// answers with it also measures the round trip the controller predicts with.
 pub fn cpu_digest() -> String {
+    static DIGEST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DIGEST.get_or_init(compute_cpu_digest).clone()
+}
+
+fn compute_cpu_digest() -> String {
     let Ok(kvm) = kvm_ioctls::Kvm::new() else {
         return "no-kvm".into();
     };
