@@ -61,6 +61,17 @@ pub fn receive(
     result
 }
 
+/// The error for a frame other than `want`: the peer's reason if it is an `Abort`/`Error`.
+fn not_expected(f: &Frame, want: &'static str) -> MigrateError {
+    match f.header.kind {
+        Kind::Abort | Kind::Error => match f.verify().and_then(|_| f.decode::<msg::Abort>()) {
+            Ok(a) => MigrateError::Peer(a.reason),
+            Err(e) => e.into(),
+        },
+        got => WireError::Unexpected { got, want }.into(),
+    }
+}
+
 fn verified(reader: &mut FrameReader) -> Result<Frame, MigrateError> {
     let f = reader.read_frame()?;
     f.verify()?;
@@ -174,17 +185,7 @@ fn run(
                 tracing::info!(vm = %def.name, stale = pc.count, reason = %pc.reason, "switching to post-copy");
                 postcopy = Some(pc);
             }
-            Kind::Abort | Kind::Error => {
-                f.verify()?;
-                return Err(MigrateError::Peer(f.decode::<msg::Abort>()?.reason));
-            }
-            other => {
-                return Err(WireError::Unexpected {
-                    got: other,
-                    want: "Pages, FileChunk, RoundEnd or State",
-                }
-                .into())
-            }
+            _ => return Err(not_expected(&f, "Pages, FileChunk, RoundEnd or State")),
         }
     };
 
@@ -535,17 +536,7 @@ fn serve_session(
                 let why = match f.header.kind {
                     Kind::DemandPages => Placement::Demand,
                     Kind::Pages => Placement::Push,
-                    Kind::Abort | Kind::Error => {
-                        f.verify()?;
-                        return Err(MigrateError::Peer(f.decode::<msg::Abort>()?.reason));
-                    }
-                    other => {
-                        return Err(WireError::Unexpected {
-                            got: other,
-                            want: "Pages or DemandPages",
-                        }
-                        .into())
-                    }
+                    _ => return Err(not_expected(&f, "Pages or DemandPages")),
                 };
                 place_pages(&f, &s.mem, pages, why, s.sum.as_mut())?;
                 placed_bytes += (wire::HEADER_LEN + f.payload.len()) as u64;
