@@ -313,7 +313,7 @@ async fn migrate_out(
         };
         let ptx = tx.clone();
         let progress = move |p| {
-            let _ = ptx.send(Reply::Progress(p));
+            let _ = ptx.send(Reply::Progress(Box::new(p)));
         };
         let result = migrate::source::migrate(&out, addr, &dest, &opts, &c, &progress);
         drop(vm);
