@@ -157,6 +157,37 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 #[cfg(test)]
+pub(crate) mod test_hook {
+    //! A test's look at the destination of an in-process post-copy migration: called with the
+    //! VM after its memory is registered with userfaultfd and before its vCPUs run.
+
+    use std::sync::Mutex;
+
+    use crate::vm::Vm;
+
+    type Hook = Box<dyn FnMut(&Vm) + Send>;
+    static BEFORE_POSTCOPY_RUN: Mutex<Option<Hook>> = Mutex::new(None);
+
+    /// Installs `f` for the next post-copy destination (taken when it runs).
+    pub fn set(f: impl FnMut(&Vm) + Send + 'static) {
+        *BEFORE_POSTCOPY_RUN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    /// Runs the installed hook, if any (once).
+    pub fn before_postcopy_run(vm: &Vm) {
+        let hook = BEFORE_POSTCOPY_RUN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut f) = hook {
+            f(vm);
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
