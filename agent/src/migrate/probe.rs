@@ -1,8 +1,9 @@
 //! Kernel-measured dirty rates for the pre-copy controller.
 //!
-//! During a migration the source attaches the `vmig-ebpf` probes to the VM being migrated
-//! (counters only, no event ring), filtered to this process (the VMM), the VM's vCPU threads and
-//! its guest memory. After every pre-copy round, right after the dirty log's harvest,
+//! During a migration the source attaches the `vmig-ebpf` dirty-ring probes
+//! ([`ProbeSet::DirtyRing`]: counters only, no event ring, nothing on the per-instruction or
+//! per-ioctl tracepoints) to the VM being migrated, filtered to this process (the VMM), the
+//! VM's vCPU threads and its guest memory. After every pre-copy round, right after the dirty log's harvest,
 //! [`RoundProbes::end_round`] reads what the kernel counted since the previous harvest: the
 //! dirty-ring pushes, the distinct pages they named and the ring-full exits, then starts a new
 //! distinct-page window. The controller weighs the distinct pages against the log's own count
@@ -14,7 +15,7 @@
 
 use std::time::Instant;
 
-use vmig_ebpf::{Counters, VmFilter, VmProbes};
+use vmig_ebpf::{Counters, ProbeSet, VmFilter, VmProbes};
 
 use super::KernelRound;
 use crate::dirty::DirtyMode;
@@ -70,7 +71,8 @@ impl RoundProbes {
             );
         }
         let filter = filter_of(vm);
-        let mut probes = VmProbes::attach(&filter, false).map_err(|e| chain(&e))?;
+        let mut probes =
+            VmProbes::attach_set(&filter, false, ProbeSet::DirtyRing).map_err(|e| chain(&e))?;
         probes.start_dirty_window().map_err(|e| chain(&e))?;
         let last = probes.counters().map_err(|e| chain(&e))?;
         Ok((probes, last))
