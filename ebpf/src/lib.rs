@@ -48,6 +48,30 @@ pub struct VmFilter {
     pub mem_len: u64,
 }
 
+/// Which programs [`VmProbes::attach_set`] attaches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProbeSet {
+    /// Every program: what `vmig trace` shows.
+    #[default]
+    All,
+    /// Only the dirty-ring programs (`kvm:kvm_dirty_ring_push` and `kvm:kvm_dirty_ring_exit`):
+    /// pushes, distinct pages per window and ring-full exits, the pre-copy controller's figures.
+    /// Every other counter stays 0, and nothing runs on the far more frequent tracepoints
+    /// (`kvm_emulate_insn` fires per emulated guest instruction, `sys_enter_ioctl` per `KVM_RUN`).
+    DirtyRing,
+}
+
+impl ProbeSet {
+    fn includes(self, program: &str) -> bool {
+        match self {
+            ProbeSet::All => true,
+            ProbeSet::DirtyRing => {
+                matches!(program, "vmig_dirty_ring_push" | "vmig_dirty_ring_exit")
+            }
+        }
+    }
+}
+
 /// Totals since attach (sums over CPUs).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -158,6 +182,15 @@ impl VmProbes {
     /// false the programs only count (no ring-buffer traffic) and [`VmProbes::event_stream`]
     /// fails.
     pub fn attach(filter: &VmFilter, with_events: bool) -> Result<Self, EbpfError> {
+        Self::attach_set(filter, with_events, ProbeSet::All)
+    }
+
+    /// Like [`VmProbes::attach`], attaching only the programs of `set`.
+    pub fn attach_set(
+        filter: &VmFilter,
+        with_events: bool,
+        set: ProbeSet,
+    ) -> Result<Self, EbpfError> {
         let bytes = object()?;
         check_capabilities()?;
         let root = layout::tracefs_root()?;
@@ -197,12 +230,13 @@ impl VmProbes {
         }
         probes.write_config()?;
 
-        for probe in layout::PROBES {
+        for probe in layout::PROBES.iter().filter(|p| set.includes(p.program)) {
             attach_one(&mut probes._ebpf, probe)?;
         }
         tracing::debug!(
             pid = filter.pid,
             vcpus = filter.vcpu_tids.len(),
+            ?set,
             "vmig BPF probes attached"
         );
         Ok(probes)

@@ -184,6 +184,7 @@ fn unregistered_vcpu_thread_is_ignored_until_added() {
     let c = probes.counters().expect("counters");
     assert_eq!((c.dirty_ring_pushes, c.kvm_exits), (0, 0));
 
+    drop(vm); // TinyVms run one at a time (common::ONE_VM_AT_A_TIME).
     let mut vm = TinyVm::new(PAGES, 1, 1 << 20);
     probes.add_vcpu_tid(gettid(), 3).expect("add vcpu");
     let report = vm.run();
@@ -238,4 +239,46 @@ fn long_mode_guest_exits_and_pushes_are_counted() {
     // On this platform (kvm_pvm) the guest runs in KVM's emulator and no kvm_exit fires; where
     // it does, the per-reason table must add up.
     assert_eq!(c.kvm_exits, c.exits_by_reason.values().sum::<u64>());
+}
+
+#[test]
+fn dirty_ring_set_counts_the_same_pushes_and_nothing_else() {
+    if skip_reason("dirty_ring_set_counts_the_same_pushes_and_nothing_else").is_some() {
+        return;
+    }
+    let mut vm = TinyVm::new(PAGES, ROUNDS, 4096);
+    let filter = VmFilter {
+        pid: getpid(),
+        vcpu_tids: vec![gettid()],
+        mem_start: vm.host_mem,
+        mem_len: GUEST_MEM as u64,
+    };
+    let probes =
+        VmProbes::attach_set(&filter, false, vmig_ebpf::ProbeSet::DirtyRing).expect("attach");
+    let report = vm.run();
+    let c = probes.counters().expect("counters");
+    eprintln!(
+        "dirty-ring set: {} pushes, {} distinct, {} ring full; VMM harvested {}, {} ring-full exits",
+        c.dirty_ring_pushes,
+        c.dirty_pages_distinct,
+        c.dirty_ring_full,
+        report.harvested.len(),
+        report.ring_full_exits
+    );
+    assert_eq!(c.dirty_ring_pushes, report.harvested.len() as u64);
+    assert_eq!(c.dirty_pages_distinct, u64::from(PAGES));
+    assert_eq!(c.dirty_ring_full, report.ring_full_exits);
+    assert!(report.ring_full_exits > 0, "the small ring filled");
+    // The other programs are not attached: their counters stay 0 although the guest ran
+    // emulated instructions, reset its rings and touched its memory.
+    assert_eq!(
+        (
+            c.emulated_insns,
+            c.dirty_ring_resets,
+            c.user_faults,
+            c.uffd_ioctls
+        ),
+        (0, 0, 0, 0)
+    );
+    assert!(report.resets > 0);
 }

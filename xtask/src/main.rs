@@ -22,7 +22,9 @@ fn main() {
                  \n  build          build everything (release)\
                  \n  run -- ARGS    run `vmig ARGS` (release build); `run` alone runs the demo\
                  \n  test           setup, then the whole test suite (needs root and /dev/kvm)\
-                 \n  bench          migration benchmarks (release), ratios against loopback TCP"
+                 \n  bench          migration benchmarks (release), ratios against loopback TCP,\
+                 \n                 then the probe overhead experiment\
+                 \n  bench probes   only the BPF probe overhead (guest dirtying rate with/without)"
             );
             task == "help"
         }
@@ -124,21 +126,22 @@ fn test(rest: &[String]) -> bool {
 
 fn bench(rest: &[String]) -> bool {
     setup();
+    // In-process experiments, each its own binary of vmig-benches.
+    let only = rest.first().map(String::as_str).filter(|a| *a == "probes");
+    if let Some(bin) = only {
+        return bench_bin(bin, &rest[1..]);
+    }
     let mut b = cargo();
     b.args(["build", "--release", "-p", "vmig", "--bin", "vmig"]);
     if !sh(b) {
         return false;
     }
+    bench_bin("migration", rest) && bench_bin("probes", &[])
+}
+
+fn bench_bin(bin: &str, rest: &[String]) -> bool {
     let mut c = cargo();
-    c.args([
-        "run",
-        "--release",
-        "-p",
-        "vmig-benches",
-        "--bin",
-        "migration",
-        "--",
-    ])
-    .args(rest);
+    c.args(["run", "--release", "-p", "vmig-benches", "--bin", bin, "--"])
+        .args(rest);
     sh(c)
 }

@@ -84,7 +84,7 @@ pub enum Reply {
     /// Success, with a JSON value.
     Ok(serde_json::Value),
     /// Migration progress.
-    Progress(Progress),
+    Progress(Box<Progress>),
     /// Migration done.
     Report(Box<Report>),
     /// Failure, with the reason.

@@ -388,7 +388,7 @@ async fn migrate_out(
         };
         let ptx = tx.clone();
         let progress = move |p| {
-            let _ = ptx.send(Reply::Progress(p));
+            let _ = ptx.send(Reply::Progress(Box::new(p)));
         };
         let result = match job {
             Ok((addr, dest, opts)) => {

@@ -1,5 +1,19 @@
 //! The pre-copy controller: after every round it predicts the downtime of stopping now from
 //! measured figures and decides whether to go on.
+//!
+//! ## Which dirty count the prediction uses
+//!
+//! Two independent counts of the pages dirtied in a round are available: the dirty log's
+//! (pages harvested from KVM's ring or bitmap) and, when the BPF probes are on
+//! ([`super::probe`]), the kernel's (distinct pages KVM pushed onto the dirty rings during the
+//! round's window, counted in BPF). Both should agree; each can only err low for reasons the
+//! other does not share: the log loses pages if harvesting has a bug or a ring overflows
+//! (entries KVM never pushed, or entries the harvester skipped), while the probe can only
+//! over-count (its LRU map evicting a page). A prediction that errs low stops too early and
+//! overshoots `--max-downtime`; one that errs high costs one more round. So
+//! [`Controller::assess`] takes the **larger** of the two, the conservative estimate, and
+//! records which one won (`RoundStats::estimate_from`). Dirty-ring pushes per second are shown
+//! but not used: they count writes, not pages (an emulated guest pushes one entry per write).
 
 use std::time::Duration;
 
@@ -74,6 +88,23 @@ impl Controller {
         let bw = bandwidth.max(1.0);
         let bytes = dirty_pages as f64 * PAGE_WIRE_BYTES + self.state_bytes;
         (bytes / bw + 2.0 * self.rtt.as_secs_f64()) * 1e3
+    }
+
+    /// Fills in the round's dirty rate, dirty ratio and predicted downtime from the dirty log's
+    /// count (`r.dirty_pages`), the kernel's (`r.kernel`, if any) and `pending`, the pages that
+    /// stopping now would send (the log's dirty pages plus any held back earlier and not
+    /// dirtied again). The larger of the two dirty counts wins (module docs).
+    pub fn assess(&self, r: &mut RoundStats, pending: u64) {
+        let held_extra = pending.saturating_sub(r.dirty_pages);
+        let kernel = r.kernel.map(|k| k.distinct_pages);
+        let (dirty, from) = match kernel {
+            Some(k) if k > r.dirty_pages => (k, "kernel"),
+            _ => (r.dirty_pages, "log"),
+        };
+        r.estimate_from = from.into();
+        r.dirty_rate = dirty as f64 / r.secs.max(1e-9);
+        r.predicted_downtime_ms = self.predict_ms(dirty + held_extra, r.bandwidth);
+        r.dirty_ratio = Self::dirty_ratio(r.dirty_rate, r.bandwidth);
     }
 
     /// dirty rate × page bytes / bandwidth: the fraction of the link the guest's writes eat.
@@ -209,6 +240,7 @@ impl Controller {
 
 #[cfg(test)]
 mod tests {
+    use super::super::KernelRound;
     use super::*;
 
     fn round(round: u32, predicted: f64) -> RoundStats {
@@ -248,6 +280,38 @@ mod tests {
         // 256 pages of 4104 wire bytes at 1 MiB/s: ~1002 ms, plus 2 ms of round trips.
         let p = c.predict_ms(256, 1048576.0);
         assert!((p - (256.0 * 4104.0 / 1048576.0 * 1e3 + 2.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_larger_of_log_and_kernel_counts_wins() {
+        let c = Controller::new(&MigrateOptions::default(), 0, Duration::ZERO);
+        let mut r = RoundStats {
+            secs: 0.5,
+            bandwidth: 1048576.0,
+            dirty_pages: 100,
+            ..Default::default()
+        };
+        c.assess(&mut r, 100);
+        assert_eq!((r.estimate_from.as_str(), r.dirty_rate), ("log", 200.0));
+        let log_only = r.predicted_downtime_ms;
+        assert_eq!(log_only, c.predict_ms(100, 1048576.0));
+
+        r.kernel = Some(KernelRound {
+            distinct_pages: 90,
+            ..Default::default()
+        });
+        c.assess(&mut r, 100);
+        assert_eq!(r.estimate_from, "log");
+        assert_eq!(r.predicted_downtime_ms, log_only);
+
+        r.kernel = Some(KernelRound {
+            distinct_pages: 150,
+            ..Default::default()
+        });
+        c.assess(&mut r, 110);
+        assert_eq!((r.estimate_from.as_str(), r.dirty_rate), ("kernel", 300.0));
+        assert_eq!(r.predicted_downtime_ms, c.predict_ms(160, 1048576.0));
+        assert!((r.dirty_ratio - 300.0 * PAGE_WIRE_BYTES / 1048576.0).abs() < 1e-9);
     }
 
     fn hot(round: u32, dirty: u64, ratio: f64) -> RoundStats {

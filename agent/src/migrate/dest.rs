@@ -391,6 +391,8 @@ fn run_postcopy(
     let handler = mem
         .start(Arc::new(NetSource::default()))
         .map_err(|e| MigrateError::Postcopy(e.to_string()))?;
+    #[cfg(test)]
+    super::probe::test_hook::before_postcopy_run(&vm);
     writer.send_bytes(wire::control_frame(Kind::Ready, &ready))?;
     let _: msg::Go = verified(reader)?.expect(Kind::Go)?;
 

@@ -7,6 +7,9 @@
 
 pub mod controller;
 pub mod dest;
+pub mod probe;
+#[cfg(test)]
+mod probe_tests;
 pub mod report;
 pub mod source;
 #[cfg(test)]
@@ -24,7 +27,7 @@ use crate::transport::{IoPath, RecvError};
 use crate::vm::VmError;
 use crate::wire::WireError;
 
-pub use report::{PostcopyStats, Progress, Report, RoundStats, Verification};
+pub use report::{KernelRound, PostcopyStats, Progress, Report, RoundStats, Verification};
 
 /// When to switch to post-copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]

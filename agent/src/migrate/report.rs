@@ -32,6 +32,29 @@ pub struct RoundStats {
     /// The controller's decision after the round, with its figures.
     #[serde(default)]
     pub decision: String,
+    /// What the kernel measured during the round (BPF probes on the dirty ring), when the
+    /// probes are on; see [`super::probe`].
+    #[serde(default)]
+    pub kernel: Option<KernelRound>,
+    /// Which dirty count the prediction used: "log" (the dirty log's) or "kernel" (the
+    /// probes' distinct pages, when larger). See [`super::controller::Controller::assess`].
+    #[serde(default)]
+    pub estimate_from: String,
+}
+
+/// One round as the kernel saw it: counters of the `vmig-ebpf` probes over the round's window
+/// (from the previous round's harvest to this round's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct KernelRound {
+    /// Entries KVM pushed onto the VM's dirty rings (`kvm:kvm_dirty_ring_push`), duplicates
+    /// included: a page written many times in a round can be pushed many times.
+    pub pushes: u64,
+    /// `pushes` per second of the round.
+    pub pushes_per_s: f64,
+    /// Distinct pages among those pushes (counted once per window in BPF).
+    pub distinct_pages: u64,
+    /// vCPU exits with `KVM_EXIT_DIRTY_RING_FULL` during the round.
+    pub ring_full_exits: u64,
 }
 
 /// Post-copy figures: the destination's fault statistics and the source's serving counts.
@@ -192,6 +215,9 @@ pub struct Report {
     /// Post-copy statistics, when the migration switched to post-copy.
     #[serde(default)]
     pub postcopy: Option<PostcopyStats>,
+    /// Why kernel-measured dirty rates are off (`None` when the probes ran every round).
+    #[serde(default)]
+    pub kernel_rates_off: Option<String>,
 }
 
 impl Report {
@@ -241,12 +267,22 @@ impl Report {
             "  io path         {:>10}   dirty tracking {}",
             self.io_path, self.dirty_tracking
         );
+        if let Some(why) = &self.kernel_rates_off {
+            let _ = writeln!(s, "  kernel rates           off: {why}");
+        }
         for r in &self.rounds {
             let _ = writeln!(
                 s,
                 "    round {:>2}: {:>8} pages ({:>8} zero) {:>8.1} MiB in {:>7.1} ms, {:>7} dirty, {:>8.0} pages/s dirtied, {:>7.1} MiB/s, predicted downtime {:>7.2} ms",
                 r.round, r.pages, r.zero_pages, r.bytes as f64 / 1048576.0, r.secs * 1e3, r.dirty_pages, r.dirty_rate, r.bandwidth / 1048576.0, r.predicted_downtime_ms
             );
+            if let Some(k) = &r.kernel {
+                let _ = writeln!(
+                    s,
+                    "              kernel: {} distinct pages (log {}), {:.0} ring pushes/s, {} ring-full exits; prediction from the {}",
+                    k.distinct_pages, r.dirty_pages, k.pushes_per_s, k.ring_full_exits, r.estimate_from
+                );
+            }
             if r.throttle_pct > 0 || r.dirty_ratio > 0.0 {
                 let _ = writeln!(
                     s,

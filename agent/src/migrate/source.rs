@@ -8,6 +8,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::controller::{Controller, Decision};
+use super::probe::RoundProbes;
 use super::{
     cpu_digest, Cancel, Fault, MigrateError, MigrateOptions, PageSum, PostcopyStats, Progress,
     Report, RoundStats, Verification,
@@ -183,6 +184,7 @@ fn run(
     // 3. Iterative pre-copy.
     vm.dirty().mode().check(opts.dirty_tracking)?;
     let (entries0, full0) = vm.dirty().ring_counters();
+    let mut probes = RoundProbes::attach(vm);
     vm.dirty().start()?;
     let populated = vm.ram().populated()?;
     let touched = populated.iter().filter(|p| **p).count() as u64;
@@ -216,11 +218,10 @@ fn run(
         )?;
         pending = vm.dirty().harvest()?;
         stats.secs = t.elapsed().as_secs_f64();
+        stats.kernel = probes.end_round(round, stats.secs);
         stats.dirty_pages = pending.len() as u64;
-        stats.dirty_rate = pending.len() as f64 / stats.secs;
         stats.bandwidth = stats.bytes as f64 / stats.secs;
-        stats.predicted_downtime_ms = controller.predict_ms(stats.dirty_pages, stats.bandwidth);
-        stats.dirty_ratio = Controller::dirty_ratio(stats.dirty_rate, stats.bandwidth);
+        controller.assess(&mut stats, pending.len() as u64);
         stats.throttle_pct = vm.throttle();
         tracing::info!(
             round,
@@ -258,6 +259,9 @@ fn run(
             }
         }
     };
+    // The probes only serve pre-copy decisions: detach them before the pause.
+    let kernel_rates_off = probes.off_reason().map(String::from);
+    drop(probes);
     let (stop_reason, postcopy_why) = match end {
         End::StopAndCopy(why) => {
             tracing::info!(reason = %why, "stop-and-copy");
@@ -329,6 +333,7 @@ fn run(
         .into(),
         postcopy_policy: opts.postcopy.to_string(),
         decisions,
+        kernel_rates_off,
         ..Default::default()
     };
     if postcopy_why.is_none() {

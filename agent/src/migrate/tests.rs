@@ -12,13 +12,32 @@ use super::{
 use crate::inventory::{Inventory, VmDef};
 use crate::transport::IoPath;
 
-struct Pair {
+pub(super) struct Pair {
     _dir: tempfile::TempDir,
-    src: Arc<Inventory>,
-    dst: Arc<Inventory>,
+    pub(super) src: Arc<Inventory>,
+    pub(super) dst: Arc<Inventory>,
 }
 
 fn pair(name: &str, memory_mib: u64, workload: &[&str], dirty_mib: u64) -> Pair {
+    // The bitmap: on this platform the dirty ring stops reporting after a few wraps
+    // under a flat-out dirtier (ring-full exits loop with nothing to harvest).
+    pair_with(
+        name,
+        memory_mib,
+        workload,
+        dirty_mib,
+        crate::dirty::DirtyTracking::Bitmap,
+    )
+}
+
+/// Like [`pair`], with the dirty-tracking mechanism of the VM chosen.
+pub(super) fn pair_with(
+    name: &str,
+    memory_mib: u64,
+    workload: &[&str],
+    dirty_mib: u64,
+    dirty_tracking: crate::dirty::DirtyTracking,
+) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let src = Inventory::open(&dir.path().join("a"), 4 << 30).unwrap();
     let dst = Inventory::open(&dir.path().join("b"), 4 << 30).unwrap();
@@ -29,9 +48,7 @@ fn pair(name: &str, memory_mib: u64, workload: &[&str], dirty_mib: u64) -> Pair 
         workload: workload.iter().map(|w| w.to_string()).collect(),
         dirty_mib,
         dirty_rate: 0,
-        // The bitmap: on this platform the dirty ring stops reporting after a few wraps
-        // under a flat-out dirtier (ring-full exits loop with nothing to harvest).
-        dirty_tracking: crate::dirty::DirtyTracking::Bitmap,
+        dirty_tracking,
         disk_mib: 1,
     };
     src.create(def).unwrap();
@@ -45,7 +62,7 @@ fn pair(name: &str, memory_mib: u64, workload: &[&str], dirty_mib: u64) -> Pair 
 
 /// The tests below each run two flat-out guests and a migration on a 2-core machine: run them
 /// one at a time so each migration's timing is its own.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
+pub(super) fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -60,7 +77,7 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 
 /// Migrates `name` from `p.src` to `p.dst` with `opts`; returns the result and the phases
 /// seen in progress events.
-fn migrate(
+pub(super) fn migrate(
     p: &Pair,
     name: &str,
     opts: &MigrateOptions,
@@ -151,7 +168,7 @@ impl Incoming {
     }
 }
 
-fn print(report: &Report) {
+pub(super) fn print(report: &Report) {
     eprintln!("{}", report.render());
     eprintln!(
         "{}",
@@ -160,7 +177,7 @@ fn print(report: &Report) {
 }
 
 /// The VM runs on the destination and its counter goes on past the value at the pause.
-fn runs_on_destination(p: &Pair, name: &str, report: &Report) {
+pub(super) fn runs_on_destination(p: &Pair, name: &str, report: &Report) {
     let (_, vm) = p.dst.running(name).unwrap();
     wait_for(
         "the counter goes on at the destination",
@@ -183,7 +200,7 @@ fn postcopy_landed(report: &Report) -> super::PostcopyStats {
     pc
 }
 
-fn busy_opts(bandwidth: f64) -> MigrateOptions {
+pub(super) fn busy_opts(bandwidth: f64) -> MigrateOptions {
     MigrateOptions {
         bandwidth_mibs: Some(bandwidth),
         verify: true,

@@ -1,0 +1,222 @@
+//! Kernel-measured dirty rates for the pre-copy controller.
+//!
+//! During a migration the source attaches the `vmig-ebpf` dirty-ring probes
+//! ([`ProbeSet::DirtyRing`]: counters only, no event ring, nothing on the per-instruction or
+//! per-ioctl tracepoints) to the VM being migrated, filtered to this process (the VMM), the
+//! VM's vCPU threads and its guest memory. After every pre-copy round, right after the dirty log's harvest,
+//! [`RoundProbes::end_round`] reads what the kernel counted since the previous harvest: the
+//! dirty-ring pushes, the distinct pages they named and the ring-full exits, then starts a new
+//! distinct-page window. The controller weighs the distinct pages against the log's own count
+//! (see `controller.rs`), and the report shows both per round.
+//!
+//! When the probes cannot run (no CAP_BPF, no tracefs or BTF, a binary built without clang, or a
+//! VM tracking dirty pages with the bitmap, where KVM pushes nothing onto a ring) the migration
+//! goes on without them and [`RoundProbes::off_reason`] says why, once, for the report.
+
+use std::time::Instant;
+
+use vmig_ebpf::{Counters, ProbeSet, VmFilter, VmProbes};
+
+use super::KernelRound;
+use crate::dirty::DirtyMode;
+use crate::vm::Vm;
+
+/// The probes of one outgoing migration, or why there are none.
+#[derive(Debug)]
+pub struct RoundProbes {
+    state: State,
+}
+
+#[derive(Debug)]
+enum State {
+    On {
+        probes: Box<VmProbes>,
+        /// Counters at the start of the current window.
+        last: Counters,
+    },
+    Off(String),
+}
+
+impl RoundProbes {
+    /// Attaches the probes to `vm` (a VM of this process) and starts the first window. Never
+    /// fails: a failure becomes the off reason.
+    pub fn attach(vm: &Vm) -> Self {
+        let t = Instant::now();
+        let state = match Self::try_attach(vm) {
+            Ok((probes, last)) => {
+                tracing::info!(
+                    attach_ms = t.elapsed().as_secs_f64() * 1e3,
+                    "kernel-measured dirty rates on (BPF probes attached)"
+                );
+                State::On {
+                    probes: Box::new(probes),
+                    last,
+                }
+            }
+            Err(why) => {
+                tracing::info!(%why, "kernel-measured dirty rates off");
+                State::Off(why)
+            }
+        };
+        Self { state }
+    }
+
+    fn try_attach(vm: &Vm) -> Result<(VmProbes, Counters), String> {
+        if vm.dirty().mode() == DirtyMode::Bitmap {
+            return Err(
+                "the VM tracks dirty pages with the KVM dirty bitmap, where KVM pushes \
+                        no dirty-ring entries for the probes to count (dirty_tracking = \"ring\" \
+                        turns them on)"
+                    .into(),
+            );
+        }
+        let filter = filter_of(vm);
+        let mut probes =
+            VmProbes::attach_set(&filter, false, ProbeSet::DirtyRing).map_err(|e| chain(&e))?;
+        probes.start_dirty_window().map_err(|e| chain(&e))?;
+        let last = probes.counters().map_err(|e| chain(&e))?;
+        Ok((probes, last))
+    }
+
+    /// Why the kernel's figures are off, if they are.
+    pub fn off_reason(&self) -> Option<&str> {
+        match &self.state {
+            State::On { .. } => None,
+            State::Off(why) => Some(why),
+        }
+    }
+
+    /// Ends round `round`, which took `secs`: returns the kernel's counts since the previous
+    /// call (or since attach) and starts the next window. `None` when the probes are off; a
+    /// failure to read them turns them off for the rest of the migration.
+    pub fn end_round(&mut self, round: u32, secs: f64) -> Option<KernelRound> {
+        let State::On { probes, last } = &mut self.state else {
+            return None;
+        };
+        let read = probes
+            .start_dirty_window()
+            .and_then(|()| probes.counters())
+            .map_err(|e| chain(&e));
+        match read {
+            Ok(now) => {
+                let k = round_of(last, &now, secs);
+                *last = now;
+                Some(k)
+            }
+            Err(why) => {
+                let why = format!("reading the BPF probes failed in round {round}: {why}");
+                tracing::warn!(%why, "kernel-measured dirty rates off");
+                self.state = State::Off(why);
+                None
+            }
+        }
+    }
+}
+
+/// This process, the VM's vCPU threads (those started) and its guest memory.
+pub fn filter_of(vm: &Vm) -> VmFilter {
+    VmFilter {
+        pid: std::process::id(),
+        vcpu_tids: vm
+            .vcpu_tids()
+            .into_iter()
+            .map(|t| u32::try_from(t).unwrap_or(0))
+            .collect(),
+        mem_start: vm.ram().host_base() as u64,
+        mem_len: vm.ram().size(),
+    }
+}
+
+/// The round between two counter readings.
+fn round_of(before: &Counters, after: &Counters, secs: f64) -> KernelRound {
+    let pushes = after
+        .dirty_ring_pushes
+        .saturating_sub(before.dirty_ring_pushes);
+    KernelRound {
+        pushes,
+        pushes_per_s: if secs > 0.0 {
+            pushes as f64 / secs
+        } else {
+            0.0
+        },
+        distinct_pages: after
+            .dirty_pages_distinct
+            .saturating_sub(before.dirty_pages_distinct),
+        ring_full_exits: after.dirty_ring_full.saturating_sub(before.dirty_ring_full),
+    }
+}
+
+/// An error and its causes, `a: b: c`.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+pub(crate) mod test_hook {
+    //! A test's look at the destination of an in-process post-copy migration: called with the
+    //! VM after its memory is registered with userfaultfd and before its vCPUs run.
+
+    use std::sync::Mutex;
+
+    use crate::vm::Vm;
+
+    type Hook = Box<dyn FnMut(&Vm) + Send>;
+    static BEFORE_POSTCOPY_RUN: Mutex<Option<Hook>> = Mutex::new(None);
+
+    /// Installs `f` for the next post-copy destination (taken when it runs).
+    pub fn set(f: impl FnMut(&Vm) + Send + 'static) {
+        *BEFORE_POSTCOPY_RUN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    /// Runs the installed hook, if any (once).
+    pub fn before_postcopy_run(vm: &Vm) {
+        let hook = BEFORE_POSTCOPY_RUN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut f) = hook {
+            f(vm);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_is_the_difference_of_two_readings() {
+        let before = Counters {
+            dirty_ring_pushes: 1000,
+            dirty_pages_distinct: 300,
+            dirty_ring_full: 2,
+            ..Default::default()
+        };
+        let after = Counters {
+            dirty_ring_pushes: 5000,
+            dirty_pages_distinct: 700,
+            dirty_ring_full: 3,
+            ..Default::default()
+        };
+        let k = round_of(&before, &after, 0.5);
+        assert_eq!(
+            k,
+            KernelRound {
+                pushes: 4000,
+                pushes_per_s: 8000.0,
+                distinct_pages: 400,
+                ring_full_exits: 1,
+            }
+        );
+        assert_eq!(round_of(&before, &after, 0.0).pushes_per_s, 0.0);
+    }
+}
