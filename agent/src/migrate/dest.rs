@@ -6,7 +6,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use vmig_uffd::{FaultHandler, PageSource, PageSourceError, Placement, PostcopyMemory};
@@ -253,96 +253,68 @@ fn commit(
     Ok(inv.commit(r, def, vm)?)
 }
 
-/// Frames the post-copy writer thread sends.
-enum Out {
-    /// A page a vCPU faulted on.
-    Request(u64),
-    /// A whole frame.
-    Frame(Vec<u8>),
-    /// Nothing more: end the thread.
-    Close,
+/// The destination's half of a post-copy connection: the fault handler writes its page
+/// requests here itself (no hand-off to another thread on the fault's path), and the page
+/// loop its control frames.
+struct Uplink {
+    /// Whole control frames are written with `write_all` under the lock.
+    sock: Mutex<TcpStream>,
+    /// The connection failed: faults wait for the next one.
+    down: AtomicBool,
 }
 
-/// The fault handler's page source: queues the request for the writer thread, never blocks.
+impl Uplink {
+    /// Sends one frame; false (and `down`) once the connection failed.
+    fn send(&self, frame: Vec<u8>) -> bool {
+        if self.down.load(Ordering::SeqCst) {
+            return false;
+        }
+        let sent = self
+            .sock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .write_all(&frame);
+        if let Err(e) = sent {
+            if !self.down.swap(true, Ordering::SeqCst) {
+                tracing::error!(cause = %e, "post-copy: cannot write to the source; faulting vCPUs wait");
+            }
+            return false;
+        }
+        true
+    }
+}
+
+/// The fault handler's page source: a `PageRequest` straight onto the connection, if any.
 #[derive(Default)]
 struct NetSource {
     /// None until a connection serves the session.
-    tx: Mutex<Option<mpsc::Sender<Out>>>,
-    down: Arc<AtomicBool>,
+    uplink: Option<Arc<Uplink>>,
 }
 
 impl PageSource for NetSource {
     fn request(&self, index: u64) -> Result<(), PageSourceError> {
-        if self.down.load(Ordering::SeqCst) {
+        let Some(up) = &self.uplink else {
             return Err(PageSourceError::Disconnected(
-                "the migration connection failed".into(),
-            ));
-        }
-        match &*self.tx.lock().unwrap_or_else(PoisonError::into_inner) {
-            Some(tx) => tx
-                .send(Out::Request(index))
-                .map_err(|_| PageSourceError::Disconnected("the request writer ended".into())),
-            None => Err(PageSourceError::Disconnected(
                 "no connection serves the post-copy yet".into(),
-            )),
+            ));
+        };
+        let frame =
+            wire::control_frame(Kind::PageRequest, &msg::PageRequest { pages: vec![index] });
+        if up.send(frame) {
+            Ok(())
+        } else {
+            Err(PageSourceError::Disconnected(
+                "the migration connection failed".into(),
+            ))
         }
     }
 }
-
-/// Most page indices in one `PageRequest`.
-const MAX_REQUEST: usize = 512;
 
 /// Post-copy: the destination reports placed page-frame bytes (`PagesPlaced`) every this many
 /// bytes. Must stay well below the source's push window (`source::PUSH_WINDOW`), or the push
 /// would stall waiting for a report that never comes.
 const PLACED_REPORT_BYTES: u64 = 64 << 10;
 const _: () = assert!(4 * PLACED_REPORT_BYTES <= super::source::PUSH_WINDOW);
-
-/// Sends what the channel carries; page requests are batched into `PageRequest` frames.
-fn write_requests(writer: &mut FrameWriter, rx: mpsc::Receiver<Out>, down: &AtomicBool) {
-    let mut batch = Vec::new();
-    let send = |w: &mut FrameWriter, bytes: Vec<u8>| {
-        if let Err(e) = w.send_bytes(bytes) {
-            if !down.swap(true, Ordering::SeqCst) {
-                tracing::error!(cause = %e, "post-copy: cannot write to the source; faulting vCPUs wait");
-            }
-        }
-    };
-    while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
-        let mut close = false;
-        while let Some(m) = next.take() {
-            match m {
-                Out::Request(i) => batch.push(i),
-                Out::Frame(f) => {
-                    if !batch.is_empty() {
-                        let pages = std::mem::take(&mut batch);
-                        send(
-                            writer,
-                            wire::control_frame(Kind::PageRequest, &msg::PageRequest { pages }),
-                        );
-                    }
-                    send(writer, f);
-                }
-                Out::Close => close = true,
-            }
-            if batch.len() >= MAX_REQUEST || close {
-                break;
-            }
-            next = rx.try_recv().ok();
-        }
-        if !batch.is_empty() {
-            let pages = std::mem::take(&mut batch);
-            send(
-                writer,
-                wire::control_frame(Kind::PageRequest, &msg::PageRequest { pages }),
-            );
-        }
-        if close {
-            return;
-        }
-    }
-}
 
 /// The post-copy destination: drop the stale pages, register them with userfaultfd, load
 /// the state, and on Go run the VM while pages are placed as they arrive.
@@ -412,14 +384,13 @@ fn run_postcopy(
         t_run: Instant::now(),
     };
     set_slot(&key, Slot::Active(writer.socket().try_clone()?));
-    let result = serve_session(reader, writer, &mut session, |tx| {
-        // Running is queued before the vCPUs start: their first fault queues a page request
-        // behind it, and the source reads Running first (the writer keeps order).
+    let result = serve_session(reader, writer, &mut session, |up| {
+        // Running goes before the vCPUs start: a page request can never overtake it.
         let resume_us = t_go.elapsed().as_micros() as u64;
-        let _ = tx.send(Out::Frame(wire::control_frame(
+        up.send(wire::control_frame(
             Kind::Running,
             &msg::Running { resume_us },
-        )));
+        ));
         SessionStart::Resume(format!(
             "migrated in from {source} (post-copy): running on {agent}"
         ))
@@ -496,30 +467,20 @@ fn serve_session(
     reader: &mut FrameReader,
     writer: &FrameWriter,
     s: &mut Session,
-    start: impl FnOnce(&mpsc::Sender<Out>) -> SessionStart,
+    start: impl FnOnce(&Uplink) -> SessionStart,
 ) -> Result<msg::PostcopyDone, MigrateError> {
-    // The requests' writer (every earlier frame was flushed by `send_bytes`).
-    let req_sock = writer.socket().try_clone()?;
-    let (tx, rx) = mpsc::channel();
-    let down = Arc::new(AtomicBool::new(false));
+    // Every earlier frame was flushed by `send_bytes`: the uplink owns the direction now.
+    let up = Arc::new(Uplink {
+        sock: Mutex::new(writer.socket().try_clone()?),
+        down: AtomicBool::new(false),
+    });
     s.mem.set_source(Arc::new(NetSource {
-        tx: Mutex::new(Some(tx.clone())),
-        down: down.clone(),
+        uplink: Some(up.clone()),
     }));
     let pages = s.vm.ram().pages();
-    std::thread::scope(|scope| {
-        let d = down.clone();
-        let w = scope.spawn(
-            move || match FrameWriter::new(req_sock, IoPath::Plain, None) {
-                Ok(mut req_writer) => write_requests(&mut req_writer, rx, &d),
-                Err(e) => {
-                    d.store(true, Ordering::SeqCst);
-                    tracing::error!(cause = %e, "post-copy: no request writer");
-                }
-            },
-        );
+    {
         let result = (|| -> Result<msg::PostcopyDone, MigrateError> {
-            match start(&tx) {
+            match start(&up) {
                 SessionStart::Resume(line) => {
                     s.vm.resume();
                     s.vm.devices().log_line(&line);
@@ -544,12 +505,12 @@ fn serve_session(
                 placed_bytes += (wire::HEADER_LEN + f.payload.len()) as u64;
                 if placed_bytes - reported >= PLACED_REPORT_BYTES {
                     reported = placed_bytes;
-                    let _ = tx.send(Out::Frame(wire::control_frame(
+                    up.send(wire::control_frame(
                         Kind::PagesPlaced,
                         &msg::PagesPlaced {
                             bytes: placed_bytes,
                         },
-                    )));
+                    ));
                 }
             }
             if let Some(h) = s.handler.take() {
@@ -581,17 +542,15 @@ fn serve_session(
                 stats,
                 memory_digest: s.sum.as_ref().map(PageSum::hex),
             };
-            let _ = tx.send(Out::Frame(wire::control_frame(Kind::PostcopyDone, &done)));
+            up.send(wire::control_frame(Kind::PostcopyDone, &done));
             Ok(done)
         })();
         if result.is_err() {
             // Faults from now on wait for the next connection.
-            down.store(true, Ordering::SeqCst);
+            up.down.store(true, Ordering::SeqCst);
         }
-        let _ = tx.send(Out::Close);
-        let _ = w.join();
         result
-    })
+    }
 }
 
 /// After a connection of a session ended: completes it, or parks it for a `Resume`.
@@ -709,15 +668,15 @@ fn resume_parked(
         .try_clone()
         .map(|sock| set_slot(&key, Slot::Active(sock)));
     let result = match active {
-        Ok(()) => serve_session(reader, writer, &mut s, |tx| {
-            let _ = tx.send(Out::Frame(wire::control_frame(
+        Ok(()) => serve_session(reader, writer, &mut s, |up| {
+            up.send(wire::control_frame(
                 Kind::Resumed,
                 &msg::Resumed {
                     missing,
                     count: list.len() as u64,
                     waiting,
                 },
-            )));
+            ));
             SessionStart::Continue(format!(
                 "post-copy resumed: {} pages missing, {waiting} faults waiting",
                 list.len()
