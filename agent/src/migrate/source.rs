@@ -2,9 +2,8 @@
 
 use std::fs;
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::controller::{Controller, Decision};
@@ -15,7 +14,7 @@ use super::{
 };
 use crate::guest::layout::PAGE_SIZE;
 use crate::inventory::{self, VmDef};
-use crate::transport::{tune_socket, FrameReader, FrameWriter, IoPath, RecvError};
+use crate::transport::{tune_socket, FrameReader, FrameWriter, IoPath};
 use crate::vm::Vm;
 use crate::wire::{self, messages as msg, pages, Frame, Header, Kind};
 
@@ -732,13 +731,12 @@ fn postcopy_switch(
     Ok((stats, ready, verification))
 }
 
-/// Events of the post-copy reader thread.
+/// What the destination says during post-copy.
 enum PcEvent {
     Request(Vec<u64>),
     /// The destination placed this many page-frame bytes (`PagesPlaced`).
     Placed(u64),
     Done(msg::PostcopyDone),
-    Failed(String),
 }
 
 /// Pages per background push frame: small, so a demand page never waits long behind one.
@@ -767,69 +765,7 @@ fn serve_postcopy(
         let ram = vm.ram().clone();
         std::thread::spawn(move || PageSum::of_ram(&ram, |_| true).map(|s| s.hex()))
     });
-    let (tx, rx) = mpsc::channel();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut reader = FrameReader::new(
-        link.writer.socket().try_clone()?,
-        IoPath::Plain,
-        Duration::from_millis(500),
-    )?;
-    let stop_r = stop.clone();
-    let reader_thread = std::thread::Builder::new()
-        .name("postcopy-requests".into())
-        .spawn(move || loop {
-            let f = match reader.read_frame() {
-                Ok(f) => f,
-                Err(RecvError::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
-                    ) =>
-                {
-                    if stop_r.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    let _ = tx.send(PcEvent::Failed(e.to_string()));
-                    return;
-                }
-            };
-            let ev = match f
-                .verify()
-                .map_err(|e| e.to_string())
-                .and_then(|_| match f.header.kind {
-                    Kind::PageRequest => f
-                        .decode::<msg::PageRequest>()
-                        .map(|r| PcEvent::Request(r.pages))
-                        .map_err(|e| e.to_string()),
-                    Kind::PagesPlaced => f
-                        .decode::<msg::PagesPlaced>()
-                        .map(|p| PcEvent::Placed(p.bytes))
-                        .map_err(|e| e.to_string()),
-                    Kind::PostcopyDone => f
-                        .decode::<msg::PostcopyDone>()
-                        .map(PcEvent::Done)
-                        .map_err(|e| e.to_string()),
-                    Kind::Abort | Kind::Error => Ok(PcEvent::Failed(
-                        f.decode::<msg::Abort>()
-                            .map(|a| a.reason)
-                            .unwrap_or_else(|e| e.to_string()),
-                    )),
-                    other => Err(format!("unexpected {other:?} frame during post-copy")),
-                }) {
-                Ok(ev) => ev,
-                Err(e) => PcEvent::Failed(e),
-            };
-            let last = !matches!(ev, PcEvent::Request(_) | PcEvent::Placed(_));
-            if tx.send(ev).is_err() || last {
-                return;
-            }
-        })?;
-    let result = push_and_answer(vm, link, stale, &rx, progress);
-    stop.store(true, Ordering::SeqCst);
-    let _ = reader_thread.join();
+    let result = push_and_answer(vm, link, stale, progress);
     let (mut stats, done) = result?;
     stats.duration_ms = done.stats.duration_ms;
     let source_sum = match digest {
@@ -900,11 +836,55 @@ impl PushWindow {
     }
 }
 
+/// Whether `sock` has something to read (a frame, or the end of the stream) within `wait`.
+fn readable(sock: &TcpStream, wait: Duration) -> Result<bool, MigrateError> {
+    let mut fds = [libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `fds` is a live array of one pollfd, its length passed with it; the fd is the
+    // migration socket, open for the call's duration.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == std::io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e.into())
+        };
+    }
+    Ok(fds[0].revents != 0)
+}
+
+/// The destination's next post-copy frame, if one arrives within `wait`. Read on the serving
+/// thread itself: a page request is answered with no hand-off between threads.
+fn next_event(link: &mut Link, wait: Duration) -> Result<Option<PcEvent>, MigrateError> {
+    if !readable(link.writer.socket(), wait)? {
+        return Ok(None);
+    }
+    let f = link.reader.read_frame()?;
+    f.verify()?;
+    Ok(Some(match f.header.kind {
+        Kind::PageRequest => PcEvent::Request(f.decode::<msg::PageRequest>()?.pages),
+        Kind::PagesPlaced => PcEvent::Placed(f.decode::<msg::PagesPlaced>()?.bytes),
+        Kind::PostcopyDone => PcEvent::Done(f.decode()?),
+        Kind::Abort | Kind::Error => {
+            return Err(MigrateError::Peer(f.decode::<msg::Abort>()?.reason))
+        }
+        other => {
+            return Err(MigrateError::Peer(format!(
+                "unexpected {other:?} frame during post-copy"
+            )))
+        }
+    }))
+}
+
 fn push_and_answer(
     vm: &Vm,
     link: &mut Link,
     stale: &[u64],
-    rx: &mpsc::Receiver<PcEvent>,
     progress: &dyn Fn(Progress),
 ) -> Result<(PostcopyStats, msg::PostcopyDone), MigrateError> {
     let no_cancel = Cancel::default();
@@ -925,17 +905,12 @@ fn push_and_answer(
         // Take every request and report that arrived; block only when there is nothing to
         // push (all sent, or a window's worth not placed yet): a request or report wakes it.
         let can_push = unsent > 0 && window.open(link.writer.bytes_sent());
-        let mut next = if !can_push && demand.is_empty() {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(ev) => Some(ev),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(MigrateError::Peer("the request reader ended".into()))
-                }
-            }
+        let wait = if !can_push && demand.is_empty() {
+            Duration::from_millis(100)
         } else {
-            rx.try_recv().ok()
+            Duration::ZERO
         };
+        let mut next = next_event(link, wait)?;
         let mut finished = None;
         while let Some(ev) = next.take() {
             last_frame = Instant::now();
@@ -949,9 +924,8 @@ fn push_and_answer(
                     finished = Some(d);
                     break;
                 }
-                PcEvent::Failed(why) => return Err(MigrateError::Peer(why)),
             }
-            next = rx.try_recv().ok();
+            next = next_event(link, Duration::ZERO)?;
         }
         if let Some(d) = finished {
             break d;
