@@ -180,6 +180,10 @@ struct MigrateArgs {
     /// Rounds before the convergence judgement starts.
     #[arg(long, default_value_t = 3)]
     min_rounds: u32,
+    /// Hot-page holdback: a page dirty again within this many rounds is held back until
+    /// stop-and-copy instead of being sent again (0: off).
+    #[arg(long, default_value_t = 0)]
+    holdback_rounds: u32,
 }
 
 /// Runs a command.
@@ -419,6 +423,7 @@ async fn migrate(agent: Option<PathBuf>, host: Option<String>, m: MigrateArgs) -
         on_no_converge: m.on_no_converge,
         converge_threshold: m.converge_threshold,
         min_rounds: m.min_rounds,
+        holdback_rounds: m.holdback_rounds,
     };
     let report = run_migration(
         &a,

@@ -7,6 +7,7 @@
 
 pub mod controller;
 pub mod dest;
+pub mod holdback;
 pub mod probe;
 #[cfg(test)]
 mod probe_tests;
@@ -107,6 +108,10 @@ pub struct MigrateOptions {
     /// Rounds before the convergence judgement starts.
     #[serde(default = "default_min_rounds")]
     pub min_rounds: u32,
+    /// Hot-page holdback window in rounds: a page dirty again within this many rounds is not
+    /// sent again before stop-and-copy (0: off). See [`holdback`].
+    #[serde(default)]
+    pub holdback_rounds: u32,
 }
 
 fn default_threshold() -> f64 {
@@ -132,6 +137,7 @@ impl Default for MigrateOptions {
             on_no_converge: NoConverge::Force,
             converge_threshold: default_threshold(),
             min_rounds: default_min_rounds(),
+            holdback_rounds: 0,
         }
     }
 }
