@@ -11,7 +11,7 @@
 //! Prints every migration and the means, and writes target/bench-holdback.json.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -175,7 +175,9 @@ fn main() {
         results.insert(w.name.into(), json!(rows));
     }
     let _ = std::fs::remove_dir_all(&root);
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-holdback.json");
-    let _ = std::fs::write(&out, serde_json::to_string_pretty(&results).expect("json"));
+    let out = vmig_benches::results_path("bench-holdback.json");
+    if let Err(e) = std::fs::write(&out, serde_json::to_string_pretty(&results).expect("json")) {
+        eprintln!("cannot write {}: {e}", out.display());
+    }
     println!("\nresults written to {}", out.display());
 }
