@@ -7,6 +7,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Where a benchmark writes its JSON results: `$CARGO_TARGET_DIR` (or the workspace's
+/// `target/`), created if missing.
+pub fn results_path(file: &str) -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join(file)
+}
+
 /// Two (or more) agents in a temporary folder.
 pub struct Cluster {
     /// Folder of datastores, logs, sockets.

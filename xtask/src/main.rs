@@ -23,8 +23,9 @@ fn main() {
                  \n  run -- ARGS    run `vmig ARGS` (release build); `run` alone runs the demo\
                  \n  test           setup, then the whole test suite (needs root and /dev/kvm)\
                  \n  bench          migration benchmarks (release), ratios against loopback TCP,\
-                 \n                 then the probe overhead experiment\
-                 \n  bench probes   only the BPF probe overhead (guest dirtying rate with/without)"
+                 \n                 then the probe overhead and hot-page holdback experiments\
+                 \n  bench probes   only the BPF probe overhead (guest dirtying rate with/without)\
+                 \n  bench holdback only the hot-page holdback experiment (bytes sent, downtime)"
             );
             task == "help"
         }
@@ -127,7 +128,10 @@ fn test(rest: &[String]) -> bool {
 fn bench(rest: &[String]) -> bool {
     setup();
     // In-process experiments, each its own binary of vmig-benches.
-    let only = rest.first().map(String::as_str).filter(|a| *a == "probes");
+    let only = rest
+        .first()
+        .map(String::as_str)
+        .filter(|a| matches!(*a, "probes" | "holdback"));
     if let Some(bin) = only {
         return bench_bin(bin, &rest[1..]);
     }
@@ -136,7 +140,7 @@ fn bench(rest: &[String]) -> bool {
     if !sh(b) {
         return false;
     }
-    bench_bin("migration", rest) && bench_bin("probes", &[])
+    bench_bin("migration", rest) && bench_bin("probes", &[]) && bench_bin("holdback", &[])
 }
 
 fn bench_bin(bin: &str, rest: &[String]) -> bool {

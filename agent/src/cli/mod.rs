@@ -193,6 +193,10 @@ struct MigrateArgs {
     /// Rounds before the convergence judgement starts.
     #[arg(long, default_value_t = 3)]
     min_rounds: u32,
+    /// Hot-page holdback: a page dirty again within this many rounds is held back until
+    /// stop-and-copy instead of being sent again (0: off).
+    #[arg(long, default_value_t = 0)]
+    holdback_rounds: u32,
 }
 
 /// Runs a command.
@@ -460,6 +464,7 @@ fn migrate_options(m: &MigrateArgs) -> MigrateOptions {
         converge_threshold: m.converge_threshold,
         min_rounds: m.min_rounds,
         resume_window_s: m.resume_window.unwrap_or(30),
+        holdback_rounds: m.holdback_rounds,
     }
 }
 

@@ -67,6 +67,8 @@ pub struct Controller {
     throttle_step: usize,
     /// Round at which the throttle last changed (the judgement restarts from it).
     throttle_round: u32,
+    /// Pending pages the next round would send (all but those held back), from `assess`.
+    sendable: Option<u64>,
 }
 
 impl Controller {
@@ -79,6 +81,7 @@ impl Controller {
             history: Vec::new(),
             throttle_step: 0,
             throttle_round: 0,
+            sendable: None,
         }
     }
 
@@ -93,8 +96,11 @@ impl Controller {
     /// Fills in the round's dirty rate, dirty ratio and predicted downtime from the dirty log's
     /// count (`r.dirty_pages`), the kernel's (`r.kernel`, if any) and `pending`, the pages that
     /// stopping now would send (the log's dirty pages plus any held back earlier and not
-    /// dirtied again). The larger of the two dirty counts wins (module docs).
-    pub fn assess(&self, r: &mut RoundStats, pending: u64) {
+    /// dirtied again). The larger of the two dirty counts wins (module docs). `sendable` is how
+    /// many of the pending pages the next round would send (hot-page holdback keeps the rest
+    /// for stop-and-copy): with none, pre-copy has nothing left to do.
+    pub fn assess(&mut self, r: &mut RoundStats, pending: u64, sendable: u64) {
+        self.sendable = Some(sendable);
         let held_extra = pending.saturating_sub(r.dirty_pages);
         let kernel = r.kernel.map(|k| k.distinct_pages);
         let (dirty, from) = match kernel {
@@ -231,6 +237,13 @@ impl Controller {
                 _ => Decision::Postcopy(why),
             };
         }
+        if self.sendable == Some(0) && r.held_pages > 0 {
+            let why = format!(
+                "hot-page holdback: all {} pending pages are held back until the end, pre-copy has nothing left to send (predicted downtime {:.2} ms)",
+                r.held_pages, r.predicted_downtime_ms
+            );
+            return self.give_up(why, r.round);
+        }
         if let Some(why) = self.hopeless() {
             return self.give_up(why, r.round);
         }
@@ -284,14 +297,14 @@ mod tests {
 
     #[test]
     fn the_larger_of_log_and_kernel_counts_wins() {
-        let c = Controller::new(&MigrateOptions::default(), 0, Duration::ZERO);
+        let mut c = Controller::new(&MigrateOptions::default(), 0, Duration::ZERO);
         let mut r = RoundStats {
             secs: 0.5,
             bandwidth: 1048576.0,
             dirty_pages: 100,
             ..Default::default()
         };
-        c.assess(&mut r, 100);
+        c.assess(&mut r, 100, 100);
         assert_eq!((r.estimate_from.as_str(), r.dirty_rate), ("log", 200.0));
         let log_only = r.predicted_downtime_ms;
         assert_eq!(log_only, c.predict_ms(100, 1048576.0));
@@ -300,7 +313,7 @@ mod tests {
             distinct_pages: 90,
             ..Default::default()
         });
-        c.assess(&mut r, 100);
+        c.assess(&mut r, 100, 100);
         assert_eq!(r.estimate_from, "log");
         assert_eq!(r.predicted_downtime_ms, log_only);
 
@@ -308,10 +321,31 @@ mod tests {
             distinct_pages: 150,
             ..Default::default()
         });
-        c.assess(&mut r, 110);
+        c.assess(&mut r, 110, 110);
         assert_eq!((r.estimate_from.as_str(), r.dirty_rate), ("kernel", 300.0));
         assert_eq!(r.predicted_downtime_ms, c.predict_ms(160, 1048576.0));
         assert!((r.dirty_ratio - 300.0 * PAGE_WIRE_BYTES / 1048576.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn nothing_left_to_send_ends_pre_copy_per_policy() {
+        let opts = MigrateOptions::default();
+        let mut c = Controller::new(&opts, 0, Duration::ZERO);
+        let mut r = RoundStats {
+            round: 2,
+            secs: 0.5,
+            bandwidth: 1048576.0,
+            dirty_pages: 4096,
+            held_pages: 4096,
+            ..Default::default()
+        };
+        c.assess(&mut r, 4096, 10);
+        assert_eq!(c.decide(&r, Duration::from_secs(1)), Decision::Continue);
+        c.assess(&mut r, 4096, 0);
+        assert!(matches!(
+            c.decide(&r, Duration::from_secs(1)),
+            Decision::StopAndCopy(w) if w.contains("nothing left to send")
+        ));
     }
 
     fn hot(round: u32, dirty: u64, ratio: f64) -> RoundStats {

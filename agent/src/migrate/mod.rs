@@ -7,6 +7,7 @@
 
 pub mod controller;
 pub mod dest;
+pub mod holdback;
 pub mod probe;
 #[cfg(test)]
 mod probe_tests;
@@ -113,6 +114,10 @@ pub struct MigrateOptions {
     /// before it parks the migration for `vmig migrate --resume` (0: park at once).
     #[serde(default = "default_resume_window")]
     pub resume_window_s: u64,
+    /// Hot-page holdback window in rounds: a page dirty again within this many rounds is not
+    /// sent again before stop-and-copy (0: off). See [`holdback`].
+    #[serde(default)]
+    pub holdback_rounds: u32,
 }
 
 fn default_resume_window() -> u64 {
@@ -143,6 +148,7 @@ impl Default for MigrateOptions {
             converge_threshold: default_threshold(),
             min_rounds: default_min_rounds(),
             resume_window_s: default_resume_window(),
+            holdback_rounds: 0,
         }
     }
 }

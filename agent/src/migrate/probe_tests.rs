@@ -300,3 +300,68 @@ fn postcopy_destination_faults_are_traced_with_their_latency() {
     );
     runs_on_destination(&p, "kpost", &report);
 }
+
+/// Removes CAP_SYS_ADMIN, CAP_PERFMON and CAP_BPF from the calling thread's effective set
+/// (capabilities are per thread; threads it starts inherit the reduced set).
+fn drop_bpf_capabilities() -> std::io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget writes two `Data` (version 3) into `data`, which has room for them.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    for cap in [21u32, 38, 39] {
+        data[(cap / 32) as usize].effective &= !(1 << (cap % 32));
+    }
+    // SAFETY: capset reads the header and two `Data`; it only changes this thread's credentials.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Without CAP_BPF (nor CAP_PERFMON or CAP_SYS_ADMIN) the kernel refuses to load the programs:
+/// the ring-mode migration runs all the same, with the log's counts only, and the report says
+/// once why kernel rates are off. Runs on its own thread, whose capabilities are dropped.
+#[test]
+fn without_cap_bpf_the_migration_runs_and_says_once_why_kernel_rates_are_off() {
+    const TEST: &str = "without_cap_bpf_the_migration_runs_and_says_once_why_kernel_rates_are_off";
+    if skip_reason(TEST).is_some() {
+        return;
+    }
+    let _serial = serial();
+    let p = pair_with("knocap", 64, &["dirty", "counter"], 16, DirtyTracking::Ring);
+    let report = std::thread::scope(|s| {
+        s.spawn(|| {
+            drop_bpf_capabilities().expect("capset");
+            let (r, _) = migrate(&p, "knocap", &busy_opts(200.0));
+            r.unwrap()
+        })
+        .join()
+        .unwrap()
+    });
+    print(&report);
+    assert_eq!(report.dirty_tracking, "ring");
+    let why = report.kernel_rates_off.clone().expect("kernel rates off");
+    assert!(why.starts_with("permission denied"), "{why}");
+    assert!(report.rounds.iter().all(|r| r.kernel.is_none()));
+    let text = report.render();
+    assert_eq!(text.matches("kernel rates").count(), 1, "{text}");
+    runs_on_destination(&p, "knocap", &report);
+}

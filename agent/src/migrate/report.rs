@@ -40,6 +40,9 @@ pub struct RoundStats {
     /// probes' distinct pages, when larger). See [`super::controller::Controller::assess`].
     #[serde(default)]
     pub estimate_from: String,
+    /// Pages held back until stop-and-copy after this round (hot-page holdback).
+    #[serde(default)]
+    pub held_pages: u64,
 }
 
 /// One round as the kernel saw it: counters of the `vmig-ebpf` probes over the round's window
@@ -281,6 +284,13 @@ impl Report {
                     s,
                     "              kernel: {} distinct pages (log {}), {:.0} ring pushes/s, {} ring-full exits; prediction from the {}",
                     k.distinct_pages, r.dirty_pages, k.pushes_per_s, k.ring_full_exits, r.estimate_from
+                );
+            }
+            if r.held_pages > 0 {
+                let _ = writeln!(
+                    s,
+                    "              {} hot pages held back until stop-and-copy",
+                    r.held_pages
                 );
             }
             if r.throttle_pct > 0 || r.dirty_ratio > 0.0 {

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::controller::{Controller, Decision};
+use super::holdback::Holdback;
 use super::probe::RoundProbes;
 use super::{
     cpu_digest, Cancel, Fault, MigrateError, MigrateOptions, PageSum, PostcopyStats, Progress,
@@ -184,6 +185,7 @@ fn run(
     vm.dirty().mode().check(opts.dirty_tracking)?;
     let (entries0, full0) = vm.dirty().ring_counters();
     let mut probes = RoundProbes::attach(vm);
+    let mut holdback = Holdback::new(opts.holdback_rounds, vm.ram().pages());
     vm.dirty().start()?;
     let populated = vm.ram().populated()?;
     let touched = populated.iter().filter(|p| **p).count() as u64;
@@ -200,7 +202,7 @@ fn run(
         let mut stats = send_pages(
             link,
             vm,
-            &pending,
+            &holdback.sendable(&pending),
             populated.take().as_deref(),
             Kind::Pages,
             false,
@@ -215,12 +217,18 @@ fn run(
                 pages: stats.pages,
             },
         )?;
-        pending = vm.dirty().harvest()?;
+        let dirty = vm.dirty().harvest()?;
         stats.secs = t.elapsed().as_secs_f64();
         stats.kernel = probes.end_round(round, stats.secs);
-        stats.dirty_pages = pending.len() as u64;
+        stats.dirty_pages = dirty.len() as u64;
+        pending = holdback.after_harvest(round, dirty);
+        stats.held_pages = holdback.held();
         stats.bandwidth = stats.bytes as f64 / stats.secs;
-        controller.assess(&mut stats, pending.len() as u64);
+        controller.assess(
+            &mut stats,
+            pending.len() as u64,
+            holdback.sendable_count(&pending),
+        );
         stats.throttle_pct = vm.throttle();
         tracing::info!(
             round,

@@ -9,7 +9,6 @@
 //! every window, the ratio of the means, the target (at most 2 % slower) and writes
 //! target/bench-probes.json.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -189,12 +188,14 @@ fn main() {
     drop(inv);
     let _ = std::fs::remove_dir_all(&dir);
 
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-probes.json");
+    let out = vmig_benches::results_path("bench-probes.json");
     let results = json!({
         "controller_set": controller,
         "all_programs": trace,
         "target_slowdown": TARGET_SLOWDOWN,
     });
-    let _ = std::fs::write(&out, serde_json::to_string_pretty(&results).expect("json"));
+    if let Err(e) = std::fs::write(&out, serde_json::to_string_pretty(&results).expect("json")) {
+        eprintln!("cannot write {}: {e}", out.display());
+    }
     println!("  results written to {}", out.display());
 }
