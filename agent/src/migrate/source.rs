@@ -266,9 +266,10 @@ fn run(
             }
         }
     };
-    // The probes only serve pre-copy decisions: detach them before the pause.
+    // The probes only serve pre-copy decisions, but detaching takes tens of milliseconds:
+    // not between the last harvest and the pause (the guest would dirty on meanwhile), nor
+    // during the pause; after the destination runs the VM.
     let kernel_rates_off = probes.off_reason().map(String::from);
-    drop(probes);
     let (stop_reason, postcopy_why) = match end {
         End::StopAndCopy(why) => {
             tracing::info!(reason = %why, "stop-and-copy");
@@ -301,6 +302,12 @@ fn run(
     let t_run = Instant::now();
     let running = running.map_err(|e| MigrateError::CommitUnknown(e.to_string()))?;
     let downtime = (t_run - t_pause).as_secs_f64() - rtt.as_secs_f64() / 2.0;
+    let t_detach = Instant::now();
+    drop(probes);
+    tracing::debug!(
+        ms = t_detach.elapsed().as_secs_f64() * 1e3,
+        "dirty-rate probes detached"
+    );
     tracing::info!(
         resume_us = running.resume_us,
         ready_verify_ms = ready.verify_ms,
