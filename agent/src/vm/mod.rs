@@ -629,4 +629,57 @@ mod ring_wrap {
         }
         vm.dirty().stop().unwrap();
     }
+
+    /// Two VMs of one process (as in an agent), each with a flat-out `dirty` vCPU and a dirty
+    /// ring: each VM's harvests hold what its own guest wrote, while both run and wrap.
+    #[test]
+    fn two_vms_in_one_process_keep_their_own_dirty_rings() {
+        let spec = VmSpec {
+            memory: 64 << 20,
+            programs: vec![Program::Dirty],
+            dirty_bytes: 16 << 20,
+            dirty_rate: 0,
+            dirty_tracking: DirtyTracking::Ring,
+        };
+        let vms: Vec<Vm> = ["a", "b"]
+            .iter()
+            .map(|n| {
+                let vm = Vm::create(&spec, n, Box::new(std::io::sink())).unwrap();
+                vm.boot(n).unwrap();
+                vm.dirty().start().unwrap();
+                vm.resume();
+                vm
+            })
+            .collect();
+        let t = Instant::now();
+        let mut harvests = 0;
+        while vms
+            .iter()
+            .any(|vm| vm.dirty().ring_counters().0 < 2 * 65536)
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "the rings did not wrap twice in 120 s: a vCPU stalled"
+            );
+            let before: Vec<u64> = vms
+                .iter()
+                .map(|vm| vm.stats().dirty_pages_written)
+                .collect();
+            std::thread::sleep(Duration::from_millis(600));
+            for (vm, b) in vms.iter().zip(&before) {
+                let written = vm.stats().dirty_pages_written - b;
+                let got = vm.dirty().harvest().unwrap();
+                assert!(
+                    written > 0 && got.len() as u64 >= written.min(4096) * 9 / 10,
+                    "harvest {harvests}: {} pages after {written} writes, {} overflows",
+                    got.len(),
+                    vm.dirty().overflows()
+                );
+            }
+            harvests += 1;
+        }
+        for vm in &vms {
+            vm.dirty().stop().unwrap();
+        }
+    }
 }
