@@ -919,9 +919,16 @@ fn push_and_answer(
     let done = loop {
         // Take every request and report that arrived; block only when there is nothing to
         // push (all sent, or a window's worth not placed yet): a request or report wakes it.
-        let can_push = unsent > 0 && window.open(link.writer.bytes_sent());
+        // Under a bandwidth limit the push waits its turn here, where a request wakes it,
+        // not asleep in the pacer.
+        let can_push = unsent > 0
+            && window.open(link.writer.bytes_sent())
+            && link.writer.pace_delay().is_zero();
         let wait = if !can_push && demand.is_empty() {
-            Duration::from_millis(100)
+            match link.writer.pace_delay() {
+                d if d.is_zero() || unsent == 0 => Duration::from_millis(100),
+                d => d.min(Duration::from_millis(100)),
+            }
         } else {
             Duration::ZERO
         };
@@ -945,7 +952,9 @@ fn push_and_answer(
         if let Some(d) = finished {
             break d;
         }
-        let can_push = unsent > 0 && window.open(link.writer.bytes_sent());
+        let can_push = unsent > 0
+            && window.open(link.writer.bytes_sent())
+            && link.writer.pace_delay().is_zero();
         if !can_push && demand.is_empty() && last_frame.elapsed() > POSTCOPY_IDLE {
             return Err(MigrateError::Peer(format!(
                 "no word from the destination for {} s ({unsent} pages not sent yet)",
@@ -1112,9 +1121,15 @@ fn send_pages(
             head[last] ^= 0x40;
             link.inject = None;
         }
-        // SAFETY: every pointer is a page of guest memory, which lives as long as the VM; the
-        // VM outlives this migration (the caller holds it).
-        unsafe { link.writer.send_pages(head, &ptrs) }?;
+        if kind == Kind::DemandPages {
+            // A vCPU waits for these: no wait for the bandwidth limit.
+            // SAFETY: every pointer is a page of guest memory, which lives as long as the VM;
+            // the VM outlives this migration (the caller holds it).
+            unsafe { link.writer.send_pages_now(head, &ptrs) }?;
+        } else {
+            // SAFETY: as above.
+            unsafe { link.writer.send_pages(head, &ptrs) }?;
+        }
         stats.pages += chunk.len() as u64;
         stats.zero_pages += (chunk.len() - ptrs.len()) as u64;
         if last_progress.elapsed() > Duration::from_millis(100) {

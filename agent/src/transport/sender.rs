@@ -95,10 +95,47 @@ impl FrameWriter {
     /// call on this writer (`send_*` or `flush`) returns. Guest memory qualifies: it lives as
     /// long as the VM, which outlives its migration.
     pub unsafe fn send_pages(&mut self, head: Vec<u8>, pages: &[*const u8]) -> std::io::Result<()> {
+        // SAFETY: the caller's contract is this function's.
+        unsafe { self.send_frame(head, pages, false) }
+    }
+
+    /// Like [`FrameWriter::send_pages`], for a frame someone waits for (a post-copy answer):
+    /// it goes without waiting for the bandwidth limit, which the frames after it make up for.
+    ///
+    /// # Safety
+    /// As [`FrameWriter::send_pages`].
+    pub unsafe fn send_pages_now(
+        &mut self,
+        head: Vec<u8>,
+        pages: &[*const u8],
+    ) -> std::io::Result<()> {
+        // SAFETY: the caller's contract is this function's.
+        unsafe { self.send_frame(head, pages, true) }
+    }
+
+    /// How long until the bandwidth limit lets the next frame go (zero without a limit).
+    pub fn pace_delay(&self) -> std::time::Duration {
+        self.pacer
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, Pacer::delay)
+    }
+
+    /// # Safety
+    /// As [`FrameWriter::send_pages`].
+    unsafe fn send_frame(
+        &mut self,
+        head: Vec<u8>,
+        pages: &[*const u8],
+        urgent: bool,
+    ) -> std::io::Result<()> {
         self.flush()?;
         let total = head.len() + pages.len() * PAGE_SIZE as usize;
         if let Some(p) = &mut self.pacer {
-            p.wait(total as u64);
+            if urgent {
+                p.charge(total as u64);
+            } else {
+                p.wait(total as u64);
+            }
         }
         let mut iov = Vec::with_capacity(pages.len() + 1);
         iov.push(libc::iovec {
