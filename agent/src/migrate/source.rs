@@ -1016,14 +1016,16 @@ fn push_and_answer(
                 &no_cancel,
             )?;
             stats.source_pushed += batch.len() as u64;
-            if link.inject == Some(Fault::CutPostcopy) && unsent <= stale.len() / 2 {
-                link.inject = None;
-                tracing::warn!(
-                    pushed = stats.source_pushed,
-                    "injected fault: cutting the post-copy connection"
-                );
-                let _ = link.writer.socket().shutdown(std::net::Shutdown::Both);
-            }
+        }
+        // After any page frame, pushed or demanded (faults may take most of the pages).
+        if link.inject == Some(Fault::CutPostcopy) && unsent <= stale.len() / 2 {
+            link.inject = None;
+            tracing::warn!(
+                pushed = stats.source_pushed,
+                demanded = stats.source_demand_sent,
+                "injected fault: cutting the post-copy connection"
+            );
+            let _ = link.writer.socket().shutdown(std::net::Shutdown::Both);
         }
         if last_progress.elapsed() > Duration::from_millis(200) {
             let dt = last_progress.elapsed().as_secs_f64();
