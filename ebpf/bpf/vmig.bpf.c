@@ -8,12 +8,16 @@
  * /sys/kernel/tracing/events/<group>/<event>/format; the loader checks every
  * field offset used here against the running kernel's format files before
  * attaching (src/layout.rs), so a changed layout is an error, never garbage.
+ * One program, vmig_dirty_ring_push_btf, is a BTF tracepoint (tp_btf) on the
+ * hottest event: it reads the tracepoint's raw arguments, not a record, and the
+ * kernel's verifier checks them against the event's TP_PROTO in kernel BTF.
  */
 #include <linux/bpf.h>
 #include <linux/types.h>
 #include <linux/ioctl.h>
 #include <linux/userfaultfd.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
 
 #include "vmig.h"
 
@@ -119,6 +123,20 @@ struct {
 	__type(value, __u32);
 } vcpu_tids SEC(".maps");
 
+/*
+ * Direct-mapped cache of vcpu_tids for the dirty-ring push (an inlined array lookup instead of a
+ * hash): slot tid & (VMIG_TID_CACHE - 1) holds a vCPU thread's tid and index, 0 if no vCPU thread
+ * maps there, VMIG_TID_TOMBSTONE if one was removed. User space (src/lib.rs) writes a tid here
+ * only into an empty slot and always into vcpu_tids too, so a slot holding another tid (a
+ * collision) or the tombstone sends the program to vcpu_tids: the same answer, slower.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, VMIG_TID_CACHE);
+	__type(key, __u32);
+	__type(value, struct vmig_tid_slot);
+} vcpu_tid_cache SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, VMIG_C_MAX);
@@ -145,6 +163,18 @@ struct {
 	__type(key, struct vmig_page_key);
 	__type(value, __u32);
 } dirty_pages SEC(".maps");
+
+/*
+ * The same window generations for memslot 0 (guest RAM), indexed by gfn offset: an inlined array
+ * lookup instead of hashing a 16-byte key. Used by the BTF push program; pages of other slots, or
+ * beyond the array, go to dirty_pages. The loader sizes it like dirty_pages.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 262144);
+	__type(key, __u32);
+	__type(value, __u32);
+} dirty_gen_slot0 SEC(".maps");
 
 /* Page-aligned faulting hva -> fault time and thread, until UFFDIO_COPY/ZEROPAGE. */
 struct pending_fault {
@@ -281,6 +311,62 @@ int vmig_dirty_ring_push(struct tp_kvm_dirty_ring_push *ctx)
 	}
 	emit(cfg, VMIG_EV_DIRTY_RING_PUSH, current_tid(), *vcpu, ctx->slot, ctx->offset,
 	     ctx->dirty_index - ctx->reset_index, bpf_ktime_get_ns());
+	return 0;
+}
+
+/*
+ * The same counts from a BTF tracepoint (the kernel calls it with the tracepoint's raw arguments,
+ * TP_PROTO(struct kvm_dirty_ring *ring, u32 slot, u64 offset); nothing is formatted for it), with
+ * the lightest body: the vCPU check through vcpu_tid_cache and slot 0's window generations in an
+ * array. Counters only: the loader uses it when no events are wanted (the migration's
+ * ProbeSet::DirtyRing, `vmig trace --counters-only`) and the classic program above otherwise,
+ * or when BTF tracepoints are unavailable.
+ */
+struct kvm_dirty_ring;
+
+SEC("tp_btf/kvm_dirty_ring_push")
+int BPF_PROG(vmig_dirty_ring_push_btf, struct kvm_dirty_ring *ring, __u32 slot, __u64 offset)
+{
+	struct vmig_config *cfg = get_config();
+	struct vmig_tid_slot *ts;
+	__u64 pid_tgid;
+	__u32 tid, idx, *gen;
+
+	if (!cfg)
+		return 0;
+	pid_tgid = bpf_get_current_pid_tgid();
+	if ((__u32)(pid_tgid >> 32) != cfg->tgid)
+		return 0;
+	tid = (__u32)pid_tgid;
+	idx = tid & (VMIG_TID_CACHE - 1);
+	ts = bpf_map_lookup_elem(&vcpu_tid_cache, &idx);
+	if (!ts || ts->tid == 0)
+		return 0;
+	if (ts->tid != tid && !bpf_map_lookup_elem(&vcpu_tids, &tid))
+		return 0;
+	count(VMIG_C_DIRTY_RING_PUSHES, 1);
+
+	if (slot == 0 && offset < 0xffffffffULL) {
+		idx = (__u32)offset;
+		gen = bpf_map_lookup_elem(&dirty_gen_slot0, &idx);
+		if (gen) {
+			if (*gen != cfg->generation) {
+				*gen = cfg->generation;
+				count(VMIG_C_DIRTY_PAGES_DISTINCT, 1);
+			}
+			return 0;
+		}
+	}
+	{
+		struct vmig_page_key key = { .offset = offset, .slot = slot };
+		__u32 g = cfg->generation;
+
+		gen = bpf_map_lookup_elem(&dirty_pages, &key);
+		if (!gen || *gen != g) {
+			bpf_map_update_elem(&dirty_pages, &key, &g, BPF_ANY);
+			count(VMIG_C_DIRTY_PAGES_DISTINCT, 1);
+		}
+	}
 	return 0;
 }
 

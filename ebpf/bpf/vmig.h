@@ -41,6 +41,17 @@ struct vmig_config {
 	__u32 _pad;
 };
 
+/* Entries of the `vcpu_tid_cache` array (a power of two). */
+#define VMIG_TID_CACHE 4096
+/* A `vcpu_tid_cache` slot whose tid was removed: never a thread id. */
+#define VMIG_TID_TOMBSTONE 0xffffffffU
+
+/* Value of the `vcpu_tid_cache` array. 8 bytes. */
+struct vmig_tid_slot {
+	__u32 tid;  /* 0: empty */
+	__u32 vcpu;
+};
+
 /* Indices of the `counters` per-CPU array. */
 enum vmig_counter {
 	VMIG_C_KVM_PAGE_FAULTS = 0,

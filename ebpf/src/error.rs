@@ -83,22 +83,25 @@ pub enum EbpfError {
 impl EbpfError {
     /// Turns an error whose cause chain holds EPERM/EACCES into [`EbpfError::PermissionDenied`].
     pub(crate) fn classify(self) -> Self {
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&self);
-        let mut denied = false;
-        while let Some(e) = cur {
-            if let Some(io) = e.downcast_ref::<io::Error>() {
-                if matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
-                    denied = true;
-                }
-            }
-            cur = e.source();
-        }
-        if denied {
-            EbpfError::PermissionDenied(chain_to_string(&self))
-        } else {
-            self
+        match denied_in(&self) {
+            Some(why) => EbpfError::PermissionDenied(why),
+            None => self,
         }
     }
+}
+
+/// The error and its causes as a string if its cause chain holds EPERM/EACCES.
+pub(crate) fn denied_in(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
+                return Some(chain_to_string(e));
+            }
+        }
+        cur = c.source();
+    }
+    None
 }
 
 /// Formats an error with all its causes, `a: b: c`.

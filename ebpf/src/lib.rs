@@ -21,17 +21,35 @@ mod layout;
 mod raw;
 
 use std::collections::BTreeMap;
+use std::sync::Once;
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::TracePoint;
-use aya::Ebpf;
+use aya::programs::{BtfTracePoint, TracePoint};
+use aya::{Btf, Ebpf};
 
 pub use error::EbpfError;
 pub use event::{Event, EventStream};
 pub use exits::exit_reason_name;
 pub use raw::{RawEvent, NO_VCPU};
 
-use raw::{counter, ExitKey, RawConfig};
+use raw::{counter, ExitKey, RawConfig, TidSlot, TID_CACHE, TID_TOMBSTONE};
+
+/// Set to `1` to use the classic `kvm:kvm_dirty_ring_push` tracepoint program even where the BTF
+/// one loads (to compare the two).
+pub const CLASSIC_PUSH_ENV: &str = "VMIG_EBPF_CLASSIC_PUSH";
+
+/// Which program counts the dirty-ring pushes of a [`VmProbes`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushProgram {
+    /// `tp_btf/kvm_dirty_ring_push`: the kernel passes the tracepoint's raw arguments, formats no
+    /// record, and the program's body is the lightest (counters only).
+    Btf,
+    /// The classic `kvm:kvm_dirty_ring_push` tracepoint program: with events, where BTF
+    /// tracepoints are unavailable, or with [`CLASSIC_PUSH_ENV`] set.
+    Classic,
+    /// None: the probe set does not include the dirty-ring push.
+    None,
+}
 
 /// Which VM to watch.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -56,6 +74,8 @@ pub enum ProbeSet {
     All,
     /// Only the dirty-ring programs (`kvm:kvm_dirty_ring_push` and `kvm:kvm_dirty_ring_exit`):
     /// pushes, distinct pages per window and ring-full exits, the pre-copy controller's figures.
+    /// Without events the pushes are counted by a BTF tracepoint program where it loads (see
+    /// [`PushProgram`]).
     /// Every other counter stays 0, and nothing runs on the far more frequent tracepoints
     /// (`kvm_emulate_insn` fires per emulated guest instruction, `sys_enter_ioctl` per `KVM_RUN`).
     DirtyRing,
@@ -112,10 +132,12 @@ pub struct Counters {
 pub struct VmProbes {
     config: Array<MapData, RawConfig>,
     vcpu_tids: HashMap<MapData, u32, u32>,
+    vcpu_tid_cache: Array<MapData, TidSlot>,
     counters: PerCpuArray<MapData, u64>,
     exits: HashMap<MapData, ExitKey, u64>,
     events: Option<RingBuf<MapData>>,
     raw_config: RawConfig,
+    push: PushProgram,
     // Owns the programs and their links: dropped last (declaration order), detaching everything.
     _ebpf: Ebpf,
 }
@@ -125,6 +147,7 @@ impl std::fmt::Debug for VmProbes {
         f.debug_struct("VmProbes")
             .field("config", &self.raw_config)
             .field("events", &self.events.is_some())
+            .field("push", &self.push)
             .finish_non_exhaustive()
     }
 }
@@ -200,9 +223,15 @@ impl VmProbes {
         let pages = (filter.mem_len / 4096).clamp(1024, 1 << 24) as u32;
         let mut ebpf = aya::EbpfLoader::new()
             .set_max_entries("dirty_pages", pages)
+            .set_max_entries("dirty_gen_slot0", pages)
             .load(bytes)
             .map_err(|e| match e {
-                aya::EbpfError::BtfError(b) => EbpfError::NoBtf(error::chain_to_string(&b)),
+                // The object holds a BTF-tracepoint program, so aya fails the whole load when the
+                // kernel refuses the object's BTF: without CAP_BPF that is a permission error.
+                aya::EbpfError::BtfError(b) => match error::denied_in(&b) {
+                    Some(why) => EbpfError::PermissionDenied(why),
+                    None => EbpfError::NoBtf(error::chain_to_string(&b)),
+                },
                 other => EbpfError::LoadFailed(Box::new(other)).classify(),
             })?;
 
@@ -217,12 +246,14 @@ impl VmProbes {
         let mut probes = VmProbes {
             config: take_map(&mut ebpf, "config")?,
             vcpu_tids: take_map(&mut ebpf, "vcpu_tids")?,
+            vcpu_tid_cache: take_map(&mut ebpf, "vcpu_tid_cache")?,
             counters: take_map(&mut ebpf, "counters")?,
             exits: take_map(&mut ebpf, "exits")?,
             events: with_events
                 .then(|| take_map(&mut ebpf, "events"))
                 .transpose()?,
             raw_config,
+            push: PushProgram::None,
             _ebpf: ebpf,
         };
         for (vcpu, &tid) in filter.vcpu_tids.iter().enumerate() {
@@ -231,12 +262,23 @@ impl VmProbes {
         probes.write_config()?;
 
         for probe in layout::PROBES.iter().filter(|p| set.includes(p.program)) {
+            if probe.program == PUSH_PROGRAM {
+                probes.push = if !with_events && attach_push_btf(&mut probes._ebpf) {
+                    PushProgram::Btf
+                } else {
+                    PushProgram::Classic
+                };
+                if probes.push == PushProgram::Btf {
+                    continue;
+                }
+            }
             attach_one(&mut probes._ebpf, probe)?;
         }
         tracing::debug!(
             pid = filter.pid,
             vcpus = filter.vcpu_tids.len(),
             ?set,
+            push = ?probes.push,
             "vmig BPF probes attached"
         );
         Ok(probes)
@@ -246,11 +288,39 @@ impl VmProbes {
     pub fn add_vcpu_tid(&mut self, tid: u32, vcpu: u32) -> Result<(), EbpfError> {
         self.vcpu_tids
             .insert(tid, vcpu, 0)
-            .map_err(|e| map_err("vcpu_tids", e))
+            .map_err(|e| map_err("vcpu_tids", e))?;
+        // The push program's cache: only into an empty slot (or this tid's own); a collision
+        // leaves the other tid there and this one is found in vcpu_tids.
+        let idx = tid & (TID_CACHE - 1);
+        let slot = self
+            .vcpu_tid_cache
+            .get(&idx, 0)
+            .map_err(|e| map_err("vcpu_tid_cache", e))?;
+        if slot.tid == 0 || slot.tid == tid {
+            self.vcpu_tid_cache
+                .set(idx, TidSlot { tid, vcpu }, 0)
+                .map_err(|e| map_err("vcpu_tid_cache", e))?;
+        }
+        Ok(())
     }
 
     /// Forgets a vCPU thread (e.g. after it exited: tids are reused).
     pub fn remove_vcpu_tid(&mut self, tid: u32) -> Result<(), EbpfError> {
+        // Its cache slot becomes a tombstone, not empty: a colliding tid may be in vcpu_tids.
+        let idx = tid & (TID_CACHE - 1);
+        let slot = self
+            .vcpu_tid_cache
+            .get(&idx, 0)
+            .map_err(|e| map_err("vcpu_tid_cache", e))?;
+        if slot.tid == tid {
+            let tombstone = TidSlot {
+                tid: TID_TOMBSTONE,
+                vcpu: 0,
+            };
+            self.vcpu_tid_cache
+                .set(idx, tombstone, 0)
+                .map_err(|e| map_err("vcpu_tid_cache", e))?;
+        }
         match self.vcpu_tids.remove(&tid) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err("vcpu_tids", e)),
@@ -319,6 +389,11 @@ impl VmProbes {
         EventStream::new(ring)
     }
 
+    /// Which program counts the dirty-ring pushes.
+    pub fn push_program(&self) -> PushProgram {
+        self.push
+    }
+
     /// Reports whether attaching can work here; same as [`available`].
     pub fn available() -> Result<(), EbpfError> {
         available()
@@ -348,6 +423,45 @@ fn map_err(map: &'static str, e: aya::maps::MapError) -> EbpfError {
         cause: Box::new(e),
     }
     .classify()
+}
+
+/// The classic push program (in [`layout::PROBES`]) and its BTF-tracepoint twin.
+const PUSH_PROGRAM: &str = "vmig_dirty_ring_push";
+const PUSH_PROGRAM_BTF: &str = "vmig_dirty_ring_push_btf";
+
+/// Loads and attaches the BTF-tracepoint push program; false (and the reason logged once per
+/// process) if it cannot, and the caller attaches the classic one.
+fn attach_push_btf(ebpf: &mut Ebpf) -> bool {
+    static WHY_NOT_LOGGED: Once = Once::new();
+    if std::env::var_os(CLASSIC_PUSH_ENV).is_some_and(|v| v == "1") {
+        return false;
+    }
+    let mut attach = || -> Result<(), String> {
+        let btf = Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?;
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut(PUSH_PROGRAM_BTF)
+            .ok_or_else(|| format!("{PUSH_PROGRAM_BTF} not in the object"))?
+            .try_into()
+            .map_err(|e| error::chain_to_string(&e))?;
+        prog.load("kvm_dirty_ring_push", &btf)
+            .map_err(|e| format!("loading: {}", error::chain_to_string(&e)))?;
+        prog.attach()
+            .map_err(|e| format!("attaching: {}", error::chain_to_string(&e)))?;
+        Ok(())
+    };
+    match attach() {
+        Ok(()) => true,
+        Err(why) => {
+            WHY_NOT_LOGGED.call_once(|| {
+                tracing::info!(
+                    %why,
+                    "BTF tracepoint tp_btf/kvm_dirty_ring_push unavailable: \
+                     counting dirty-ring pushes with the classic tracepoint (slower)"
+                );
+            });
+            false
+        }
+    }
 }
 
 fn attach_one(ebpf: &mut Ebpf, probe: &layout::Probe) -> Result<(), EbpfError> {

@@ -65,6 +65,22 @@ const _: () = assert!(size_of::<ExitKey>() == 8);
 // SAFETY: repr(C), integers only, no padding (size asserted above).
 unsafe impl aya::Pod for ExitKey {}
 
+/// Entries of the `vcpu_tid_cache` array (`VMIG_TID_CACHE`, a power of two).
+pub(crate) const TID_CACHE: u32 = 4096;
+/// A `vcpu_tid_cache` slot whose tid was removed (`VMIG_TID_TOMBSTONE`).
+pub(crate) const TID_TOMBSTONE: u32 = u32::MAX;
+
+/// Value of the `vcpu_tid_cache` array (`struct vmig_tid_slot`): `tid` 0 is an empty slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct TidSlot {
+    pub tid: u32,
+    pub vcpu: u32,
+}
+const _: () = assert!(size_of::<TidSlot>() == 8);
+// SAFETY: repr(C), integers only, no padding (size asserted above).
+unsafe impl aya::Pod for TidSlot {}
+
 /// Indices of the `counters` per-CPU array (`enum vmig_counter`).
 pub(crate) mod counter {
     pub const KVM_PAGE_FAULTS: u32 = 0;

@@ -255,10 +255,13 @@ fn dirty_ring_set_counts_the_same_pushes_and_nothing_else() {
     };
     let probes =
         VmProbes::attach_set(&filter, false, vmig_ebpf::ProbeSet::DirtyRing).expect("attach");
+    // The BTF tracepoint where it loads (this platform), else the classic one (logged).
+    assert_ne!(probes.push_program(), vmig_ebpf::PushProgram::None);
     let report = vm.run();
     let c = probes.counters().expect("counters");
     eprintln!(
-        "dirty-ring set: {} pushes, {} distinct, {} ring full; VMM harvested {}, {} ring-full exits",
+        "dirty-ring set ({:?} push program): {} pushes, {} distinct, {} ring full; VMM harvested {}, {} ring-full exits",
+        probes.push_program(),
         c.dirty_ring_pushes,
         c.dirty_pages_distinct,
         c.dirty_ring_full,
@@ -281,4 +284,48 @@ fn dirty_ring_set_counts_the_same_pushes_and_nothing_else() {
         (0, 0, 0, 0)
     );
     assert!(report.resets > 0);
+}
+
+/// The push program's vCPU-thread cache holds one tid per slot (tid mod 4096): a vCPU thread
+/// whose slot another registered tid took first is still counted (through `vcpu_tids`), and a
+/// new window counts every page again.
+#[test]
+fn colliding_vcpu_tid_and_windows_count_the_same() {
+    if skip_reason("colliding_vcpu_tid_and_windows_count_the_same").is_some() {
+        return;
+    }
+    let mut vm = TinyVm::new(PAGES, ROUNDS, RING_BYTES);
+    let filter = VmFilter {
+        pid: getpid(),
+        // Same cache slot as this thread, registered first: this thread is only in the hash.
+        vcpu_tids: vec![gettid() + 4096, gettid()],
+        mem_start: vm.host_mem,
+        mem_len: GUEST_MEM as u64,
+    };
+    let mut probes =
+        VmProbes::attach_set(&filter, false, vmig_ebpf::ProbeSet::DirtyRing).expect("attach");
+    let report = vm.run();
+    let c = probes.counters().expect("counters");
+    assert_eq!(c.dirty_ring_pushes, report.harvested.len() as u64);
+    assert_eq!(c.dirty_pages_distinct, u64::from(PAGES));
+
+    drop(vm); // TinyVms run one at a time (common::ONE_VM_AT_A_TIME).
+    let mut vm = TinyVm::new(PAGES, ROUNDS, RING_BYTES);
+    probes
+        .set_memory_range(vm.host_mem, GUEST_MEM as u64)
+        .expect("range");
+    // Same pages, same window: nothing new; a new window: every page once more.
+    let report = vm.run();
+    let c2 = probes.counters().expect("counters");
+    assert_eq!(
+        c2.dirty_ring_pushes - c.dirty_ring_pushes,
+        report.harvested.len() as u64
+    );
+    assert_eq!(c2.dirty_pages_distinct, c.dirty_pages_distinct);
+    drop(vm);
+    let mut vm = TinyVm::new(PAGES, ROUNDS, RING_BYTES);
+    probes.start_dirty_window().expect("window");
+    vm.run();
+    let c3 = probes.counters().expect("counters");
+    assert_eq!(c3.dirty_pages_distinct, 2 * u64::from(PAGES));
 }

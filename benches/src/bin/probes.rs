@@ -65,6 +65,7 @@ fn series(vm: &Vm, set: ProbeSet, what: &str) -> serde_json::Value {
     let mut on = Vec::new();
     let mut pushes = Vec::new();
     let mut attach_ms = Vec::new();
+    let mut push_program = None;
     // Per ABBA group: (on1 + on2) / (off1 + off2), which cancels a linear drift of the machine.
     let mut group_ratios = Vec::new();
     let (mut g_off, mut g_on) = (0.0, 0.0);
@@ -75,6 +76,7 @@ fn series(vm: &Vm, set: ProbeSet, what: &str) -> serde_json::Value {
             let probes =
                 VmProbes::attach_set(&filter_of(vm), false, set).expect("attach the probes");
             attach_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            push_program.get_or_insert(probes.push_program());
             let c0 = probes.counters().expect("counters").dirty_ring_pushes;
             let t0 = Instant::now();
             let r = guest_rate(vm);
@@ -121,6 +123,7 @@ fn series(vm: &Vm, set: ProbeSet, what: &str) -> serde_json::Value {
             .collect::<Vec<_>>()
             .join(" "),
     );
+    println!("  dirty-ring push counted by: {push_program:?}");
     println!(
         "  target: at most {:.0} % slower (on/off >= {:.2}): {}; window spread off {:.1} %, on {:.1} % (max - min over mean); attach {:.0} ms (mean)",
         TARGET_SLOWDOWN * 100.0,
@@ -142,6 +145,7 @@ fn series(vm: &Vm, set: ProbeSet, what: &str) -> serde_json::Value {
         "ratio_on_off": ratio,
         "group_ratios": group_ratios,
         "median_group_ratio": median,
+        "push_program": format!("{push_program:?}"),
     })
 }
 
