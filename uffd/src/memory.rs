@@ -281,19 +281,30 @@ impl PostcopyMemory {
     /// Returns how many requests the source accepted; stops at the first error (the rest stay
     /// pending for the next try).
     pub fn reissue_pending(&self) -> Result<usize, PageSourceError> {
+        // Claimed under the lock (marked requested), so a fault handled meanwhile does not ask
+        // for the same page again.
         let unrequested: Vec<u64> = {
-            let pending = self.lock_pending();
-            let mut pages: Vec<u64> = pending
-                .iter()
-                .filter(|(_, entry)| !entry.requested)
-                .map(|(index, _)| *index)
-                .collect();
+            let mut pending = self.lock_pending();
+            let mut pages = Vec::new();
+            for (index, entry) in pending.iter_mut().filter(|(_, e)| !e.requested) {
+                entry.requested = true;
+                pages.push(*index);
+            }
             pages.sort_unstable();
             pages
         };
         let mut sent = 0;
-        for index in unrequested {
-            self.request(index)?;
+        for (n, &index) in unrequested.iter().enumerate() {
+            if let Err(e) = self.request(index) {
+                // `request` released this one; release the rest for the next try.
+                let mut pending = self.lock_pending();
+                for i in &unrequested[n + 1..] {
+                    if let Some(entry) = pending.get_mut(i) {
+                        entry.requested = false;
+                    }
+                }
+                return Err(e);
+            }
             sent += 1;
         }
         Ok(sent)
@@ -370,17 +381,19 @@ impl PostcopyMemory {
                 Counters::bump(&self.counters.already_present, 1);
                 return self.wake(index);
             }
-            match pending.get(&index) {
+            // Whoever asks for the page claims it here, under the lock (`requested`), so no
+            // one else (a duplicate fault, `reissue_pending`) asks for it again.
+            match pending.get_mut(&index) {
                 Some(entry) => {
                     Counters::bump(&self.counters.duplicate_faults, 1);
-                    !entry.requested
+                    !std::mem::replace(&mut entry.requested, true)
                 }
                 None => {
                     pending.insert(
                         index,
                         Pending {
                             since: Instant::now(),
-                            requested: false,
+                            requested: true,
                         },
                     );
                     true
@@ -410,13 +423,14 @@ impl PostcopyMemory {
                 if self.source_failing.swap(false, Ordering::AcqRel) {
                     tracing::info!(page = index, "page source accepts requests again");
                 }
-                if let Some(entry) = self.lock_pending().get_mut(&index) {
-                    entry.requested = true;
-                }
                 Ok(())
             }
             Err(err) => {
                 Counters::bump(&self.counters.request_errors, 1);
+                // Unclaimed: the next fault on it, or `reissue_pending`, asks again.
+                if let Some(entry) = self.lock_pending().get_mut(&index) {
+                    entry.requested = false;
+                }
                 if !self.source_failing.swap(true, Ordering::AcqRel) {
                     tracing::warn!(
                         page = index,
