@@ -105,7 +105,7 @@ pub(crate) fn denied_in(e: &(dyn std::error::Error + 'static)) -> Option<String>
 }
 
 /// Formats an error with all its causes, `a: b: c`.
-pub(crate) fn chain_to_string(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn chain_to_string(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

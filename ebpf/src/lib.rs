@@ -27,7 +27,7 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Btf, Ebpf};
 
-pub use error::EbpfError;
+pub use error::{chain_to_string, EbpfError};
 pub use event::{Event, EventStream};
 pub use exits::exit_reason_name;
 pub use raw::{RawEvent, NO_VCPU};

@@ -71,10 +71,14 @@ impl RoundProbes {
             );
         }
         let filter = filter_of(vm);
-        let mut probes =
-            VmProbes::attach_set(&filter, false, ProbeSet::DirtyRing).map_err(|e| chain(&e))?;
-        probes.start_dirty_window().map_err(|e| chain(&e))?;
-        let last = probes.counters().map_err(|e| chain(&e))?;
+        let mut probes = VmProbes::attach_set(&filter, false, ProbeSet::DirtyRing)
+            .map_err(|e| vmig_ebpf::chain_to_string(&e))?;
+        probes
+            .start_dirty_window()
+            .map_err(|e| vmig_ebpf::chain_to_string(&e))?;
+        let last = probes
+            .counters()
+            .map_err(|e| vmig_ebpf::chain_to_string(&e))?;
         Ok((probes, last))
     }
 
@@ -96,7 +100,7 @@ impl RoundProbes {
         let read = probes
             .start_dirty_window()
             .and_then(|()| probes.counters())
-            .map_err(|e| chain(&e));
+            .map_err(|e| vmig_ebpf::chain_to_string(&e));
         match read {
             Ok(now) => {
                 let k = round_of(last, &now, secs);
@@ -144,18 +148,6 @@ fn round_of(before: &Counters, after: &Counters, secs: f64) -> KernelRound {
             .saturating_sub(before.dirty_pages_distinct),
         ring_full_exits: after.dirty_ring_full.saturating_sub(before.dirty_ring_full),
     }
-}
-
-/// An error and its causes, `a: b: c`.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
