@@ -419,6 +419,8 @@ enum Slot {
     Active(TcpStream),
     /// Its connection failed: the VM waits on its faults for a `Resume`.
     Parked(Session),
+    /// Every page arrived: the session id and the `PostcopyDone` sent.
+    Completed(u64, msg::PostcopyDone),
 }
 
 /// Post-copy sessions of this process, by datastore and VM name.
@@ -563,7 +565,10 @@ fn end_session(
     let name = key.1.clone();
     match result {
         Ok(done) => {
-            sessions().remove(&key);
+            // Kept: if the source never reads this `PostcopyDone` (the connection fails just
+            // then), its `Resume` gets it again instead of a refusal that could lead an
+            // operator to roll back a VM that arrived whole.
+            set_slot(&key, Slot::Completed(s.id, done.clone()));
             tracing::info!(
                 vm = %name,
                 demand = done.stats.pages_demand,
@@ -619,8 +624,13 @@ fn resume_session(
                 drop(map);
                 return resume_parked(reader, writer, key, s);
             }
-            Some(Slot::Parked(s)) => {
-                map.insert(key.clone(), Slot::Parked(s));
+            Some(Slot::Completed(id, done)) if id == r.session => {
+                map.insert(key.clone(), Slot::Completed(id, done.clone()));
+                drop(map);
+                return resume_completed(reader, writer, &r.name, done);
+            }
+            Some(slot @ (Slot::Parked(_) | Slot::Completed(..))) => {
+                map.insert(key.clone(), slot);
                 break format!("the post-copy of {} here is another session", r.name);
             }
             Some(Slot::Active(sock)) => {
@@ -647,6 +657,30 @@ fn resume_session(
         },
     ))?;
     Err(MigrateError::Refused(refusal))
+}
+
+/// A `Resume` for a session that completed: the source missed its `PostcopyDone`. Nothing
+/// is missing; the same `PostcopyDone` again, then the release.
+fn resume_completed(
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+    name: &str,
+    done: msg::PostcopyDone,
+) -> Result<String, MigrateError> {
+    tracing::info!(vm = %name, "resume of a completed post-copy: sending its PostcopyDone again");
+    writer.send_bytes(wire::control_frame(
+        Kind::Resumed,
+        // An empty bitmap: nothing is missing.
+        &msg::Resumed {
+            missing: Vec::new(),
+            count: 0,
+            waiting: 0,
+        },
+    ))?;
+    writer.send_bytes(wire::control_frame(Kind::PostcopyDone, &done))?;
+    reader.set_timeout(Duration::from_secs(10))?;
+    let _: msg::Released = verified(reader)?.expect(Kind::Released)?;
+    Ok(name.to_string())
 }
 
 fn resume_parked(

@@ -76,6 +76,8 @@ pub enum Fault {
     BadVersion,
     /// Shut the connection down once half of the post-copy pages are pushed (once).
     CutPostcopy,
+    /// Drop the destination's `PostcopyDone` and the connection with it (once).
+    LosePostcopyDone,
 }
 
 /// The user's knobs.

@@ -522,7 +522,9 @@ fn reconnect(
     )?;
     let r: msg::Resumed = link.recv()?.expect(Kind::Resumed)?;
     let pages = out.vm.ram().pages();
-    if r.missing.len() as u64 != pages.div_ceil(64) {
+    // An empty bitmap says nothing is missing (the destination completed and only the
+    // `PostcopyDone` that follows was lost on the way).
+    if !(r.missing.is_empty() && r.count == 0) && r.missing.len() as u64 != pages.div_ceil(64) {
         return Err(wire::WireError::BadPages(format!(
             "missing-page bitmap of {} words for {pages} pages",
             r.missing.len()
@@ -530,7 +532,11 @@ fn reconnect(
         .into());
     }
     let missing: Vec<u64> = (0..pages)
-        .filter(|&i| r.missing[(i / 64) as usize] & (1 << (i % 64)) != 0)
+        .filter(|&i| {
+            r.missing
+                .get((i / 64) as usize)
+                .is_some_and(|w| w & (1 << (i % 64)) != 0)
+        })
         .collect();
     tracing::info!(
         missing = missing.len(),
@@ -943,6 +949,14 @@ fn push_and_answer(
                 }
                 PcEvent::Placed(bytes) => window.placed(bytes),
                 PcEvent::Done(d) => {
+                    if link.inject == Some(Fault::LosePostcopyDone) {
+                        link.inject = None;
+                        tracing::warn!("injected fault: losing PostcopyDone and the connection");
+                        let _ = link.writer.socket().shutdown(std::net::Shutdown::Both);
+                        return Err(MigrateError::Peer(
+                            "injected: PostcopyDone lost with the connection".into(),
+                        ));
+                    }
                     finished = Some(d);
                     break;
                 }

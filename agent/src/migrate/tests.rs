@@ -410,3 +410,28 @@ fn postcopy_link_cut_parks_then_resume_finishes_it() {
     assert_eq!(postcopy_landed(&report).interruptions, 1);
     runs_on_destination(&p, "parked", &report);
 }
+
+#[test]
+fn postcopy_done_lost_then_the_resume_gets_it_again() {
+    let _serial = serial();
+    let p = pair("done", 64, &["counter", "dirty"], 16);
+    let opts = MigrateOptions {
+        postcopy: PostcopyPolicy::Always,
+        inject: Some(Fault::LosePostcopyDone),
+        ..busy_opts(40.0)
+    };
+    let (r, phases) = migrate(&p, "done", &opts);
+    let report = r.unwrap();
+    print(&report);
+    // The destination had every page: the resume finds nothing missing, gets the same
+    // PostcopyDone, and the digests still compare.
+    let pc = postcopy_landed(&report);
+    assert_eq!(pc.interruptions, 1);
+    assert!(
+        phases
+            .iter()
+            .any(|ph| ph.contains("resumed: 0 pages still missing")),
+        "{phases:?}"
+    );
+    runs_on_destination(&p, "done", &report);
+}
