@@ -4,8 +4,10 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
+
+use vmig::api::local::{self, LocalAgent};
 
 /// Where a benchmark writes its JSON results: `$CARGO_TARGET_DIR` (or the workspace's
 /// `target/`), created if missing.
@@ -26,10 +28,7 @@ pub struct Cluster {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    local::free_port().expect("a free port")
 }
 
 impl Cluster {
@@ -38,12 +37,8 @@ impl Cluster {
         let dir = std::env::temp_dir().join(format!("vmig-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("bench folder");
         let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
-        let hosts: String = names
-            .iter()
-            .zip(&ports)
-            .map(|(n, p)| format!("{n} = \"127.0.0.1:{p}\"\n"))
-            .collect();
-        std::fs::write(dir.join("hosts.toml"), hosts).expect("hosts file");
+        let agents: Vec<(&str, u16)> = names.iter().copied().zip(ports.iter().copied()).collect();
+        std::fs::write(dir.join("hosts.toml"), local::hosts_text(&agents)).expect("hosts file");
         let mut c = Cluster {
             dir: dir.clone(),
             exe: exe.to_path_buf(),
@@ -51,19 +46,19 @@ impl Cluster {
         };
         for (n, p) in names.iter().zip(&ports) {
             let log = std::fs::File::create(dir.join(format!("{n}.log"))).expect("log");
-            let child = Command::new(exe)
-                .args(["agent", "--name", n, "--listen", &format!("127.0.0.1:{p}")])
-                .arg("--datastore")
-                .arg(dir.join(n))
-                .arg("--hosts")
-                .arg(dir.join("hosts.toml"))
-                .env("VMIG_RUN_DIR", dir.join("run"))
-                .env("VMIG_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log)
-                .spawn()
-                .expect("spawn an agent");
+            let child = LocalAgent {
+                name: n.to_string(),
+                port: *p,
+                datastore: dir.join(n),
+                hosts: dir.join("hosts.toml"),
+                run_dir: dir.join("run"),
+            }
+            .command(exe)
+            .env("VMIG_LOG", "warn")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn an agent");
             c.children.push(child);
         }
         for n in names {

@@ -11,14 +11,13 @@
 //! folder), so they run one at a time even under `cargo test`'s default parallelism.
 
 use std::fs::{self, File};
-use std::io::Write as _;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
+use vmig::api::local::{self, LocalAgent};
 
 /// How long a plain CLI command may take.
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(60);
@@ -326,10 +325,7 @@ pub struct Cluster {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    local::free_port().expect("a free port")
 }
 
 /// Last `n` lines of a file.
@@ -364,11 +360,8 @@ impl Cluster {
             })
             .collect();
         let hosts_file = dir.path().join("hosts.toml");
-        let mut f = File::create(&hosts_file).expect("hosts file");
-        for a in &agents {
-            writeln!(f, "{} = \"127.0.0.1:{}\"", a.name, a.port).expect("hosts file");
-        }
-        drop(f);
+        let ports: Vec<(&str, u16)> = agents.iter().map(|a| (a.name.as_str(), a.port)).collect();
+        fs::write(&hosts_file, local::hosts_text(&ports)).expect("hosts file");
         for a in &mut agents {
             spawn_agent(bin, a, &run_dir, &hosts_file);
         }
@@ -578,17 +571,16 @@ fn spawn_agent(bin: &Path, a: &mut Agent, run_dir: &Path, hosts: &Path) {
         .append(true)
         .open(&a.log)
         .expect("agent log");
-    let mut c = Command::new(bin);
-    c.args(["agent", "--name", &a.name])
-        .arg("--datastore")
-        .arg(&a.datastore)
-        .args(["--listen", &format!("127.0.0.1:{}", a.port)])
-        .arg("--hosts")
-        .arg(hosts)
-        .env("VMIG_RUN_DIR", run_dir)
-        .env("RUST_LOG", "info")
+    let mut c = LocalAgent {
+        name: a.name.clone(),
+        port: a.port,
+        datastore: a.datastore.clone(),
+        hosts: hosts.to_path_buf(),
+        run_dir: run_dir.to_path_buf(),
+    }
+    .command(bin);
+    c.env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log);
     if let Some(m) = a.opts.memory_mib {

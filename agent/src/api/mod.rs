@@ -3,6 +3,7 @@
 //! progress lines and then the report or an error.
 
 pub mod client;
+pub mod local;
 pub mod server;
 
 use serde::{Deserialize, Serialize};

@@ -1,12 +1,13 @@
 //! `vmig demo`: two local agents, a busy VM, a live migration, the report and the proof.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use vmig::api::local::{self, LocalAgent};
 use vmig::api::{self, Request};
 use vmig::dirty::DirtyTracking;
 use vmig::inventory::VmDef;
@@ -64,12 +65,6 @@ impl Drop for Agents {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 async fn wait_for_agent(sock: &Path) -> Result<()> {
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(20) {
@@ -87,12 +82,9 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let run_dir = dir.join("run");
     std::env::set_var("VMIG_RUN_DIR", &run_dir);
-    let (pa, pb) = (free_port()?, free_port()?);
+    let (pa, pb) = (local::free_port()?, local::free_port()?);
     let hosts = dir.join("hosts.toml");
-    std::fs::write(
-        &hosts,
-        format!("hostA = \"127.0.0.1:{pa}\"\nhostB = \"127.0.0.1:{pb}\"\n"),
-    )?;
+    std::fs::write(&hosts, local::hosts_text(&[("hostA", pa), ("hostB", pb)]))?;
     let exe = std::env::current_exe()?;
     let mut agents = Agents {
         children: Vec::new(),
@@ -101,24 +93,18 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     };
     for (name, port) in [("hostA", pa), ("hostB", pb)] {
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-        let child = Command::new(&exe)
-            .args([
-                "agent",
-                "--name",
-                name,
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .arg("--datastore")
-            .arg(dir.join(name))
-            .arg("--hosts")
-            .arg(&hosts)
-            .env("VMIG_RUN_DIR", &run_dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn an agent")?;
+        let child = LocalAgent {
+            name: name.into(),
+            port,
+            datastore: dir.join(name),
+            hosts: hosts.clone(),
+            run_dir: run_dir.clone(),
+        }
+        .command(&exe)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("spawn an agent")?;
         agents.children.push(child);
     }
     let (sa, sb) = (api::socket_of("hostA"), api::socket_of("hostB"));
