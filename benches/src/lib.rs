@@ -89,6 +89,15 @@ impl Cluster {
         }
     }
 
+    /// Creates VM `vm` on agent `host` with the `vm create` flags `args`, and starts it.
+    pub fn create(&self, host: &str, vm: &str, args: &[&str]) {
+        let mut a = vec!["--host", host, "vm", "create", vm];
+        a.extend_from_slice(args);
+        a.push("--start");
+        self.cli(&a)
+            .unwrap_or_else(|e| panic!("create {vm} on {host}: {e}"));
+    }
+
     /// Stops VM `vm` on agent `host` and deletes it, so that its vCPUs no longer compete with
     /// the next measurement for the CPUs.
     pub fn remove(&self, host: &str, vm: &str) {

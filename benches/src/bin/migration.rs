@@ -72,25 +72,22 @@ fn migrate_between(c: &Cluster, vm: &str, from: &str, to: &str, extra: &[&str]) 
 /// platform, see docs/tuning.md); returns once the working set was written twice.
 fn create_dirty_vm(c: &Cluster, vm: &str, dirty_mib: u64) {
     let mib = dirty_mib.to_string();
-    c.cli(&[
-        "--host",
+    c.create(
         "hostA",
-        "vm",
-        "create",
         vm,
-        "--memory-mib",
-        "1024",
-        "--vcpus",
-        "2",
-        "--workload",
-        "dirty,counter",
-        "--dirty-mib",
-        &mib,
-        "--dirty-tracking",
-        "bitmap",
-        "--start",
-    ])
-    .unwrap_or_else(|e| panic!("create {vm}: {e}"));
+        &[
+            "--memory-mib",
+            "1024",
+            "--vcpus",
+            "2",
+            "--workload",
+            "dirty,counter",
+            "--dirty-mib",
+            &mib,
+            "--dirty-tracking",
+            "bitmap",
+        ],
+    );
     wait_until(c, "hostA", vm, "two passes over the working set", |s| {
         s["dirty_pages_written"].as_u64().unwrap_or(0) >= 2 * dirty_mib * 256
     });
@@ -165,19 +162,11 @@ fn main() {
 
 /// Section 1: idle 1 GiB.
 fn idle(c: &Cluster, tcp: f64, results: &mut Value) {
-    c.cli(&[
-        "--host",
+    c.create(
         "hostA",
-        "vm",
-        "create",
         "idle1g",
-        "--memory-mib",
-        "1024",
-        "--workload",
-        "idle",
-        "--start",
-    ])
-    .expect("create idle");
+        &["--memory-mib", "1024", "--workload", "idle"],
+    );
     std::thread::sleep(Duration::from_millis(300));
     let r = migrate(c, "idle1g", &[]);
     line("idle 1 GiB", &r, tcp);
@@ -187,23 +176,20 @@ fn idle(c: &Cluster, tcp: f64, results: &mut Value) {
 
 /// Section 2: 1 GiB dirtying 64 MiB flat out.
 fn dirty64(c: &Cluster, tcp: f64, results: &mut Value) {
-    c.cli(&[
-        "--host",
+    c.create(
         "hostA",
-        "vm",
-        "create",
         "dirty1g",
-        "--memory-mib",
-        "1024",
-        "--vcpus",
-        "2",
-        "--workload",
-        "dirty,counter",
-        "--dirty-mib",
-        "64",
-        "--start",
-    ])
-    .expect("create dirty");
+        &[
+            "--memory-mib",
+            "1024",
+            "--vcpus",
+            "2",
+            "--workload",
+            "dirty,counter",
+            "--dirty-mib",
+            "64",
+        ],
+    );
     wait_until(c, "hostA", "dirty1g", "one pass over 64 MiB", |s| {
         s["dirty_pages_written"].as_u64().unwrap_or(0) >= 2 * 16384
     });
@@ -215,21 +201,18 @@ fn dirty64(c: &Cluster, tcp: f64, results: &mut Value) {
 
 /// Section 3: 1 GiB with 896 MiB of data written once (round 1 measures the sender end to end).
 fn full896(c: &Cluster, tcp: f64, results: &mut Value) {
-    c.cli(&[
-        "--host",
+    c.create(
         "hostA",
-        "vm",
-        "create",
         "full1g",
-        "--memory-mib",
-        "1024",
-        "--workload",
-        "fill",
-        "--dirty-mib",
-        "896",
-        "--start",
-    ])
-    .expect("create fill");
+        &[
+            "--memory-mib",
+            "1024",
+            "--workload",
+            "fill",
+            "--dirty-mib",
+            "896",
+        ],
+    );
     wait_until(c, "hostA", "full1g", "896 MiB filled", |s| {
         s["dirty_pages_written"].as_u64().unwrap_or(0) >= 896 * 256
     });
