@@ -75,13 +75,9 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Migrates `name` from `p.src` to `p.dst` with `opts`; returns the result and the phases
-/// seen in progress events.
-pub(super) fn migrate(
-    p: &Pair,
-    name: &str,
-    opts: &MigrateOptions,
-) -> (Result<Report, MigrateError>, Vec<String>) {
+/// Waits until `name` runs on `p.src`: its counter reported twice and, for a flat-out
+/// dirtier, its working set written.
+fn wait_running(p: &Pair, name: &str) {
     let (_, vm) = p.src.running(name).unwrap();
     let dirty =
         vm.spec().dirty_rate == 0 && vm.spec().programs.contains(&crate::guest::Program::Dirty);
@@ -89,6 +85,16 @@ pub(super) fn migrate(
         let s = vm.stats();
         s.counter_reports >= 2 && (!dirty || s.dirty_pages_written >= 3 * 4096)
     });
+}
+
+/// Migrates `name` from `p.src` to `p.dst` with `opts`; returns the result and the phases
+/// seen in progress events.
+pub(super) fn migrate(
+    p: &Pair,
+    name: &str,
+    opts: &MigrateOptions,
+) -> (Result<Report, MigrateError>, Vec<String>) {
+    wait_running(p, name);
     let incoming = Incoming::start(p.dst.clone());
     let addr = incoming.addr;
     let (def, vm) = p.src.begin_migration(name).unwrap();
@@ -323,26 +329,30 @@ fn auto_never_switches_for_a_converging_guest() {
     runs_on_destination(&p, "calm", &report);
 }
 
-#[test]
-fn postcopy_link_cut_reconnects_within_the_window_and_loses_no_page() {
+/// A post-copy migration of `name` with `fault` injected, which loses the connection once:
+/// the source reconnects within its window and the migration lands whole (`resumed` is the
+/// progress decision the reconnection must show).
+fn lands_after_one_reconnection(name: &str, fault: Fault, bandwidth: f64, resumed: &str) {
     let _serial = serial();
-    let p = pair("cut", 64, &["counter", "dirty"], 16);
+    let p = pair(name, 64, &["counter", "dirty"], 16);
     let opts = MigrateOptions {
         postcopy: PostcopyPolicy::Always,
-        inject: Some(Fault::CutPostcopy),
-        ..busy_opts(20.0)
+        inject: Some(fault),
+        ..busy_opts(bandwidth)
     };
-    let (r, phases) = migrate(&p, "cut", &opts);
+    let (r, phases) = migrate(&p, name, &opts);
     let report = r.unwrap();
     print(&report);
     // Counted across both connections: every missing page placed exactly once.
     let pc = postcopy_landed(&report);
     assert_eq!(pc.interruptions, 1, "one cut, one reconnection");
-    assert!(
-        phases.iter().any(|ph| ph.contains("resumed:")),
-        "{phases:?}"
-    );
-    runs_on_destination(&p, "cut", &report);
+    assert!(phases.iter().any(|ph| ph.contains(resumed)), "{phases:?}");
+    runs_on_destination(&p, name, &report);
+}
+
+#[test]
+fn postcopy_link_cut_reconnects_within_the_window_and_loses_no_page() {
+    lands_after_one_reconnection("cut", Fault::CutPostcopy, 20.0, "resumed:");
 }
 
 #[test]
@@ -355,11 +365,7 @@ fn postcopy_link_cut_parks_then_resume_finishes_it() {
         resume_window_s: 0,
         ..busy_opts(20.0)
     };
-    let (_, vm) = p.src.running("parked").unwrap();
-    wait_for("the guest runs", Duration::from_secs(30), || {
-        let s = vm.stats();
-        s.counter_reports >= 2 && s.dirty_pages_written >= 3 * 4096
-    });
+    wait_running(&p, "parked");
     let incoming = Incoming::start(p.dst.clone());
     let (def, vm) = p.src.begin_migration("parked").unwrap();
     let dir = p.src.dir("parked");
@@ -411,27 +417,14 @@ fn postcopy_link_cut_parks_then_resume_finishes_it() {
     runs_on_destination(&p, "parked", &report);
 }
 
+/// The destination had every page: the resume finds nothing missing, gets the same
+/// `PostcopyDone`, and the digests still compare.
 #[test]
 fn postcopy_done_lost_then_the_resume_gets_it_again() {
-    let _serial = serial();
-    let p = pair("done", 64, &["counter", "dirty"], 16);
-    let opts = MigrateOptions {
-        postcopy: PostcopyPolicy::Always,
-        inject: Some(Fault::LosePostcopyDone),
-        ..busy_opts(40.0)
-    };
-    let (r, phases) = migrate(&p, "done", &opts);
-    let report = r.unwrap();
-    print(&report);
-    // The destination had every page: the resume finds nothing missing, gets the same
-    // PostcopyDone, and the digests still compare.
-    let pc = postcopy_landed(&report);
-    assert_eq!(pc.interruptions, 1);
-    assert!(
-        phases
-            .iter()
-            .any(|ph| ph.contains("resumed: 0 pages still missing")),
-        "{phases:?}"
+    lands_after_one_reconnection(
+        "done",
+        Fault::LosePostcopyDone,
+        40.0,
+        "resumed: 0 pages still missing",
     );
-    runs_on_destination(&p, "done", &report);
 }
