@@ -692,9 +692,12 @@ impl Cluster {
 
     /// `migrate VM TO --verify --json ARGS` from `from`, whatever the outcome.
     pub fn migrate_raw(&self, from: &str, vm: &str, to: &str, args: &[&str]) -> Output {
-        let mut a = vec!["--host", from, "migrate", vm, to, "--verify", "--json"];
-        a.extend_from_slice(args);
-        self.cli_timeout(&a, Duration::from_secs(120))
+        self.cli_timeout(&migrate_args(from, vm, to, args), Duration::from_secs(120))
+    }
+
+    /// The same migration as [`Cluster::migrate_raw`], started in the background.
+    pub fn spawn_migrate(&self, from: &str, vm: &str, to: &str, args: &[&str]) -> Background {
+        self.spawn_cli(&migrate_args(from, vm, to, args))
     }
 
     /// Everything a successful migration must show: equal, non-empty digests; the VM gone
@@ -789,4 +792,11 @@ impl Cluster {
             self.logs()
         );
     }
+}
+
+/// `--host FROM migrate VM TO --verify --json ARGS`.
+fn migrate_args<'a>(from: &'a str, vm: &'a str, to: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["--host", from, "migrate", vm, to, "--verify", "--json"];
+    a.extend_from_slice(args);
+    a
 }

@@ -26,21 +26,19 @@ fn e2e_digest_during_stop_and_copy_keeps_the_source_paused() {
     c.assert_counting("hostA", "vm1", 0);
     // One pre-copy round, then a stop-and-copy pass of the whole working set at 4 MiB/s:
     // the VM stays paused for about two seconds.
-    let bg = c.spawn_cli(&[
-        "--host",
+    let bg = c.spawn_migrate(
         "hostA",
-        "migrate",
         "vm1",
         "hostB",
-        "--verify",
-        "--json",
-        "--bandwidth",
-        "4",
-        "--max-rounds",
-        "1",
-        "--max-downtime",
-        "1",
-    ]);
+        &[
+            "--bandwidth",
+            "4",
+            "--max-rounds",
+            "1",
+            "--max-downtime",
+            "1",
+        ],
+    );
     c.wait_migrating("hostA", "vm1", Duration::from_secs(10));
     // The pause: every vCPU shows "paused" (twice in a row, 100 ms apart).
     let paused = |s: &serde_json::Value| {

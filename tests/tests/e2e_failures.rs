@@ -89,17 +89,7 @@ fn e2e_destination_killed_during_precopy_keeps_source_running() {
     let mut c = two_hosts();
     c.create_vm("hostA", "vm1", BUSY);
     c.assert_counting("hostA", "vm1", 0);
-    let bg = c.spawn_cli(&[
-        "--host",
-        "hostA",
-        "migrate",
-        "vm1",
-        "hostB",
-        "--verify",
-        "--json",
-        "--bandwidth",
-        "20",
-    ]);
+    let bg = c.spawn_migrate("hostA", "vm1", "hostB", &["--bandwidth", "20"]);
     c.wait_migrating("hostA", "vm1", Duration::from_secs(10));
     let staged = c.datastore("hostB").join(".incoming").join("vm1");
     wait_staged(&c, &staged);
@@ -141,17 +131,7 @@ fn e2e_cancel_during_precopy_keeps_source_running() {
     std::thread::sleep(Duration::from_millis(500));
     let (before, _) = c.digest("hostA", "vm1");
     // 131072 zero-page markers and the files at 0.25 MiB/s: several seconds of pre-copy.
-    let bg = c.spawn_cli(&[
-        "--host",
-        "hostA",
-        "migrate",
-        "vm1",
-        "hostB",
-        "--verify",
-        "--json",
-        "--bandwidth",
-        "0.25",
-    ]);
+    let bg = c.spawn_migrate("hostA", "vm1", "hostB", &["--bandwidth", "0.25"]);
     c.wait_migrating("hostA", "vm1", Duration::from_secs(10));
     wait_staged(&c, &c.datastore("hostB").join(".incoming").join("vm1"));
     std::thread::sleep(Duration::from_millis(500));
