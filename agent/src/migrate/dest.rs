@@ -435,14 +435,17 @@ fn sessions() -> std::sync::MutexGuard<'static, BTreeMap<(PathBuf, String), Slot
 /// powered off. Returns whether there was one.
 pub fn discard_parked(datastore: &Path, name: &str) -> bool {
     let key = (datastore.to_path_buf(), name.to_string());
-    let mut map = sessions();
-    if !matches!(map.get(&key), Some(Slot::Parked(_))) {
-        return false;
-    }
-    let Some(Slot::Parked(s)) = map.remove(&key) else {
-        return false;
+    let s = {
+        let mut map = sessions();
+        match map.remove(&key) {
+            Some(Slot::Parked(s)) => s,
+            Some(other) => {
+                map.insert(key, other);
+                return false;
+            }
+            None => return false,
+        }
     };
-    drop(map);
     tracing::warn!(vm = %name, remaining = s.mem.remaining(), "discarding an interrupted post-copy session");
     s.vm.devices()
         .log_line("post-copy session discarded: the missing pages are given up");

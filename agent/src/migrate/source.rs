@@ -418,11 +418,6 @@ impl Parked {
         &self.dest_name
     }
 
-    /// Pages the destination lacked at the last contact.
-    pub fn missing(&self) -> u64 {
-        self.stale.len() as u64
-    }
-
     /// Seconds to keep reconnecting when the connection drops (see `MigrateOptions`).
     pub fn set_resume_window(&mut self, secs: u64) {
         self.opts.resume_window_s = secs;
@@ -902,6 +897,13 @@ fn next_event(link: &mut Link, wait: Duration) -> Result<Option<PcEvent>, Migrat
     }))
 }
 
+/// Whether a push frame may go now: pages left, room in the window, and (under a bandwidth
+/// limit) its turn. The push waits for its turn in the serving loop, where a request wakes
+/// it, not asleep in the pacer.
+fn may_push(link: &Link, window: &PushWindow, unsent: usize) -> bool {
+    unsent > 0 && window.open(link.writer.bytes_sent()) && link.writer.pace_delay().is_zero()
+}
+
 fn push_and_answer(
     vm: &Vm,
     link: &mut Link,
@@ -925,11 +927,7 @@ fn push_and_answer(
     let done = loop {
         // Take every request and report that arrived; block only when there is nothing to
         // push (all sent, or a window's worth not placed yet): a request or report wakes it.
-        // Under a bandwidth limit the push waits its turn here, where a request wakes it,
-        // not asleep in the pacer.
-        let can_push = unsent > 0
-            && window.open(link.writer.bytes_sent())
-            && link.writer.pace_delay().is_zero();
+        let can_push = may_push(link, &window, unsent);
         let wait = if !can_push && demand.is_empty() {
             match link.writer.pace_delay() {
                 d if d.is_zero() || unsent == 0 => Duration::from_millis(100),
@@ -966,9 +964,7 @@ fn push_and_answer(
         if let Some(d) = finished {
             break d;
         }
-        let can_push = unsent > 0
-            && window.open(link.writer.bytes_sent())
-            && link.writer.pace_delay().is_zero();
+        let can_push = may_push(link, &window, unsent);
         if !can_push && demand.is_empty() && last_frame.elapsed() > POSTCOPY_IDLE {
             return Err(MigrateError::Peer(format!(
                 "no word from the destination for {} s ({unsent} pages not sent yet)",
