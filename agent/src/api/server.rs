@@ -325,8 +325,22 @@ fn resolve(agent: &Agent, dest: &str) -> Result<SocketAddr, String> {
 
 /// A migration out to run: a new one, or the resumption of an interrupted post-copy.
 enum Job {
-    Migrate { dest: String, opts: MigrateOptions },
+    Migrate {
+        dest: String,
+        opts: MigrateOptions,
+    },
+    /// With the reconnect window to use, if overridden.
     Resume(Option<u64>),
+}
+
+/// A job ready to run: the destination resolved, or the parked post-copy taken.
+enum Work {
+    Migrate {
+        addr: SocketAddr,
+        dest: String,
+        opts: MigrateOptions,
+    },
+    Resume(Box<migrate::source::Parked>),
 }
 
 async fn migrate_out(
@@ -340,28 +354,35 @@ async fn migrate_out(
     // post-copy.
     let start = match job {
         Job::Migrate { dest, opts } => resolve(&agent, &dest).and_then(|addr| {
-            agent
+            let (def, vm) = agent
                 .inv
                 .begin_migration(&name)
-                .map_err(|e| e.to_string())
-                .map(|(def, vm)| (def, vm, Ok((addr, dest, opts))))
+                .map_err(|e| e.to_string())?;
+            Ok((def, vm, Work::Migrate { addr, dest, opts }))
         }),
-        Job::Resume(window) => match agent.parked.lock().expect("parked").remove(&name) {
-            None => Err(format!(
-                "no interrupted post-copy of {name:?} here: nothing to resume"
-            )),
-            Some(mut parked) => match agent.inv.running(&name) {
-                Ok((def, vm)) => {
-                    if let Some(w) = window {
-                        parked.set_resume_window(w);
+        Job::Resume(window) => {
+            let mut parked_map = agent.parked.lock().expect("parked");
+            match parked_map.remove(&name) {
+                None => Err(format!(
+                    "no interrupted post-copy of {name:?} here: nothing to resume"
+                )),
+                Some(mut parked) => match agent.inv.running(&name) {
+                    Ok((def, vm)) => {
+                        if let Some(w) = window {
+                            parked.set_resume_window(w);
+                        }
+                        Ok((def, vm, Work::Resume(parked)))
                     }
-                    Ok((def, vm, Err(parked)))
-                }
-                Err(e) => Err(e.to_string()),
-            },
-        },
+                    Err(e) => {
+                        // Kept for another try: the pages are still the only copy.
+                        parked_map.insert(name.clone(), parked);
+                        Err(e.to_string())
+                    }
+                },
+            }
+        }
     };
-    let (def, vm, job) = match start {
+    let (def, vm, work) = match start {
         Ok(x) => x,
         Err(e) => {
             let _ = send(&mut w, &Reply::Error(e)).await;
@@ -390,11 +411,11 @@ async fn migrate_out(
         let progress = move |p| {
             let _ = ptx.send(Reply::Progress(Box::new(p)));
         };
-        let result = match job {
-            Ok((addr, dest, opts)) => {
+        let result = match work {
+            Work::Migrate { addr, dest, opts } => {
                 migrate::source::migrate(&out, addr, &dest, &opts, &c, &progress)
             }
-            Err(parked) => migrate::source::resume(&out, parked, &progress),
+            Work::Resume(parked) => migrate::source::resume(&out, parked, &progress),
         };
         drop(vm);
         let reply = match result {
