@@ -189,7 +189,7 @@ pub fn loopback_rtt_us(n: usize) -> f64 {
 /// straight from a buffer standing in for guest memory) through [`vmig::transport::FrameWriter`],
 /// to a reader that reads and discards. Returns bytes per second.
 pub fn frame_sender(bytes: u64, io: vmig::transport::IoPath) -> f64 {
-    use vmig::wire::{self, Header, Kind};
+    use vmig::wire::pages::{PageFrameBuilder, PageFrameKind};
     let memory = vec![0x6bu8; 64 << 20];
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
@@ -210,31 +210,20 @@ pub fn frame_sender(bytes: u64, io: vmig::transport::IoPath) -> f64 {
     let t = Instant::now();
     let mut sent = 0u64;
     let mut next = 0usize;
-    let mut meta = Vec::new();
+    let mut frame = PageFrameBuilder::new(PageFrameKind::Pages);
     while sent < bytes {
         let idx: Vec<u64> = (0..256)
             .map(|i| ((next + i) % pages_total) as u64)
             .collect();
         next = (next + 256) % pages_total;
-        let entries: Vec<wire::pages::PageEntry> = idx
-            .iter()
-            .map(|&index| wire::pages::PageEntry { index, zero: false })
-            .collect();
-        wire::pages::encode(&entries, &mut meta);
+        for &index in &idx {
+            frame.push(index, false);
+        }
         let ptrs: Vec<*const u8> = idx
             .iter()
             .map(|&i| memory[i as usize * 4096..].as_ptr())
             .collect();
-        let mut h = Header {
-            kind: Kind::Pages,
-            flags: 0,
-            payload_len: (meta.len() + ptrs.len() * 4096) as u32,
-            meta_len: meta.len() as u32,
-            crc: 0,
-        };
-        h.crc = wire::frame_crc(&h, &meta, []);
-        let mut head = h.encode().to_vec();
-        head.extend_from_slice(&meta);
+        let head = frame.head();
         // SAFETY: every pointer is a 4 KiB page of `memory`, which outlives the writer (it is
         // flushed and dropped below, before `memory`).
         unsafe { w.send_pages(head, &ptrs) }.expect("send");

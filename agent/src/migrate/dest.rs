@@ -11,12 +11,15 @@ use std::time::{Duration, Instant};
 
 use vmig_uffd::{FaultHandler, PageSource, PageSourceError, Placement, PostcopyMemory};
 
-use super::{cpu_digest, MigrateError, PageSum, PostcopyStats};
+use super::link::Link;
+use super::{cpu_digest, MigrateError, PageSum};
 use crate::dirty::PageBitmap;
 use crate::guest::layout::PAGE_SIZE;
 use crate::inventory::{self, Inventory, Reservation, VmDef};
-use crate::transport::{tune_socket, FrameReader, FrameWriter, IoPath};
+use crate::transport::IoPath;
+use crate::vm::state::MachineState;
 use crate::vm::Vm;
+use crate::wire::bitmap::Bitmap;
 use crate::wire::{self, messages as msg, pages, Frame, Kind, WireError};
 
 /// How long the destination waits for the next frame before giving up.
@@ -30,19 +33,14 @@ pub fn receive(
     agent: &str,
     io: IoPath,
 ) -> Result<String, MigrateError> {
-    tune_socket(&sock)?;
-    let mut reader = FrameReader::new(sock.try_clone()?, io, IDLE_TIMEOUT)?;
-    let mut writer = FrameWriter::new(sock.try_clone()?, IoPath::Plain, None)?;
-    let result = run(&mut reader, &mut writer, &inv, agent);
+    let mut link = Link::accept(sock.try_clone()?, io, IDLE_TIMEOUT)?;
+    let result = run(&mut link, &inv, agent);
     if let Err(e) = &result {
         tracing::warn!(cause = %e, "incoming migration failed; nothing kept");
         if !matches!(e, MigrateError::Peer(_)) {
-            let _ = writer.send_bytes(wire::control_frame(
-                Kind::Error,
-                &msg::Abort {
-                    reason: e.to_string(),
-                },
-            ));
+            let _ = link.send(&msg::Error {
+                reason: e.to_string(),
+            });
         }
         // Let the source read our reason before the connection closes: stop writing and
         // drain what it still sends for a moment (closing with unread data would reset).
@@ -61,37 +59,28 @@ pub fn receive(
     result
 }
 
-/// The error for a frame other than `want`: the peer's reason if it is an `Abort`/`Error`.
+/// The error for a frame other than `want`.
 fn not_expected(f: &Frame, want: &'static str) -> MigrateError {
-    match f.header.kind {
-        Kind::Abort | Kind::Error => match f.verify().and_then(|_| f.decode::<msg::Abort>()) {
-            Ok(a) => MigrateError::Peer(a.reason),
-            Err(e) => e.into(),
-        },
-        got => WireError::Unexpected { got, want }.into(),
+    WireError::Unexpected {
+        got: f.kind(),
+        want,
     }
+    .into()
 }
 
-fn verified(reader: &mut FrameReader) -> Result<Frame, MigrateError> {
-    let f = reader.read_frame()?;
-    f.verify()?;
-    if matches!(f.header.kind, Kind::Abort | Kind::Error) {
-        return Err(MigrateError::Peer(f.decode::<msg::Abort>()?.reason));
-    }
-    Ok(f)
-}
-
-fn run(
-    reader: &mut FrameReader,
-    writer: &mut FrameWriter,
-    inv: &Arc<Inventory>,
-    agent: &str,
-) -> Result<String, MigrateError> {
+fn run(link: &mut Link, inv: &Arc<Inventory>, agent: &str) -> Result<String, MigrateError> {
     // 1. Pre-migration checks.
-    let hello: msg::Hello = verified(reader)?.expect(Kind::Hello)?;
-    if hello.version != wire::VERSION {
-        return Err(WireError::Version { got: hello.version }.into());
-    }
+    let hello: msg::Hello = link.recv()?;
+    let Some(version) = wire::negotiate(
+        wire::supported_versions(),
+        hello.min_version..=hello.max_version,
+    ) else {
+        return Err(WireError::NoCommonVersion {
+            low: hello.min_version,
+            high: hello.max_version,
+        }
+        .into());
+    };
     if hello.page_size != PAGE_SIZE as u32 {
         return Err(MigrateError::Peer(format!(
             "page size {} is not supported",
@@ -105,21 +94,20 @@ fn run(
             hello.cpu
         )));
     }
-    writer.send_bytes(wire::control_frame(
-        Kind::Welcome,
-        &msg::Welcome {
-            agent: agent.into(),
-        },
-    ))?;
+    link.send(&msg::Welcome {
+        version,
+        agent: agent.into(),
+    })?;
 
     // 2. Reservation (or the resumption of a post-copy that lost its connection).
-    let f = verified(reader)?;
-    if f.header.kind == Kind::Resume {
-        return resume_session(reader, writer, inv, f.decode()?);
+    let f = link.next()?;
+    if f.kind() == Kind::Resume {
+        return resume_session(link, inv, f.decode()?);
     }
-    let reserve: msg::Reserve = f.expect(Kind::Reserve)?;
+    let reserve: msg::Reserve = f.decode()?;
+    let spec = crate::vm::VmSpec::from(reserve.spec);
     let def = match VmDef::parse(&reserve.definition) {
-        Ok(d) if d.name == reserve.name && d.spec() == reserve.spec => d,
+        Ok(d) if d.name == reserve.name && d.spec() == spec => d,
         Ok(_) => {
             return Err(MigrateError::Peer(
                 "the definition does not match the reservation".into(),
@@ -131,59 +119,45 @@ fn run(
         Ok(r) => r,
         Err(e) => {
             tracing::info!(vm = %def.name, reason = %e, "refusing the reservation");
-            writer.send_bytes(wire::control_frame(
-                Kind::Refused,
-                &msg::Refused {
-                    reason: e.to_string(),
-                },
-            ))?;
+            link.send(&msg::Refused {
+                reason: e.to_string(),
+            })?;
             return Err(MigrateError::Refused(e.to_string()));
         }
     };
     let vm = Vm::create(&def.spec(), &def.name, Box::new(std::io::sink()))?;
-    writer.send_bytes(wire::control_frame(
-        Kind::Reserved,
-        &msg::Reserved {
-            memory: def.memory_bytes(),
-        },
-    ))?;
+    link.send(&msg::Reserved {
+        memory: def.memory_bytes(),
+    })?;
     tracing::info!(vm = %def.name, from = %hello.agent, "reserved; receiving");
 
     // 3. Pages and files, until the state arrives.
     let mut holds_data = PageBitmap::new(vm.ram().pages());
-    let mut postcopy: Option<msg::Postcopy> = None;
+    let mut postcopy: Option<Switch> = None;
     let state = loop {
-        let f = reader.read_frame()?;
-        match f.header.kind {
+        let f = link.next()?;
+        match f.kind() {
             Kind::Pages => apply_pages(&f, &vm, &mut holds_data)?,
-            Kind::FileChunk => {
-                f.verify()?;
-                write_chunk(&f, &reservation)?;
-            }
+            Kind::FileChunk => write_chunk(&f, &reservation)?,
             Kind::RoundEnd => {
-                f.verify()?;
                 let r: msg::RoundEnd = f.decode()?;
                 tracing::debug!(round = r.round, pages = r.pages, "round received");
             }
             Kind::State => {
-                f.verify()?;
-                break f.decode::<msg::State>()?;
+                let state: msg::State = f.decode()?;
+                break Loaded {
+                    machine: MachineState::try_from(&state.machine)?,
+                    verify: state.verify,
+                };
             }
             Kind::Postcopy => {
-                f.verify()?;
                 let pc: msg::Postcopy = f.decode()?;
-                let pages = vm.ram().pages();
-                let bad_tail =
-                    pages % 64 != 0 && pc.dirty.last().is_some_and(|w| w >> (pages % 64) != 0);
-                if pc.dirty.len() as u64 != pages.div_ceil(64) || bad_tail {
-                    return Err(WireError::BadPages(format!(
-                        "post-copy bitmap of {} words for {pages} pages",
-                        pc.dirty.len()
-                    ))
-                    .into());
-                }
+                let stale = pc.dirty.pages(vm.ram().pages())?;
                 tracing::info!(vm = %def.name, stale = pc.count, reason = %pc.reason, "switching to post-copy");
-                postcopy = Some(pc);
+                postcopy = Some(Switch {
+                    stale,
+                    session: pc.session,
+                });
             }
             _ => return Err(not_expected(&f, "Pages, FileChunk, RoundEnd or State")),
         }
@@ -192,8 +166,7 @@ fn run(
     if let Some(pc) = postcopy {
         let log = inv.open_log(&reservation.staging)?;
         return run_postcopy(
-            reader,
-            writer,
+            link,
             inv,
             agent,
             &hello.agent,
@@ -216,8 +189,8 @@ fn run(
         ready.vcpu_digest = Some(vm.read_back()?.vcpu_digest());
         ready.verify_ms = t.elapsed().as_secs_f64() * 1e3;
     }
-    writer.send_bytes(wire::control_frame(Kind::Ready, &ready))?;
-    let _: msg::Go = verified(reader)?.expect(Kind::Go)?;
+    link.send(&ready)?;
+    let _: msg::Go = link.recv()?;
 
     // 5. Commitment: register, run, confirm.
     let t_go = Instant::now();
@@ -230,12 +203,9 @@ fn run(
         "migrated in from {}: running on {agent}",
         hello.agent
     ));
-    let _ = writer.send_bytes(wire::control_frame(
-        Kind::Running,
-        &msg::Running { resume_us },
-    ));
-    reader.set_timeout(Duration::from_secs(10))?;
-    match verified(reader).and_then(|f| Ok(f.expect::<msg::Released>(Kind::Released)?)) {
+    let _ = link.send(&msg::Running { resume_us });
+    link.reader.set_timeout(Duration::from_secs(10))?;
+    match link.recv::<msg::Released>() {
         Ok(_) => tracing::info!(vm = %name, "source released the VM"),
         Err(e) => {
             tracing::warn!(vm = %name, cause = %e, "no release from the source (the VM runs here regardless)")
@@ -298,8 +268,7 @@ impl PageSource for NetSource {
                 "no connection serves the post-copy yet".into(),
             ));
         };
-        let frame =
-            wire::control_frame(Kind::PageRequest, &msg::PageRequest { pages: vec![index] });
+        let frame = wire::control_frame(&msg::PageRequest { pages: vec![index] });
         if up.send(frame) {
             Ok(())
         } else {
@@ -320,22 +289,25 @@ const _: () = assert!(4 * PLACED_REPORT_BYTES <= super::source::PUSH_WINDOW);
 /// the state, and on Go run the VM while pages are placed as they arrive.
 #[allow(clippy::too_many_arguments)]
 fn run_postcopy(
-    reader: &mut FrameReader,
-    writer: &mut FrameWriter,
+    link: &mut Link,
     inv: &Arc<Inventory>,
     agent: &str,
     source: &str,
     reservation: Reservation,
     def: VmDef,
     vm: Vm,
-    state: msg::State,
-    pc: msg::Postcopy,
+    state: Loaded,
+    pc: Switch,
     log: Box<dyn Write + Send>,
 ) -> Result<String, MigrateError> {
     let ram = vm.ram().clone();
     let pages = ram.pages();
-    let is_stale = |i: u64| pc.dirty[(i / 64) as usize] & (1 << (i % 64)) != 0;
-    let stale: Vec<u64> = (0..pages).filter(|&i| is_stale(i)).collect();
+    let stale = pc.stale;
+    let stale_set = vmig_uffd::PageBitmap::new(pages);
+    for &i in &stale {
+        stale_set.set(i);
+    }
+    let is_stale = |i: u64| stale_set.get(i);
     // Stale copies must go: userfaultfd only fills missing pages.
     ram.discard_pages(&stale)?;
     let known = vmig_uffd::PageBitmap::new(pages);
@@ -365,8 +337,8 @@ fn run_postcopy(
         .map_err(|e| MigrateError::Postcopy(e.to_string()))?;
     #[cfg(test)]
     super::probe::test_hook::before_postcopy_run(&vm);
-    writer.send_bytes(wire::control_frame(Kind::Ready, &ready))?;
-    let _: msg::Go = verified(reader)?.expect(Kind::Go)?;
+    link.send(&ready)?;
+    let _: msg::Go = link.recv()?;
 
     // Commitment: from here the VM runs here, whatever happens to the connection.
     let t_go = Instant::now();
@@ -383,19 +355,16 @@ fn run_postcopy(
         sum: sum.take(),
         t_run: Instant::now(),
     };
-    set_slot(&key, Slot::Active(writer.socket().try_clone()?));
-    let result = serve_session(reader, writer, &mut session, |up| {
+    set_slot(&key, Slot::Active(link.socket().try_clone()?));
+    let result = serve_session(link, &mut session, |up| {
         // Running goes before the vCPUs start: a page request can never overtake it.
         let resume_us = t_go.elapsed().as_micros() as u64;
-        up.send(wire::control_frame(
-            Kind::Running,
-            &msg::Running { resume_us },
-        ));
+        up.send(wire::control_frame(&msg::Running { resume_us }));
         SessionStart::Resume(format!(
             "migrated in from {source} (post-copy): running on {agent}"
         ))
     });
-    end_session(reader, key, session, result)
+    end_session(link, key, session, result)
 }
 
 /// A post-copy session on the destination: the VM runs here and its missing pages come from
@@ -469,14 +438,13 @@ enum SessionStart {
 /// Serves a session over one connection: page requests go out through a writer thread, pages
 /// are placed as they arrive, until none is missing. `start` queues the opening frame.
 fn serve_session(
-    reader: &mut FrameReader,
-    writer: &FrameWriter,
+    link: &mut Link,
     s: &mut Session,
     start: impl FnOnce(&Uplink) -> SessionStart,
 ) -> Result<msg::PostcopyDone, MigrateError> {
     // Every earlier frame was flushed by `send_bytes`: the uplink owns the direction now.
     let up = Arc::new(Uplink {
-        sock: Mutex::new(writer.socket().try_clone()?),
+        sock: Mutex::new(link.socket().try_clone()?),
         down: AtomicBool::new(false),
     });
     s.mem.set_source(Arc::new(NetSource {
@@ -500,22 +468,19 @@ fn serve_session(
             // source (its push window).
             let (mut placed_bytes, mut reported) = (0u64, 0u64);
             while s.mem.remaining() > 0 {
-                let f = reader.read_frame()?;
-                let why = match f.header.kind {
+                let f = link.next()?;
+                let why = match f.kind() {
                     Kind::DemandPages => Placement::Demand,
                     Kind::Pages => Placement::Push,
                     _ => return Err(not_expected(&f, "Pages or DemandPages")),
                 };
                 place_pages(&f, &s.mem, pages, why, s.sum.as_mut())?;
-                placed_bytes += (wire::HEADER_LEN + f.payload.len()) as u64;
+                placed_bytes += f.wire_len() as u64;
                 if placed_bytes - reported >= PLACED_REPORT_BYTES {
                     reported = placed_bytes;
-                    up.send(wire::control_frame(
-                        Kind::PagesPlaced,
-                        &msg::PagesPlaced {
-                            bytes: placed_bytes,
-                        },
-                    ));
+                    up.send(wire::control_frame(&msg::PagesPlaced {
+                        bytes: placed_bytes,
+                    }));
                 }
             }
             if let Some(h) = s.handler.take() {
@@ -526,7 +491,7 @@ fn serve_session(
                 .unregister()
                 .map_err(|e| MigrateError::Postcopy(e.to_string()))?;
             let st = s.mem.stats();
-            let stats = PostcopyStats {
+            let stats = msg::PostcopyFigures {
                 pages_missing: s.stale,
                 faults: st.faults,
                 duplicate_faults: st.duplicate_faults,
@@ -541,13 +506,12 @@ fn serve_session(
                 latency_p99_us: st.latency.p99_us,
                 latency_max_us: st.latency.max_us,
                 duration_ms: s.t_run.elapsed().as_secs_f64() * 1e3,
-                ..Default::default()
             };
             let done = msg::PostcopyDone {
                 stats,
                 memory_digest: s.sum.as_ref().map(PageSum::hex),
             };
-            up.send(wire::control_frame(Kind::PostcopyDone, &done));
+            up.send(wire::control_frame(&done));
             Ok(done)
         })();
         if result.is_err() {
@@ -560,7 +524,7 @@ fn serve_session(
 
 /// After a connection of a session ended: completes it, or parks it for a `Resume`.
 fn end_session(
-    reader: &mut FrameReader,
+    link: &mut Link,
     key: (PathBuf, String),
     s: Session,
     result: Result<msg::PostcopyDone, MigrateError>,
@@ -598,8 +562,8 @@ fn end_session(
             return Err(e);
         }
     }
-    reader.set_timeout(Duration::from_secs(10))?;
-    match verified(reader).and_then(|f| Ok(f.expect::<msg::Released>(Kind::Released)?)) {
+    link.reader.set_timeout(Duration::from_secs(10))?;
+    match link.recv::<msg::Released>() {
         Ok(_) => tracing::info!(vm = %name, "source released the VM"),
         Err(e) => {
             tracing::warn!(vm = %name, cause = %e, "no release from the source (the VM runs here regardless)")
@@ -613,8 +577,7 @@ const TAKEOVER: Duration = Duration::from_secs(10);
 
 /// Picks up a parked post-copy session for the source that reconnected.
 fn resume_session(
-    reader: &mut FrameReader,
-    writer: &mut FrameWriter,
+    link: &mut Link,
     inv: &Arc<Inventory>,
     r: msg::Resume,
 ) -> Result<String, MigrateError> {
@@ -625,12 +588,12 @@ fn resume_session(
         match map.remove(&key) {
             Some(Slot::Parked(s)) if s.id == r.session => {
                 drop(map);
-                return resume_parked(reader, writer, key, s);
+                return resume_parked(link, key, s);
             }
             Some(Slot::Completed(id, done)) if id == r.session => {
                 map.insert(key.clone(), Slot::Completed(id, done.clone()));
                 drop(map);
-                return resume_completed(reader, writer, &r.name, done);
+                return resume_completed(link, &r.name, done);
             }
             Some(slot @ (Slot::Parked(_) | Slot::Completed(..))) => {
                 map.insert(key.clone(), slot);
@@ -653,67 +616,52 @@ fn resume_session(
         std::thread::sleep(Duration::from_millis(20));
     };
     tracing::info!(vm = %r.name, reason = %refusal, "refusing to resume");
-    writer.send_bytes(wire::control_frame(
-        Kind::Refused,
-        &msg::Refused {
-            reason: refusal.clone(),
-        },
-    ))?;
+    link.send(&msg::Refused {
+        reason: refusal.clone(),
+    })?;
     Err(MigrateError::Refused(refusal))
 }
 
 /// A `Resume` for a session that completed: the source missed its `PostcopyDone`. Nothing
 /// is missing; the same `PostcopyDone` again, then the release.
 fn resume_completed(
-    reader: &mut FrameReader,
-    writer: &mut FrameWriter,
+    link: &mut Link,
     name: &str,
     done: msg::PostcopyDone,
 ) -> Result<String, MigrateError> {
     tracing::info!(vm = %name, "resume of a completed post-copy: sending its PostcopyDone again");
-    writer.send_bytes(wire::control_frame(
-        Kind::Resumed,
+    link.send(&msg::Resumed {
         // An empty bitmap: nothing is missing.
-        &msg::Resumed {
-            missing: Vec::new(),
-            count: 0,
-            waiting: 0,
-        },
-    ))?;
-    writer.send_bytes(wire::control_frame(Kind::PostcopyDone, &done))?;
-    reader.set_timeout(Duration::from_secs(10))?;
-    let _: msg::Released = verified(reader)?.expect(Kind::Released)?;
+        missing: Bitmap::empty(),
+        count: 0,
+        waiting: 0,
+    })?;
+    link.send(&done)?;
+    link.reader.set_timeout(Duration::from_secs(10))?;
+    let _: msg::Released = link.recv()?;
     Ok(name.to_string())
 }
 
 fn resume_parked(
-    reader: &mut FrameReader,
-    writer: &mut FrameWriter,
+    link: &mut Link,
     key: (PathBuf, String),
     mut s: Session,
 ) -> Result<String, MigrateError> {
-    let pages = s.vm.ram().pages();
-    let mut missing = vec![0u64; pages.div_ceil(64) as usize];
     let list = s.mem.missing_pages();
-    for &p in &list {
-        missing[(p / 64) as usize] |= 1 << (p % 64);
-    }
+    let missing = Bitmap::of(s.vm.ram().pages(), list.iter().copied());
     let waiting = s.mem.pending().len() as u64;
     tracing::info!(vm = %key.1, missing = list.len(), waiting, "resuming post-copy");
-    let active = writer
+    let active = link
         .socket()
         .try_clone()
         .map(|sock| set_slot(&key, Slot::Active(sock)));
     let result = match active {
-        Ok(()) => serve_session(reader, writer, &mut s, |up| {
-            up.send(wire::control_frame(
-                Kind::Resumed,
-                &msg::Resumed {
-                    missing,
-                    count: list.len() as u64,
-                    waiting,
-                },
-            ));
+        Ok(()) => serve_session(link, &mut s, |up| {
+            up.send(wire::control_frame(&msg::Resumed {
+                missing,
+                count: list.len() as u64,
+                waiting,
+            }));
             SessionStart::Continue(format!(
                 "post-copy resumed: {} pages missing, {waiting} faults waiting",
                 list.len()
@@ -721,7 +669,7 @@ fn resume_parked(
         }),
         Err(e) => Err(e.into()),
     };
-    end_session(reader, key, s, result)
+    end_session(link, key, s, result)
 }
 
 /// Checks a post-copy page frame and places its pages; never touches guest memory itself.
@@ -733,7 +681,6 @@ fn place_pages(
     mut sum: Option<&mut PageSum>,
 ) -> Result<(), MigrateError> {
     let entries = pages::decode(f.meta(), f.data().len(), pages)?;
-    f.verify()?;
     let mut data = f.data().chunks_exact(PAGE_SIZE as usize);
     for e in entries {
         let content = if e.zero {
@@ -754,7 +701,6 @@ fn place_pages(
 /// Checks a page frame (bounds, lengths, CRC) and copies its pages into guest memory.
 fn apply_pages(f: &Frame, vm: &Vm, holds_data: &mut PageBitmap) -> Result<(), MigrateError> {
     let ram = vm.ram();
-    f.verify()?;
     let entries = pages::decode(f.meta(), f.data().len(), ram.pages())?;
     let mut data = f.data().chunks_exact(PAGE_SIZE as usize);
     for e in entries {
@@ -769,6 +715,18 @@ fn apply_pages(f: &Frame, vm: &Vm, holds_data: &mut PageBitmap) -> Result<(), Mi
         }
     }
     Ok(())
+}
+
+/// The state sent at the pause, decoded.
+struct Loaded {
+    machine: MachineState,
+    verify: bool,
+}
+
+/// The source's switch to post-copy: the stale pages and the session's id.
+struct Switch {
+    stale: Vec<u64>,
+    session: u64,
 }
 
 /// Writes a file piece into the staging folder.

@@ -6,8 +6,10 @@
 //! VM: any failure resumes it there and the destination drops everything it staged.
 
 pub mod controller;
+mod convert;
 pub mod dest;
 pub mod holdback;
+mod link;
 pub mod probe;
 #[cfg(test)]
 mod probe_tests;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::controller::{Controller, Decision};
 use super::holdback::Holdback;
+use super::link::Link;
 use super::probe::RoundProbes;
 use super::{
     cpu_digest, Cancel, Fault, MigrateError, MigrateOptions, PageSum, PostcopyStats, Progress,
@@ -15,14 +16,13 @@ use super::{
 };
 use crate::guest::layout::PAGE_SIZE;
 use crate::inventory::{self, VmDef};
-use crate::transport::{tune_socket, FrameReader, FrameWriter, IoPath};
 use crate::vm::Vm;
-use crate::wire::{self, messages as msg, pages, Frame, Header, Kind};
+use crate::wire::bitmap::Bitmap;
+use crate::wire::pages::{self, PageFrameBuilder, PageFrameKind};
+use crate::wire::{self, messages as msg, Kind};
 
 /// File pieces are sent in chunks of this size; all-zero chunks are skipped (sparse disks).
 const FILE_CHUNK: usize = 1 << 20;
-/// How long to wait for a control reply.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the source needs to know about the VM.
 #[derive(Debug)]
@@ -35,59 +35,6 @@ pub struct Outgoing<'a> {
     pub dir: &'a Path,
     /// This agent's name.
     pub agent: &'a str,
-}
-
-struct Link {
-    writer: FrameWriter,
-    reader: FrameReader,
-    inject: Option<Fault>,
-}
-
-impl Link {
-    /// Connects to the agent at `dest`.
-    fn connect(dest: SocketAddr, opts: &MigrateOptions) -> Result<Link, MigrateError> {
-        let sock = TcpStream::connect_timeout(&dest, Duration::from_secs(5)).map_err(|cause| {
-            MigrateError::Connect {
-                addr: dest.to_string(),
-                cause,
-            }
-        })?;
-        tune_socket(&sock)?;
-        let bandwidth = opts.bandwidth_mibs.map(|m| m * 1048576.0);
-        Ok(Link {
-            writer: FrameWriter::new(sock.try_clone()?, opts.io, bandwidth)?,
-            reader: FrameReader::new(sock, IoPath::Plain, REPLY_TIMEOUT)?,
-            inject: None,
-        })
-    }
-
-    fn send<T: serde::Serialize>(&mut self, kind: Kind, m: &T) -> Result<(), MigrateError> {
-        Ok(self.writer.send_bytes(wire::control_frame(kind, m))?)
-    }
-
-    /// Reads the next control frame; an `Error`/`Abort`/`Refused` from the peer becomes an
-    /// error carrying its reason.
-    fn recv(&mut self) -> Result<Frame, MigrateError> {
-        let f = self.reader.read_frame()?;
-        f.verify()?;
-        match f.header.kind {
-            Kind::Error | Kind::Abort => Err(MigrateError::Peer(f.decode::<msg::Abort>()?.reason)),
-            Kind::Refused => Err(MigrateError::Refused(f.decode::<msg::Refused>()?.reason)),
-            _ => Ok(f),
-        }
-    }
-
-    /// After a send failed: the peer may have said why before closing.
-    fn explain(&mut self, e: MigrateError) -> MigrateError {
-        if !matches!(e, MigrateError::Io(_)) {
-            return e;
-        }
-        let _ = self.reader.set_timeout(Duration::from_secs(2));
-        match self.recv() {
-            Err(peer @ (MigrateError::Peer(_) | MigrateError::Refused(_))) => peer,
-            _ => e,
-        }
-    }
 }
 
 /// Migrates `out.vm` to the agent at `dest`. On error the VM is running on the source as
@@ -125,12 +72,9 @@ pub fn migrate(
             }
             vm.set_throttle(0);
             // Until Go the source owns the VM: tell the peer, stop logging, run again.
-            let _ = link.send(
-                Kind::Abort,
-                &msg::Abort {
-                    reason: e.to_string(),
-                },
-            );
+            let _ = link.send(&msg::Abort {
+                reason: e.to_string(),
+            });
             let _ = vm.dirty().stop();
             vm.resume();
             vm.devices().log_line(&format!(
@@ -155,27 +99,23 @@ fn run(
     let hello = hello(out);
     let t_hello = Instant::now();
     if link.inject == Some(Fault::BadVersion) {
-        let mut f = wire::control_frame(Kind::Hello, &hello);
-        let h = Header::parse(f[..wire::HEADER_LEN].try_into().expect("header"))?;
-        f[..wire::HEADER_LEN].copy_from_slice(&h.encode_version(99));
+        let mut f = wire::control_frame(&hello);
+        wire::set_version(&mut f, 99);
         link.writer.send_bytes(f)?;
     } else {
-        link.send(Kind::Hello, &hello)?;
+        link.send(&hello)?;
     }
-    let welcome: msg::Welcome = link.recv()?.expect(Kind::Welcome)?;
+    let welcome = welcomed(link)?;
     let rtt = t_hello.elapsed();
     tracing::info!(dest = %welcome.agent, rtt_us = rtt.as_micros() as u64, "destination accepted the protocol");
 
     // 2. Reservation.
-    link.send(
-        Kind::Reserve,
-        &msg::Reserve {
-            name: out.def.name.clone(),
-            spec: vm.spec().clone(),
-            definition: out.def.to_toml(),
-        },
-    )?;
-    let _: msg::Reserved = link.recv()?.expect(Kind::Reserved)?;
+    link.send(&msg::Reserve {
+        name: out.def.name.clone(),
+        spec: vm.spec().into(),
+        definition: out.def.to_toml(),
+    })?;
+    let _: msg::Reserved = link.recv()?;
     progress(Progress::new("reserved", 0, 0, 0));
     for name in [inventory::DEFINITION, inventory::NVRAM, inventory::DISK] {
         send_file(link, out.dir, name)?;
@@ -204,19 +144,16 @@ fn run(
             vm,
             &holdback.sendable(&pending),
             populated.take().as_deref(),
-            Kind::Pages,
+            PageFrameKind::Pages,
             false,
             round,
             progress,
             cancel,
         )?;
-        link.send(
-            Kind::RoundEnd,
-            &msg::RoundEnd {
-                round,
-                pages: stats.pages,
-            },
-        )?;
+        link.send(&msg::RoundEnd {
+            round,
+            pages: stats.pages,
+        })?;
         let dirty = vm.dirty().harvest()?;
         stats.secs = t.elapsed().as_secs_f64();
         stats.kernel = probes.end_round(round, stats.secs);
@@ -295,10 +232,8 @@ fn run(
     rounds.push(last);
     // 5. Commitment: from Go on the destination owns the VM.
     cancel.set_socket(None);
-    link.send(Kind::Go, &msg::Go {})?;
-    let running = link
-        .recv()
-        .and_then(|f| Ok(f.expect::<msg::Running>(Kind::Running)?));
+    link.send(&msg::Go {})?;
+    let running = link.recv::<msg::Running>();
     let t_run = Instant::now();
     let running = running.map_err(|e| MigrateError::CommitUnknown(e.to_string()))?;
     let downtime = (t_run - t_pause).as_secs_f64() - rtt.as_secs_f64() / 2.0;
@@ -351,7 +286,7 @@ fn run(
         ..Default::default()
     };
     if postcopy_why.is_none() {
-        let _ = link.send(Kind::Released, &msg::Released {});
+        let _ = link.send(&msg::Released {});
         vm.devices().log_line(&format!("migrated to {dest_name}"));
         return Ok(finished(report, link.writer.bytes_sent(), t0));
     }
@@ -385,12 +320,26 @@ fn finished(mut report: Report, bytes_sent: u64, t0: Instant) -> Report {
 
 /// The hello of this agent.
 fn hello(out: &Outgoing<'_>) -> msg::Hello {
+    let versions = wire::supported_versions();
     msg::Hello {
-        version: wire::VERSION,
+        min_version: *versions.start(),
+        max_version: *versions.end(),
         agent: out.agent.into(),
         page_size: PAGE_SIZE as u32,
         cpu: cpu_digest(),
     }
+}
+
+/// The destination's answer to the hello: a version this agent speaks.
+fn welcomed(link: &mut Link) -> Result<msg::Welcome, MigrateError> {
+    let welcome: msg::Welcome = link.recv()?;
+    if !wire::supported_versions().contains(&welcome.version) {
+        return Err(wire::WireError::Version {
+            got: welcome.version,
+        }
+        .into());
+    }
+    Ok(welcome)
 }
 
 /// What the source keeps of a post-copy in progress: enough to reconnect and finish it.
@@ -506,33 +455,20 @@ fn reconnect(
     progress: &dyn Fn(Progress),
 ) -> Result<Link, MigrateError> {
     let mut link = Link::connect(parked.dest, &parked.opts)?;
-    link.send(Kind::Hello, &hello(out))?;
-    let _: msg::Welcome = link.recv()?.expect(Kind::Welcome)?;
-    link.send(
-        Kind::Resume,
-        &msg::Resume {
-            name: out.def.name.clone(),
-            session: parked.session,
-        },
-    )?;
-    let r: msg::Resumed = link.recv()?.expect(Kind::Resumed)?;
-    let pages = out.vm.ram().pages();
+    link.send(&hello(out))?;
+    welcomed(&mut link)?;
+    link.send(&msg::Resume {
+        name: out.def.name.clone(),
+        session: parked.session,
+    })?;
+    let r: msg::Resumed = link.recv()?;
     // An empty bitmap says nothing is missing (the destination completed and only the
     // `PostcopyDone` that follows was lost on the way).
-    if !(r.missing.is_empty() && r.count == 0) && r.missing.len() as u64 != pages.div_ceil(64) {
-        return Err(wire::WireError::BadPages(format!(
-            "missing-page bitmap of {} words for {pages} pages",
-            r.missing.len()
-        ))
-        .into());
-    }
-    let missing: Vec<u64> = (0..pages)
-        .filter(|&i| {
-            r.missing
-                .get((i / 64) as usize)
-                .is_some_and(|w| w & (1 << (i % 64)) != 0)
-        })
-        .collect();
+    let missing = if r.missing.is_empty() && r.count == 0 {
+        Vec::new()
+    } else {
+        r.missing.pages(out.vm.ram().pages())?
+    };
     tracing::info!(
         missing = missing.len(),
         waiting_faults = r.waiting,
@@ -562,7 +498,7 @@ fn serve_link(
     parked.bytes += link.writer.bytes_sent();
     let (mut stats, v) = served?;
     stats.interruptions = parked.interruptions;
-    let _ = link.send(Kind::Released, &msg::Released {});
+    let _ = link.send(&msg::Released {});
     out.vm
         .devices()
         .log_line(&format!("migrated to {}", parked.dest_name));
@@ -628,7 +564,7 @@ fn stop_and_copy(
         vm,
         pending,
         None,
-        Kind::Pages,
+        PageFrameKind::Pages,
         true,
         round,
         progress,
@@ -642,7 +578,7 @@ fn stop_and_copy(
     } else {
         None
     };
-    let ready: msg::Ready = link.recv()?.expect(Kind::Ready)?;
+    let ready: msg::Ready = link.recv()?;
     let verification = match (source_memory, &ready.memory_digest, &ready.vcpu_digest) {
         (Some(sm), Some(dm), Some(dv)) => {
             let v = Verification {
@@ -691,26 +627,19 @@ fn postcopy_switch(
     pending.extend(vm.dirty().harvest()?);
     pending.sort_unstable();
     pending.dedup();
-    let pages = vm.ram().pages();
-    let mut dirty = vec![0u64; pages.div_ceil(64) as usize];
-    for &p in pending.iter() {
-        dirty[(p / 64) as usize] |= 1 << (p % 64);
-    }
+    let dirty = Bitmap::of(vm.ram().pages(), pending.iter().copied());
     let mut ev = Progress::new("post-copy", round, 0, pending.len() as u64);
     ev.remaining = pending.len() as u64;
     ev.decision = Some(format!("switch to post-copy: {why}"));
     progress(ev);
-    link.send(
-        Kind::Postcopy,
-        &msg::Postcopy {
-            dirty,
-            count: pending.len() as u64,
-            reason: why.into(),
-            session,
-        },
-    )?;
+    link.send(&msg::Postcopy {
+        dirty,
+        count: pending.len() as u64,
+        reason: why.into(),
+        session,
+    })?;
     let source_vcpus = send_state(out, link, opts, "post-copy")?;
-    let ready: msg::Ready = link.recv()?.expect(Kind::Ready)?;
+    let ready: msg::Ready = link.recv()?;
     let stats = RoundStats {
         round,
         bytes: link.writer.bytes_sent() - before,
@@ -880,15 +809,11 @@ fn next_event(link: &mut Link, wait: Duration) -> Result<Option<PcEvent>, Migrat
     if !readable(link.writer.socket(), wait)? {
         return Ok(None);
     }
-    let f = link.reader.read_frame()?;
-    f.verify()?;
-    Ok(Some(match f.header.kind {
+    let f = link.next()?;
+    Ok(Some(match f.kind() {
         Kind::PageRequest => PcEvent::Request(f.decode::<msg::PageRequest>()?.pages),
         Kind::PagesPlaced => PcEvent::Placed(f.decode::<msg::PagesPlaced>()?.bytes),
         Kind::PostcopyDone => PcEvent::Done(f.decode()?),
-        Kind::Abort | Kind::Error => {
-            return Err(MigrateError::Peer(f.decode::<msg::Abort>()?.reason))
-        }
         other => {
             return Err(MigrateError::Peer(format!(
                 "unexpected {other:?} frame during post-copy"
@@ -991,7 +916,7 @@ fn push_and_answer(
                     vm,
                     &answer,
                     None,
-                    Kind::DemandPages,
+                    PageFrameKind::Demand,
                     true,
                     0,
                     &quiet,
@@ -1019,7 +944,7 @@ fn push_and_answer(
                 vm,
                 &batch,
                 None,
-                Kind::Pages,
+                PageFrameKind::Pages,
                 true,
                 0,
                 &quiet,
@@ -1058,7 +983,7 @@ fn push_and_answer(
         stats.source_demand_sent,
         stats.source_pushed,
     );
-    stats = d.clone();
+    stats = PostcopyStats::from(d);
     (
         stats.source_requested,
         stats.source_demand_sent,
@@ -1078,7 +1003,7 @@ fn send_pages(
     vm: &Vm,
     list: &[u64],
     populated: Option<&[bool]>,
-    kind: Kind,
+    kind: PageFrameKind,
     paused: bool,
     round: u32,
     progress: &dyn Fn(Progress),
@@ -1090,50 +1015,37 @@ fn send_pages(
         round,
         ..Default::default()
     };
-    let mut entries = Vec::with_capacity(pages::MAX_PAGES);
+    let mut frame = PageFrameBuilder::new(kind);
     let mut ptrs: Vec<*const u8> = Vec::with_capacity(pages::MAX_PAGES);
-    let mut meta = Vec::new();
     let mut last_progress = Instant::now();
     for (n, chunk) in list.chunks(pages::MAX_PAGES).enumerate() {
         if cancel.is_cancelled() {
             return Err(MigrateError::Cancelled);
         }
-        entries.clear();
         ptrs.clear();
         for &p in chunk {
             let zero = populated.is_some_and(|pop| !pop[p as usize]) || ram.is_zero_page(p);
-            entries.push(pages::PageEntry { index: p, zero });
+            frame.push(p, zero);
             if !zero {
                 ptrs.push(ram.page_ptr(p));
             }
         }
-        pages::encode(&entries, &mut meta);
-        let data_len = ptrs.len() * PAGE_SIZE as usize;
-        let mut header = Header {
-            kind,
-            flags: if paused { wire::DATA_CRC } else { 0 },
-            payload_len: (meta.len() + data_len) as u32,
-            meta_len: meta.len() as u32,
-            crc: 0,
-        };
-        header.crc = if paused {
+        let mut head = if paused {
             // SAFETY: the vCPUs are paused, so nothing writes these guest pages while they
             // are read as slices; each pointer is a whole page inside guest memory.
             let slices = ptrs
                 .iter()
                 .map(|&p| unsafe { std::slice::from_raw_parts(p, PAGE_SIZE as usize) });
-            wire::frame_crc(&header, &meta, slices)
+            frame.head_checked(slices)
         } else {
-            wire::frame_crc(&header, &meta, [])
+            frame.head()
         };
-        let mut head = header.encode().to_vec();
-        head.extend_from_slice(&meta);
         if link.inject == Some(Fault::CorruptFrame) && n == 0 {
             let last = head.len() - 1;
             head[last] ^= 0x40;
             link.inject = None;
         }
-        if kind == Kind::DemandPages {
+        if kind == PageFrameKind::Demand {
             // A vCPU waits for these: no wait for the bandwidth limit.
             // SAFETY: every pointer is a page of guest memory, which lives as long as the VM;
             // the VM outlives this migration (the caller holds it).
@@ -1184,24 +1096,12 @@ fn send_chunk(
     offset: u64,
     chunk: &[u8],
 ) -> Result<(), MigrateError> {
-    let meta = bincode::serialize(&msg::FileChunk {
+    let piece = msg::FileChunk {
         name: name.into(),
         size,
         offset,
-    })
-    .expect("serializes");
-    let mut header = Header {
-        kind: Kind::FileChunk,
-        flags: wire::DATA_CRC,
-        payload_len: (meta.len() + chunk.len()) as u32,
-        meta_len: meta.len() as u32,
-        crc: 0,
     };
-    header.crc = wire::frame_crc(&header, &meta, [chunk]);
-    let mut f = header.encode().to_vec();
-    f.extend_from_slice(&meta);
-    f.extend_from_slice(chunk);
-    Ok(link.writer.send_bytes(f)?)
+    Ok(link.writer.send_bytes(wire::data_frame(&piece, chunk))?)
 }
 
 /// With the vCPUs paused: notes the pause in the VM log, sends the log and the vCPU and device
@@ -1218,13 +1118,10 @@ fn send_state(
     send_file(link, out.dir, inventory::LOG)?;
     let machine = out.vm.save()?;
     let digest = machine.vcpu_digest();
-    link.send(
-        Kind::State,
-        &msg::State {
-            machine,
-            verify: opts.verify,
-        },
-    )?;
+    link.send(&msg::State {
+        machine: (&machine).into(),
+        verify: opts.verify,
+    })?;
     Ok(digest)
 }
 

@@ -50,6 +50,7 @@ pub fn tune_socket(s: &std::net::TcpStream) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::pages::{PageFrameBuilder, PageFrameKind};
     use crate::wire::{self, Kind};
     use std::net::{TcpListener, TcpStream};
 
@@ -67,46 +68,33 @@ mod tests {
             let mut r = FrameReader::new(b, path, std::time::Duration::from_secs(10)).unwrap();
             let mut got = Vec::new();
             for _ in 0..3 {
-                let f = r.read_frame().unwrap();
-                f.verify().unwrap();
-                got.push(f);
+                got.push(r.read_frame().unwrap());
             }
             got
         });
         let mut w = FrameWriter::new(a, path, None).unwrap();
-        w.send_bytes(wire::control_frame(Kind::Go, &wire::messages::Go {}))
+        w.send_bytes(wire::control_frame(&wire::messages::Go {}))
             .unwrap();
         let ptrs: Vec<*const u8> = pages.iter().map(|p| p.as_ptr()).collect();
-        for chunk in ptrs.chunks(200) {
-            let meta = vec![7u8; 12];
-            let data_len = chunk.len() * 4096;
-            let mut h = wire::Header {
-                kind: Kind::Pages,
-                flags: wire::DATA_CRC,
-                payload_len: (meta.len() + data_len) as u32,
-                meta_len: meta.len() as u32,
-                crc: 0,
-            };
-            // SAFETY: the pages are live Vecs of 4096 bytes owned by this test.
-            let slices: Vec<&[u8]> = chunk
-                .iter()
-                .map(|&p| unsafe { std::slice::from_raw_parts(p, 4096) })
-                .collect();
-            h.crc = wire::frame_crc(&h, &meta, slices);
-            let mut head = h.encode().to_vec();
-            head.extend_from_slice(&meta);
+        let mut frame = PageFrameBuilder::new(PageFrameKind::Pages);
+        for (c, chunk) in ptrs.chunks(200).enumerate() {
+            for i in 0..chunk.len() {
+                frame.push((c * 200 + i) as u64, false);
+            }
+            let head =
+                frame.head_checked(pages[c * 200..c * 200 + chunk.len()].iter().map(|p| &p[..]));
             // SAFETY: every pointer is a live 4 KiB page that outlives the send (flushed below).
             unsafe { w.send_pages(head, chunk) }.unwrap();
         }
         w.flush().unwrap();
         let got = reader.join().unwrap();
-        assert_eq!(got[0].header.kind, Kind::Go);
+        assert_eq!(got[0].kind(), Kind::Go);
         assert_eq!(got[1].data().len(), 200 * 4096);
         assert_eq!(got[2].data().len(), 100 * 4096);
         assert_eq!(&got[2].data()[..4096], &pages[200][..]);
         assert_eq!(
             w.bytes_sent(),
-            got.iter().map(|f| 24 + f.payload.len() as u64).sum::<u64>()
+            got.iter().map(|f| f.wire_len() as u64).sum::<u64>()
         );
     }
 

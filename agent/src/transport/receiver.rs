@@ -69,15 +69,15 @@ impl FrameReader {
         self.sock.set_read_timeout(Some(timeout))
     }
 
-    /// Reads one frame, checking its header (magic, version, kind, lengths). The caller
-    /// checks the CRC with [`Frame::verify`] (page frames verify as they are applied).
+    /// Reads one frame and checks it whole: the header (magic, version, kind, lengths) before
+    /// reading the payload, then the CRC. Only a verified frame comes out.
     pub fn read_frame(&mut self) -> Result<Frame, RecvError> {
         let mut h = [0u8; HEADER_LEN];
         self.read_exact(&mut h)?;
         let header = Header::parse(&h)?;
         let mut payload = vec![0u8; header.payload_len as usize];
         self.read_exact(&mut payload)?;
-        Ok(Frame { header, payload })
+        Ok(Frame::parse(header, payload)?)
     }
 
     fn read_exact(&mut self, mut buf: &mut [u8]) -> Result<(), RecvError> {

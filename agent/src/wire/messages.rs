@@ -1,14 +1,54 @@
-//! The messages of control frames (bincode-encoded in the frame's metadata).
+//! The messages of control frames (bincode-encoded, fixed-width integers, in the frame's
+//! metadata).
+//!
+//! These structs are the protocol: bincode encodes them by position, so adding, removing or
+//! reordering a field changes the bytes on the wire. Each is this module's own type; the
+//! engine converts its types (the VM spec, the machine state, post-copy figures) to and from
+//! them, so editing an engine type cannot change the protocol by accident. The golden-bytes
+//! tests (`golden.rs`) pin the encoding of every message.
 
 use serde::{Deserialize, Serialize};
 
-use crate::vm::VmSpec;
+use super::bitmap::Bitmap;
+use super::{Kind, Message};
 
+macro_rules! message {
+    ($($t:ident => $k:ident),* $(,)?) => {
+        $(impl Message for $t { const KIND: Kind = Kind::$k; })*
+    };
+}
+
+message! {
+    Hello => Hello,
+    Welcome => Welcome,
+    Reserve => Reserve,
+    Reserved => Reserved,
+    Refused => Refused,
+    FileChunk => FileChunk,
+    RoundEnd => RoundEnd,
+    State => State,
+    Ready => Ready,
+    Go => Go,
+    Running => Running,
+    Abort => Abort,
+    Error => Error,
+    Released => Released,
+    Postcopy => Postcopy,
+    Resume => Resume,
+    Resumed => Resumed,
+    PageRequest => PageRequest,
+    PagesPlaced => PagesPlaced,
+    PostcopyDone => PostcopyDone,
+}
+
+// NOTICE: a change here requires a protocol version bump.
 /// Source → destination: who and what speaks.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
-    /// Protocol version (also in every header).
-    pub version: u16,
+    /// Oldest protocol version the source speaks.
+    pub min_version: u16,
+    /// Newest protocol version the source speaks.
+    pub max_version: u16,
     /// Source agent name.
     pub agent: String,
     /// Guest page size.
@@ -17,15 +57,61 @@ pub struct Hello {
     pub cpu: String,
 }
 
-/// Destination → source: accepted.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+// NOTICE: a change here requires a protocol version bump.
+/// Destination → source: accepted, in this version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {
+    /// The protocol version both speak (the highest common one).
+    pub version: u16,
     /// Destination agent name.
     pub agent: String,
 }
 
+// NOTICE: a change here requires a protocol version bump.
+/// What one vCPU runs (the wire's copy of the guest programs' names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Program {
+    /// A `hlt` loop.
+    Idle,
+    /// Writes every page of a working set, pass after pass.
+    Dirty,
+    /// A self-checking counter.
+    Counter,
+    /// Writes its working set once, then idles.
+    Fill,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// Dirty-tracking mechanism a VM asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Tracking {
+    /// The ring where KVM has it, else the bitmap.
+    Auto,
+    /// The KVM dirty ring.
+    Ring,
+    /// The KVM dirty bitmap.
+    Bitmap,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// The VM to build on the destination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Guest memory in bytes.
+    pub memory: u64,
+    /// The program of each vCPU.
+    pub programs: Vec<Program>,
+    /// Working set of each `dirty` vCPU, bytes.
+    pub dirty_bytes: u64,
+    /// Pages per second each `dirty` vCPU writes (0: flat out).
+    pub dirty_rate: u64,
+    /// Dirty-tracking mechanism.
+    pub dirty_tracking: Tracking,
+}
+
+// NOTICE: a change here requires a protocol version bump.
 /// Source → destination: reserve room for this VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reserve {
     /// VM name.
     pub name: String,
@@ -35,22 +121,25 @@ pub struct Reserve {
     pub definition: String,
 }
 
+// NOTICE: a change here requires a protocol version bump.
 /// Destination → source: reserved.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reserved {
     /// Memory reserved, bytes.
     pub memory: u64,
 }
 
+// NOTICE: a change here requires a protocol version bump.
 /// Destination → source: refused, and why.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Refused {
     /// Why.
     pub reason: String,
 }
 
+// NOTICE: a change here requires a protocol version bump.
 /// Source → destination: a piece of a file of the VM's folder (data in the frame's data).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileChunk {
     /// File name inside the VM folder (a plain name: no separators).
     pub name: String,
@@ -60,8 +149,9 @@ pub struct FileChunk {
     pub offset: u64,
 }
 
+// NOTICE: a change here requires a protocol version bump.
 /// Source → destination: end of a pre-copy round.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundEnd {
     /// Round number, from 1.
     pub round: u32,
@@ -69,17 +159,28 @@ pub struct RoundEnd {
     pub pages: u64,
 }
 
-/// Source → destination: vCPU and device state (bincode of `MachineState`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+// NOTICE: a change here requires a protocol version bump.
+/// The VMM's saved vCPU and device state, as a section the VMM encodes and decodes itself
+/// (the wire carries it whole, checksummed with its frame, within the payload limit).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineSection {
+    /// The VMM's encoding of its state.
+    pub bytes: Vec<u8>,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// Source → destination: vCPU and device state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct State {
     /// The state.
-    pub machine: crate::vm::state::MachineState,
+    pub machine: MachineSection,
     /// Whether the destination should compute verification digests before running.
     pub verify: bool,
 }
 
+// NOTICE: a change here requires a protocol version bump.
 /// Destination → source: state loaded; digests when asked.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ready {
     /// Memory digest of the destination before it runs.
     pub memory_digest: Option<String>,
@@ -89,35 +190,48 @@ pub struct Ready {
     pub verify_ms: f64,
 }
 
+// NOTICE: a change here requires a protocol version bump.
 /// Source → destination: commit.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Go {}
 
+// NOTICE: a change here requires a protocol version bump.
 /// Destination → source: the VM runs here.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Running {
     /// Microseconds from receiving Go to the vCPUs running.
     pub resume_us: u64,
 }
 
+// NOTICE: a change here requires a protocol version bump.
 /// Either side: give up, and why.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Abort {
     /// Why.
     pub reason: String,
 }
 
+// NOTICE: a change here requires a protocol version bump.
+/// Either side: an error ended the migration, and which.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Error {
+    /// What failed.
+    pub reason: String,
+}
+
+// NOTICE: a change here requires a protocol version bump.
 /// Source → destination: released.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Released {}
 
+// NOTICE: a change here requires a protocol version bump.
 /// Source → destination: switch to post-copy. The vCPUs are paused on the source; `State`
-/// follows. Pages whose bit is set in `dirty` changed since they were sent (or were never
-/// sent): the destination must drop its copy and fetch them on demand or wait for the push.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// follows. Pages marked in `dirty` changed since they were sent (or were never sent): the
+/// destination must drop its copy and fetch them on demand or wait for the push.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Postcopy {
-    /// Bitmap of stale pages, one bit per guest page (LSB first), `ceil(pages / 64)` words.
-    pub dirty: Vec<u64>,
+    /// The stale pages.
+    pub dirty: Bitmap,
     /// Pages the bitmap marks.
     pub count: u64,
     /// Why the source switched (for the destination's log).
@@ -126,8 +240,9 @@ pub struct Postcopy {
     pub session: u64,
 }
 
+// NOTICE: a change here requires a protocol version bump.
 /// Source → destination: finish the interrupted post-copy `session` of VM `name`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Resume {
     /// VM.
     pub name: String,
@@ -135,38 +250,76 @@ pub struct Resume {
     pub session: u64,
 }
 
+// NOTICE: a change here requires a protocol version bump.
 /// Destination → source: the session waits here; these pages are still missing.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Resumed {
-    /// Bitmap of missing pages, one bit per guest page (LSB first), `ceil(pages / 64)` words.
-    pub missing: Vec<u64>,
+    /// The missing pages (an empty bitmap: none, the session completed).
+    pub missing: Bitmap,
     /// Pages the bitmap marks.
     pub count: u64,
     /// Faults waiting since the connection dropped (their requests follow).
     pub waiting: u64,
 }
 
+// NOTICE: a change here requires a protocol version bump.
 /// Destination → source: pages a vCPU is waiting for (highest priority).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PageRequest {
     /// Page indices.
     pub pages: Vec<u64>,
 }
 
+// NOTICE: a change here requires a protocol version bump.
 /// Destination → source, during post-copy: bytes of page frames (`Pages` and `DemandPages`,
 /// headers included) received and placed since `Running`. The source sends push data only while
 /// less than a window of it is beyond this count.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PagesPlaced {
     /// Page-frame bytes placed so far.
     pub bytes: u64,
 }
 
+// NOTICE: a change here requires a protocol version bump.
+/// The destination's post-copy figures: its fault handler's statistics.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PostcopyFigures {
+    /// Pages missing at the switch.
+    pub pages_missing: u64,
+    /// Missing-page faults read by the fault handler.
+    pub faults: u64,
+    /// Faults on a page already requested.
+    pub duplicate_faults: u64,
+    /// Faults on known zero pages resolved locally.
+    pub zero_local: u64,
+    /// Page requests sent to the source.
+    pub requests: u64,
+    /// Pages placed as answers to requests.
+    pub pages_demand: u64,
+    /// Pages placed from the background push.
+    pub pages_pushed: u64,
+    /// Bytes placed on demand.
+    pub bytes_demand: u64,
+    /// Bytes placed from the push.
+    pub bytes_pushed: u64,
+    /// Faulted pages whose latency was measured.
+    pub latency_count: u64,
+    /// Median fault latency, µs.
+    pub latency_p50_us: u64,
+    /// 99th percentile, µs.
+    pub latency_p99_us: u64,
+    /// Largest, µs.
+    pub latency_max_us: u64,
+    /// From the vCPUs running to the last page placed, ms.
+    pub duration_ms: f64,
+}
+
+// NOTICE: a change here requires a protocol version bump.
 /// Destination → source: every page is present; post-copy is over.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PostcopyDone {
     /// Fault and placement statistics of the destination.
-    pub stats: crate::migrate::report::PostcopyStats,
+    pub stats: PostcopyFigures,
     /// Post-copy memory digest (see `migrate::digest`), when the source asked to verify.
     pub memory_digest: Option<String>,
 }

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! source                                   destination
-//!   Hello{version, page size, cpu}  ───►     checks version and compatibility
-//!                                   ◄───   Welcome | Error
+//!   Hello{versions, page size, cpu} ───►     picks the highest common version, checks the rest
+//!                                   ◄───   Welcome{version} | Error
 //!   Reserve{name, spec, memory}     ───►     reserves memory and the name
 //!                                   ◄───   Reserved | Refused{reason}
 //!   FileChunk* (definition, NVRAM, log, disk)
@@ -56,22 +56,54 @@
 //! is dirty again and resent; every frame sent with the vCPUs paused carries `DATA_CRC`.
 //! The receiver checks the magic, version, kind, lengths and CRC before using a byte, and
 //! bounds-checks every page index against the guest's size.
+//!
+//! The types carry the protocol's rules: a [`Message`] names its [`Kind`], so a frame is built
+//! with [`control_frame`] and read with [`Frame::decode`] (which refuses a frame of another
+//! kind); a [`Frame`] exists only once its header and CRC are checked ([`Frame::parse`]); page
+//! frames are built by [`pages::PageFrameBuilder`] and page sets travel as a
+//! [`bitmap::Bitmap`]. The messages are this module's own structs ([`messages`]): the engine
+//! converts its types to and from them, so changing an engine type never changes the
+//! protocol unnoticed. Nothing here depends on the engine (`migrate`) or the VMM (`vm`).
 
+pub mod bitmap;
+#[cfg(test)]
+mod golden;
 pub mod messages;
 pub mod pages;
+
+use std::ops::RangeInclusive;
 
 use serde::{de::DeserializeOwned, Serialize};
 
 /// "VMIG" in little-endian byte order.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"VMIG");
-/// The protocol version this agent speaks. 2: post-copy flow control (`PagesPlaced`).
-pub const VERSION: u16 = 2;
+/// The protocol version this agent speaks by preference (the newest it knows).
+/// 2: post-copy flow control (`PagesPlaced`). 3: a version range in `Hello`, the chosen version
+/// in `Welcome`; wire-owned messages (a VM spec, the machine state as a section, post-copy
+/// figures); `Error` its own message.
+pub const VERSION: u16 = 3;
+/// The oldest protocol version this agent still speaks.
+pub const MIN_VERSION: u16 = 3;
 /// Header length.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload a receiver accepts.
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Flag: the CRC covers the data too.
 pub const DATA_CRC: u16 = 1;
+
+const _: () = assert!(MIN_VERSION <= VERSION && VERSION < u16::MAX);
+
+/// The protocol versions this agent speaks.
+pub fn supported_versions() -> RangeInclusive<u16> {
+    MIN_VERSION..=VERSION
+}
+
+/// The version two agents speak: the highest both support, if any.
+pub fn negotiate(ours: RangeInclusive<u16>, theirs: RangeInclusive<u16>) -> Option<u16> {
+    let high = (*ours.end()).min(*theirs.end());
+    let low = (*ours.start()).max(*theirs.start());
+    (low <= high).then_some(high)
+}
 
 /// Frame kinds. `Invalid = 0` is reserved so a zeroed header never parses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,35 +158,50 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind that may be sent.
+    pub const ALL: [Kind; 22] = [
+        Kind::Hello,
+        Kind::Welcome,
+        Kind::Reserve,
+        Kind::Reserved,
+        Kind::Refused,
+        Kind::Pages,
+        Kind::RoundEnd,
+        Kind::FileChunk,
+        Kind::State,
+        Kind::Ready,
+        Kind::Go,
+        Kind::Running,
+        Kind::Abort,
+        Kind::Error,
+        Kind::Released,
+        Kind::Postcopy,
+        Kind::PageRequest,
+        Kind::DemandPages,
+        Kind::PostcopyDone,
+        Kind::Resume,
+        Kind::Resumed,
+        Kind::PagesPlaced,
+    ];
+
     fn from_u16(v: u16) -> Option<Kind> {
-        use Kind::*;
-        [
-            Hello,
-            Welcome,
-            Reserve,
-            Reserved,
-            Refused,
-            Pages,
-            RoundEnd,
-            FileChunk,
-            State,
-            Ready,
-            Go,
-            Running,
-            Abort,
-            Error,
-            Released,
-            Postcopy,
-            PageRequest,
-            DemandPages,
-            PostcopyDone,
-            Resume,
-            Resumed,
-            PagesPlaced,
-        ]
-        .into_iter()
-        .find(|k| *k as u16 == v)
+        Kind::ALL.into_iter().find(|k| *k as u16 == v)
     }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A control message: the bincode-encoded metadata of a frame of kind [`Message::KIND`].
+///
+/// Pairing a message with its kind by type means a frame can neither be sent nor decoded as
+/// the wrong kind.
+pub trait Message: Serialize + DeserializeOwned {
+    /// The kind of the frames that carry this message.
+    const KIND: Kind;
 }
 
 /// Errors of the wire format.
@@ -164,10 +211,20 @@ pub enum WireError {
     #[error("bad magic {0:#010x}: not a vmig migration stream")]
     BadMagic(u32),
     /// The peer speaks another version.
-    #[error("protocol version {got} is not supported (this agent speaks {VERSION})")]
+    #[error(
+        "protocol version {got} is not supported (this agent speaks {MIN_VERSION} to {VERSION})"
+    )]
     Version {
         /// The peer's version.
         got: u16,
+    },
+    /// No version both sides speak.
+    #[error("no common protocol version: the peer speaks {low} to {high}, this agent {MIN_VERSION} to {VERSION}")]
+    NoCommonVersion {
+        /// The peer's oldest version.
+        low: u16,
+        /// The peer's newest version.
+        high: u16,
     },
     /// Unknown frame kind.
     #[error("unknown frame kind {0}")]
@@ -204,6 +261,14 @@ pub enum WireError {
     /// A page frame is malformed or addresses memory outside the guest.
     #[error("bad page frame: {0}")]
     BadPages(String),
+    /// A page bitmap does not fit the guest.
+    #[error("bad page bitmap: {words} words for {pages} pages")]
+    BadBitmap {
+        /// Words received.
+        words: usize,
+        /// Guest pages.
+        pages: u64,
+    },
     /// The peer sent a frame the protocol does not allow here.
     #[error("unexpected {got:?} frame while waiting for {want}")]
     Unexpected {
@@ -232,14 +297,9 @@ pub struct Header {
 impl Header {
     /// Encodes the header (24 bytes).
     pub fn encode(&self) -> [u8; HEADER_LEN] {
-        self.encode_version(VERSION)
-    }
-
-    /// Encodes with an arbitrary version (tests of version refusal).
-    pub fn encode_version(&self, version: u16) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        b[4..6].copy_from_slice(&version.to_le_bytes());
+        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
         b[6..8].copy_from_slice(&(self.kind as u16).to_le_bytes());
         b[8..10].copy_from_slice(&self.flags.to_le_bytes());
         b[12..16].copy_from_slice(&self.payload_len.to_le_bytes());
@@ -257,7 +317,7 @@ impl Header {
             return Err(WireError::BadMagic(magic));
         }
         let version = u16_at(4);
-        if version != VERSION {
+        if !supported_versions().contains(&version) {
             return Err(WireError::Version { got: version });
         }
         let kind = Kind::from_u16(u16_at(6)).ok_or(WireError::BadKind(u16_at(6)))?;
@@ -279,51 +339,98 @@ impl Header {
             crc: u32_at(20),
         })
     }
+
+    /// A header for `meta` and `data_len` data bytes, its CRC over the header, `meta` and, when
+    /// `data` is given, the data (`DATA_CRC`).
+    fn sealed<'a>(
+        kind: Kind,
+        meta: &[u8],
+        data_len: usize,
+        data: Option<impl IntoIterator<Item = &'a [u8]>>,
+    ) -> Header {
+        let mut header = Header {
+            kind,
+            flags: if data.is_some() { DATA_CRC } else { 0 },
+            payload_len: (meta.len() + data_len) as u32,
+            meta_len: meta.len() as u32,
+            crc: 0,
+        };
+        header.crc = crc(&header, meta, data.into_iter().flatten());
+        header
+    }
 }
 
-/// Computes a frame's CRC from its parts (`data` chunks only counted with `DATA_CRC`).
-pub fn frame_crc<'a>(
-    header: &Header,
-    meta: &[u8],
-    data: impl IntoIterator<Item = &'a [u8]>,
-) -> u32 {
+/// A frame's CRC from its parts (the header with its CRC field zero, the metadata, the data).
+fn crc<'a>(header: &Header, meta: &[u8], data: impl IntoIterator<Item = &'a [u8]>) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&Header { crc: 0, ..*header }.encode());
     h.update(meta);
-    if header.flags & DATA_CRC != 0 {
-        for d in data {
-            h.update(d);
-        }
+    for d in data {
+        h.update(d);
     }
     h.finalize()
 }
 
-/// A control frame: header + bincode metadata, fully checksummed.
-pub fn control_frame<T: Serialize>(kind: Kind, msg: &T) -> Vec<u8> {
-    let meta = bincode::serialize(msg).expect("messages serialize");
-    let mut header = Header {
-        kind,
-        flags: DATA_CRC,
-        payload_len: meta.len() as u32,
-        meta_len: meta.len() as u32,
-        crc: 0,
-    };
-    header.crc = frame_crc(&header, &meta, []);
-    let mut out = header.encode().to_vec();
+fn encode_meta<M: Message>(msg: &M) -> Vec<u8> {
+    bincode::serialize(msg).expect("messages serialize")
+}
+
+/// A control frame: header + the bincode-encoded message, fully checksummed.
+pub fn control_frame<M: Message>(msg: &M) -> Vec<u8> {
+    data_frame(msg, &[])
+}
+
+/// A frame carrying a message and data after it (a file piece), all of it checksummed.
+pub fn data_frame<M: Message>(msg: &M, data: &[u8]) -> Vec<u8> {
+    let meta = encode_meta(msg);
+    let header = Header::sealed(M::KIND, &meta, data.len(), Some([data]));
+    let mut out = Vec::with_capacity(HEADER_LEN + meta.len() + data.len());
+    out.extend_from_slice(&header.encode());
     out.extend_from_slice(&meta);
+    out.extend_from_slice(data);
     out
 }
 
-/// A received frame: header and payload.
+/// A received frame whose header and CRC were checked: the only way to get one is
+/// [`Frame::parse`].
 #[derive(Debug)]
 pub struct Frame {
-    /// Header.
-    pub header: Header,
-    /// Metadata then data.
-    pub payload: Vec<u8>,
+    header: Header,
+    payload: Vec<u8>,
 }
 
 impl Frame {
+    /// Checks a frame's CRC against its header (already parsed with [`Header::parse`]).
+    pub fn parse(header: Header, payload: Vec<u8>) -> Result<Frame, WireError> {
+        if payload.len() != header.payload_len as usize {
+            return Err(WireError::BadLength {
+                payload: payload.len() as u32,
+                meta: header.meta_len,
+            });
+        }
+        let (meta, data) = payload.split_at(header.meta_len as usize);
+        let covered = (header.flags & DATA_CRC != 0).then_some(data);
+        let got = crc(&header, meta, covered);
+        if got != header.crc {
+            return Err(WireError::Checksum {
+                kind: header.kind,
+                want: header.crc,
+                got,
+            });
+        }
+        Ok(Frame { header, payload })
+    }
+
+    /// The frame's kind.
+    pub fn kind(&self) -> Kind {
+        self.header.kind
+    }
+
+    /// Header and payload bytes (the frame's size on the wire).
+    pub fn wire_len(&self) -> usize {
+        HEADER_LEN + self.payload.len()
+    }
+
     /// Metadata bytes.
     pub fn meta(&self) -> &[u8] {
         &self.payload[..self.header.meta_len as usize]
@@ -334,22 +441,15 @@ impl Frame {
         &self.payload[self.header.meta_len as usize..]
     }
 
-    /// Checks the CRC.
-    pub fn verify(&self) -> Result<(), WireError> {
-        let got = frame_crc(&self.header, self.meta(), [self.data()]);
-        if got != self.header.crc {
-            return Err(WireError::Checksum {
-                kind: self.header.kind,
-                want: self.header.crc,
-                got,
+    /// Decodes the message, requiring the frame to be of its kind (size-limited).
+    pub fn decode<M: Message>(&self) -> Result<M, WireError> {
+        use bincode::Options;
+        if self.header.kind != M::KIND {
+            return Err(WireError::Unexpected {
+                got: self.header.kind,
+                want: kind_name(M::KIND),
             });
         }
-        Ok(())
-    }
-
-    /// Decodes the metadata as a message of this kind (size-limited).
-    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, WireError> {
-        use bincode::Options;
         bincode::options()
             .with_fixint_encoding()
             .allow_trailing_bytes()
@@ -361,32 +461,49 @@ impl Frame {
             })
     }
 
-    /// Decodes a message, requiring the frame to be of kind `want`.
-    pub fn expect<T: DeserializeOwned>(&self, want: Kind) -> Result<T, WireError> {
-        if self.header.kind != want {
-            return Err(WireError::Unexpected {
-                got: self.header.kind,
-                want: kind_name(want),
-            });
+    /// The peer's reason, when this frame is an `Abort` or an `Error`.
+    pub fn failure(&self) -> Option<Result<String, WireError>> {
+        match self.header.kind {
+            Kind::Abort => Some(self.decode::<messages::Abort>().map(|a| a.reason)),
+            Kind::Error => Some(self.decode::<messages::Error>().map(|e| e.reason)),
+            _ => None,
         }
-        self.decode()
     }
 }
 
+/// A kind's name for error messages.
 fn kind_name(k: Kind) -> &'static str {
     match k {
-        Kind::Welcome => "Welcome",
-        Kind::Reserved => "Reserved",
-        Kind::Ready => "Ready",
-        Kind::Running => "Running",
-        Kind::Go => "Go",
+        Kind::Invalid => "Invalid",
         Kind::Hello => "Hello",
+        Kind::Welcome => "Welcome",
         Kind::Reserve => "Reserve",
+        Kind::Reserved => "Reserved",
+        Kind::Refused => "Refused",
+        Kind::Pages => "Pages",
+        Kind::RoundEnd => "RoundEnd",
+        Kind::FileChunk => "FileChunk",
+        Kind::State => "State",
+        Kind::Ready => "Ready",
+        Kind::Go => "Go",
+        Kind::Running => "Running",
+        Kind::Abort => "Abort",
+        Kind::Error => "Error",
+        Kind::Released => "Released",
+        Kind::Postcopy => "Postcopy",
+        Kind::PageRequest => "PageRequest",
+        Kind::DemandPages => "DemandPages",
         Kind::PostcopyDone => "PostcopyDone",
         Kind::Resume => "Resume",
         Kind::Resumed => "Resumed",
-        _ => "another frame",
+        Kind::PagesPlaced => "PagesPlaced",
     }
+}
+
+/// Test support: rewrites the version field of an encoded frame's header. A receiver checks
+/// the version before the CRC, so it refuses such a frame for its version.
+pub fn set_version(frame: &mut [u8], version: u16) {
+    frame[4..6].copy_from_slice(&version.to_le_bytes());
 }
 
 #[cfg(test)]
@@ -395,12 +512,7 @@ mod tests {
 
     fn parse_frame(bytes: &[u8]) -> Result<Frame, WireError> {
         let header = Header::parse(bytes[..HEADER_LEN].try_into().unwrap())?;
-        let f = Frame {
-            header,
-            payload: bytes[HEADER_LEN..].to_vec(),
-        };
-        f.verify()?;
-        Ok(f)
+        Frame::parse(header, bytes[HEADER_LEN..].to_vec())
     }
 
     #[test]
@@ -408,30 +520,44 @@ mod tests {
         let msg = messages::Refused {
             reason: "no room".into(),
         };
-        let bytes = control_frame(Kind::Refused, &msg);
+        let bytes = control_frame(&msg);
         let f = parse_frame(&bytes).unwrap();
-        assert_eq!(f.header.kind, Kind::Refused);
-        let back: messages::Refused = f.expect(Kind::Refused).unwrap();
+        assert_eq!(f.kind(), Kind::Refused);
+        let back: messages::Refused = f.decode().unwrap();
         assert_eq!(back.reason, "no room");
         assert!(matches!(
-            f.expect::<messages::Refused>(Kind::Reserved),
+            f.decode::<messages::Reserved>(),
             Err(WireError::Unexpected { .. })
         ));
     }
 
     #[test]
     fn every_corrupted_byte_is_caught() {
-        let bytes = control_frame(
-            Kind::Refused,
-            &messages::Refused {
-                reason: "x".repeat(40),
-            },
-        );
+        let bytes = control_frame(&messages::Refused {
+            reason: "x".repeat(40),
+        });
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 0x5a;
             assert!(parse_frame(&b).is_err(), "flip at byte {i} went unnoticed");
         }
+    }
+
+    #[test]
+    fn a_data_frame_checksums_its_data() {
+        let bytes = data_frame(
+            &messages::FileChunk {
+                name: "disk.img".into(),
+                size: 8,
+                offset: 0,
+            },
+            b"12345678",
+        );
+        let f = parse_frame(&bytes).unwrap();
+        assert_eq!(f.data(), b"12345678");
+        let mut b = bytes.clone();
+        *b.last_mut().unwrap() ^= 1;
+        assert!(matches!(parse_frame(&b), Err(WireError::Checksum { .. })));
     }
 
     #[test]
@@ -444,8 +570,10 @@ mod tests {
             crc: 0,
         };
         let other = VERSION + 1;
+        let mut b = h.encode();
+        set_version(&mut b, other);
         assert!(matches!(
-            Header::parse(&h.encode_version(other)),
+            Header::parse(&b),
             Err(WireError::Version { got }) if got == other
         ));
         let mut b = h.encode();
@@ -470,5 +598,26 @@ mod tests {
         assert!(Header::parse(&inconsistent.encode()).is_err());
         let zero = [0u8; HEADER_LEN];
         assert!(Header::parse(&zero).is_err());
+    }
+
+    #[test]
+    fn versions_negotiate_to_the_highest_common_one() {
+        assert_eq!(negotiate(2..=5, 3..=4), Some(4));
+        assert_eq!(negotiate(2..=5, 4..=9), Some(5));
+        assert_eq!(negotiate(3..=3, 3..=3), Some(3));
+        assert_eq!(negotiate(2..=3, 4..=6), None);
+        assert_eq!(
+            negotiate(supported_versions(), supported_versions()),
+            Some(VERSION)
+        );
+    }
+
+    #[test]
+    fn every_kind_parses_back() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::from_u16(k as u16), Some(k));
+            assert_eq!(kind_name(k), k.to_string());
+        }
+        assert_eq!(Kind::from_u16(0), None);
     }
 }

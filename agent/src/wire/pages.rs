@@ -2,8 +2,11 @@
 //!
 //! Metadata: `count: u32`, then `count` entries of `u64`: the page index (bits 0..52) and,
 //! in bit 63, the zero flag (a zero page travels as its entry alone, no 4 KiB).
+//!
+//! [`PageFrameBuilder`] builds the head of a page frame (header and page table, with its CRC);
+//! the contents of its non-zero pages follow it on the wire straight from guest memory.
 
-use super::WireError;
+use super::{Header, Kind, WireError, HEADER_LEN};
 use crate::guest::layout::PAGE_SIZE;
 
 /// Most pages in one frame (1 MiB of data).
@@ -21,8 +24,103 @@ pub struct PageEntry {
     pub zero: bool,
 }
 
+/// Which page frame: pages of a pre-copy round or of the post-copy push, or answers to a
+/// `PageRequest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageFrameKind {
+    /// `Pages`.
+    Pages,
+    /// `DemandPages`.
+    Demand,
+}
+
+impl PageFrameKind {
+    /// The frame kind.
+    pub fn kind(self) -> Kind {
+        match self {
+            PageFrameKind::Pages => Kind::Pages,
+            PageFrameKind::Demand => Kind::DemandPages,
+        }
+    }
+}
+
+/// Builds page frames: add up to [`MAX_PAGES`] entries, then take the head (header and page
+/// table) and send the data pages after it, in the order they were added.
+#[derive(Debug)]
+pub struct PageFrameBuilder {
+    kind: PageFrameKind,
+    entries: Vec<PageEntry>,
+    data_pages: usize,
+    meta: Vec<u8>,
+}
+
+impl PageFrameBuilder {
+    /// An empty frame of `kind`.
+    pub fn new(kind: PageFrameKind) -> Self {
+        Self {
+            kind,
+            entries: Vec::with_capacity(MAX_PAGES),
+            data_pages: 0,
+            meta: Vec::with_capacity(4 + 8 * MAX_PAGES),
+        }
+    }
+
+    /// Adds page `index`: a zero page (an entry alone) or a data page (its contents follow).
+    pub fn push(&mut self, index: u64, zero: bool) {
+        assert!(
+            self.entries.len() < MAX_PAGES,
+            "a page frame holds {MAX_PAGES} pages"
+        );
+        assert!(
+            index <= INDEX_MASK,
+            "page index {index} does not fit an entry"
+        );
+        self.entries.push(PageEntry { index, zero });
+        self.data_pages += usize::from(!zero);
+    }
+
+    /// Entries added.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no entry was added.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Data pages added (the pages whose contents follow the head).
+    pub fn data_pages(&self) -> usize {
+        self.data_pages
+    }
+
+    /// The frame's head, its CRC over the header and the table only (pages read while the
+    /// guest runs, which may change under the send); empties the builder.
+    pub fn head(&mut self) -> Vec<u8> {
+        self.seal(None::<[&[u8]; 0]>)
+    }
+
+    /// The frame's head, its CRC also over `data`, the contents of the data pages in order
+    /// (pages read with the vCPUs paused); empties the builder.
+    pub fn head_checked<'a>(&mut self, data: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+        self.seal(Some(data))
+    }
+
+    fn seal<'a>(&mut self, data: Option<impl IntoIterator<Item = &'a [u8]>>) -> Vec<u8> {
+        encode(&self.entries, &mut self.meta);
+        let data_len = self.data_pages * PAGE_SIZE as usize;
+        let header = Header::sealed(self.kind.kind(), &self.meta, data_len, data);
+        let mut head = Vec::with_capacity(HEADER_LEN + self.meta.len());
+        head.extend_from_slice(&header.encode());
+        head.extend_from_slice(&self.meta);
+        self.entries.clear();
+        self.data_pages = 0;
+        head
+    }
+}
+
 /// Encodes the metadata of a page frame.
-pub fn encode(entries: &[PageEntry], out: &mut Vec<u8>) {
+fn encode(entries: &[PageEntry], out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
     for e in entries {
@@ -77,6 +175,45 @@ pub fn decode(meta: &[u8], data_len: usize, guest_pages: u64) -> Result<Vec<Page
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::Frame;
+
+    #[test]
+    fn a_built_frame_parses_and_checks_its_data() {
+        let page = vec![7u8; PAGE_SIZE as usize];
+        let mut b = PageFrameBuilder::new(PageFrameKind::Demand);
+        b.push(2, true);
+        b.push(5, false);
+        assert_eq!((b.len(), b.data_pages()), (2, 1));
+        let head = b.head_checked([&page[..]]);
+        assert!(b.is_empty());
+        let mut bytes = head.clone();
+        bytes.extend_from_slice(&page);
+        let header = Header::parse(bytes[..HEADER_LEN].try_into().unwrap()).unwrap();
+        let f = Frame::parse(header, bytes[HEADER_LEN..].to_vec()).unwrap();
+        assert_eq!(f.kind(), Kind::DemandPages);
+        let e = decode(f.meta(), f.data().len(), 10).unwrap();
+        assert_eq!(
+            e[1],
+            PageEntry {
+                index: 5,
+                zero: false
+            }
+        );
+        let mut bad = bytes.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        let header = Header::parse(bad[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert!(
+            Frame::parse(header, bad[HEADER_LEN..].to_vec()).is_err(),
+            "data covered"
+        );
+        // Without the data checksum, data may change (a running guest's page) but not the table.
+        b.push(5, false);
+        let mut bytes = b.head();
+        bytes.extend_from_slice(&page);
+        *bytes.last_mut().unwrap() ^= 1;
+        let header = Header::parse(bytes[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert!(Frame::parse(header, bytes[HEADER_LEN..].to_vec()).is_ok());
+    }
 
     #[test]
     fn round_trip_and_bounds() {

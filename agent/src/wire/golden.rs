@@ -1,0 +1,192 @@
+//! Golden bytes: the exact encoding of one frame of every message. A failure here means the
+//! protocol changed: bump `VERSION` (and `MIN_VERSION` unless the old encoding is still spoken),
+//! then update the bytes.
+
+use super::bitmap::Bitmap;
+use super::messages::*;
+use super::pages::{PageFrameBuilder, PageFrameKind};
+use super::{control_frame, data_frame, Message};
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn frame<M: Message>(m: M) -> String {
+    hex(&control_frame(&m))
+}
+
+/// One frame of every message, with fixed contents.
+fn frames() -> Vec<(&'static str, String)> {
+    let mut pages = PageFrameBuilder::new(PageFrameKind::Pages);
+    pages.push(1, true);
+    pages.push(2, false);
+    let mut demand = PageFrameBuilder::new(PageFrameKind::Demand);
+    demand.push(3, false);
+    vec![
+        (
+            "Hello",
+            frame(Hello {
+                min_version: 3,
+                max_version: 4,
+                agent: "a".into(),
+                page_size: 4096,
+                cpu: "c".into(),
+            }),
+        ),
+        (
+            "Welcome",
+            frame(Welcome {
+                version: 3,
+                agent: "b".into(),
+            }),
+        ),
+        (
+            "Reserve",
+            frame(Reserve {
+                name: "v".into(),
+                spec: VmSpec {
+                    memory: 1 << 20,
+                    programs: vec![
+                        Program::Idle,
+                        Program::Dirty,
+                        Program::Counter,
+                        Program::Fill,
+                    ],
+                    dirty_bytes: 4096,
+                    dirty_rate: 5,
+                    dirty_tracking: Tracking::Bitmap,
+                },
+                definition: "d".into(),
+            }),
+        ),
+        ("Reserved", frame(Reserved { memory: 7 })),
+        ("Refused", frame(Refused { reason: "r".into() })),
+        (
+            "FileChunk",
+            hex(&data_frame(
+                &FileChunk {
+                    name: "f".into(),
+                    size: 2,
+                    offset: 0,
+                },
+                b"xy",
+            )),
+        ),
+        ("RoundEnd", frame(RoundEnd { round: 2, pages: 9 })),
+        (
+            "State",
+            frame(State {
+                machine: MachineSection {
+                    bytes: vec![1, 2, 3],
+                },
+                verify: true,
+            }),
+        ),
+        (
+            "Ready",
+            frame(Ready {
+                memory_digest: Some("m".into()),
+                vcpu_digest: None,
+                verify_ms: 1.5,
+            }),
+        ),
+        ("Go", frame(Go {})),
+        ("Running", frame(Running { resume_us: 11 })),
+        ("Abort", frame(Abort { reason: "a".into() })),
+        ("Error", frame(Error { reason: "e".into() })),
+        ("Released", frame(Released {})),
+        (
+            "Postcopy",
+            frame(Postcopy {
+                dirty: Bitmap::of(70, [0, 69]),
+                count: 2,
+                reason: "w".into(),
+                session: 0x0102_0304_0506_0708,
+            }),
+        ),
+        (
+            "Resume",
+            frame(Resume {
+                name: "v".into(),
+                session: 6,
+            }),
+        ),
+        (
+            "Resumed",
+            frame(Resumed {
+                missing: Bitmap::of(3, [1]),
+                count: 1,
+                waiting: 4,
+            }),
+        ),
+        ("PageRequest", frame(PageRequest { pages: vec![5, 6] })),
+        ("PagesPlaced", frame(PagesPlaced { bytes: 65536 })),
+        (
+            "PostcopyDone",
+            frame(PostcopyDone {
+                stats: PostcopyFigures {
+                    pages_missing: 1,
+                    faults: 2,
+                    duplicate_faults: 3,
+                    zero_local: 4,
+                    requests: 5,
+                    pages_demand: 6,
+                    pages_pushed: 7,
+                    bytes_demand: 8,
+                    bytes_pushed: 9,
+                    latency_count: 10,
+                    latency_p50_us: 11,
+                    latency_p99_us: 12,
+                    latency_max_us: 13,
+                    duration_ms: 0.25,
+                },
+                memory_digest: None,
+            }),
+        ),
+        ("Pages", hex(&pages.head())),
+        ("DemandPages", hex(&demand.head_checked([&[0u8; 4096][..]]))),
+    ]
+}
+
+const GOLDEN: &[(&str, &str)] = &[
+    ("Hello", "564d494703000100010000001a0000001a00000020ad62780300040001000000000000006100100000010000000000000063"),
+    ("Welcome", "564d494703000200010000000b0000000b000000db3b71bd0300010000000000000062"),
+    ("Reserve", "564d4947030003000100000046000000460000008673687901000000000000007600001000000000000400000000000000000000000100000002000000030000000010000000000000050000000000000002000000010000000000000064"),
+    ("Reserved", "564d494703000400010000000800000008000000102a44a00700000000000000"),
+    ("Refused", "564d494703000500010000000900000009000000c581f474010000000000000072"),
+    ("FileChunk", "564d494703000800010000001b000000190000005fdc83fd010000000000000066020000000000000000000000000000007879"),
+    ("RoundEnd", "564d494703000700010000000c0000000c000000795ee2e2020000000900000000000000"),
+    ("State", "564d494703000900010000000c0000000c000000528d2e30030000000000000001020301"),
+    ("Ready", "564d494703000a000100000013000000130000004a56c6450101000000000000006d00000000000000f83f"),
+    ("Go", "564d494703000b00010000000000000000000000320922d1"),
+    ("Running", "564d494703000c00010000000800000008000000e312c2a20b00000000000000"),
+    ("Abort", "564d494703000d000100000009000000090000009116c832010000000000000061"),
+    ("Error", "564d494703000e000100000009000000090000004bff3186010000000000000065"),
+    ("Released", "564d494703000f0001000000000000000000000034de8ada"),
+    ("Postcopy", "564d494703001000010000003100000031000000d13c8e3402000000000000000100000000000000200000000000000002000000000000000100000000000000770807060504030201"),
+    ("Resume", "564d4947030014000100000011000000110000000a9dbbbc0100000000000000760600000000000000"),
+    ("Resumed", "564d494703001500010000002000000020000000959413970100000000000000020000000000000001000000000000000400000000000000"),
+    ("PageRequest", "564d494703001100010000001800000018000000ecf7205d020000000000000005000000000000000600000000000000"),
+    ("PagesPlaced", "564d494703001600010000000800000008000000bbe0c5de0000010000000000"),
+    ("PostcopyDone", "564d49470300130001000000710000007100000090c70bfc0100000000000000020000000000000003000000000000000400000000000000050000000000000006000000000000000700000000000000080000000000000009000000000000000a000000000000000b000000000000000c000000000000000d00000000000000000000000000d03f00"),
+    ("Pages", "564d49470300060000000000141000001400000091b617e50200000001000000000000800200000000000000"),
+    ("DemandPages", "564d494703001200010000000c1000000c0000004d6ededa010000000300000000000000"),
+];
+
+#[test]
+fn every_message_encodes_to_its_golden_bytes() {
+    let got = frames();
+    let printed: String = got
+        .iter()
+        .map(|(k, h)| format!("    (\"{k}\", \"{h}\"),\n"))
+        .collect();
+    assert_eq!(
+        got.len(),
+        GOLDEN.len(),
+        "one golden frame per message:\n{printed}"
+    );
+    for ((kind, bytes), (gk, gb)) in got.iter().zip(GOLDEN) {
+        assert_eq!(kind, gk);
+        assert_eq!(bytes, gb, "the encoding of {kind} changed:\n{printed}");
+    }
+}
