@@ -14,7 +14,7 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vmig::api::local::{self, LocalAgent};
@@ -47,12 +47,23 @@ pub struct AgentOpts {
     pub memory_mib: Option<u64>,
     /// `--io`: `uring`, `plain` or `auto`.
     pub io: Option<String>,
+    /// A fault every outgoing migration of the agent injects (`cut-postcopy`, ...): the
+    /// `VMIG_INJECT_FAULT` environment variable of a binary built with `fault-injection`.
+    pub fault: Option<String>,
 }
 
 impl AgentOpts {
     /// An agent with default options.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An agent whose outgoing migrations inject `fault` (see `vmig::migrate::fault`).
+    pub fn injecting(fault: &str) -> Self {
+        Self {
+            fault: Some(fault.into()),
+            ..Self::default()
+        }
     }
 
     /// An agent that may run only `mib` MiB of guest memory.
@@ -163,7 +174,8 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 }
 
 /// The `vmig` binary: `$VMIG_BIN`, or `target/<profile>/vmig` next to the test executable,
-/// built (once per test process) when missing or older than the agent's sources.
+/// built with the `fault-injection` feature (once per test process: cargo does nothing when it
+/// is up to date, and rebuilds a binary built without the feature).
 pub fn vmig_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -178,7 +190,7 @@ pub fn vmig_bin() -> &'static Path {
             .expect("the test executable lives in target/<profile>/deps")
             .to_path_buf();
         let bin = profile_dir.join("vmig");
-        if needs_build(&bin) && !build_vmig(&profile_dir) && bin.is_file() {
+        if !build_vmig(&profile_dir) && bin.is_file() {
             eprintln!(
                 "warning: could not rebuild {}: testing the binary already there",
                 bin.display()
@@ -186,53 +198,32 @@ pub fn vmig_bin() -> &'static Path {
         }
         assert!(
             bin.is_file(),
-            "no vmig binary at {}: run `cargo build -p vmig --bin vmig`",
+            "no vmig binary at {}: run `cargo build -p vmig --bin vmig --features fault-injection`",
             bin.display()
         );
         bin
     })
 }
 
-/// Newest modification time of the files under `dir`.
-fn newest(dir: &Path) -> Option<SystemTime> {
-    let mut best = None;
-    for e in fs::read_dir(dir).ok()?.flatten() {
-        let p = e.path();
-        let t = if p.is_dir() {
-            newest(&p)
-        } else {
-            e.metadata().and_then(|m| m.modified()).ok()
-        };
-        best = best.max(t);
-    }
-    best
-}
-
-fn needs_build(bin: &Path) -> bool {
-    let Ok(built) = bin.metadata().and_then(|m| m.modified()) else {
-        return true;
-    };
-    let agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent");
-    let src = newest(&agent.join("src")).max(
-        agent
-            .join("Cargo.toml")
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok(),
-    );
-    src.is_some_and(|s| s > built)
-}
-
-/// Runs `cargo build -p vmig --bin vmig` into the test's target dir; false if it failed.
+/// Runs `cargo build -p vmig --bin vmig --features fault-injection` into the test's target
+/// dir; false if it failed.
 fn build_vmig(profile_dir: &Path) -> bool {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let target = profile_dir.parent().expect("target dir");
     let release = profile_dir.file_name().is_some_and(|n| n == "release");
     let mut c = Command::new(cargo);
-    c.args(["build", "-p", "vmig", "--bin", "vmig"])
-        .env("CARGO_TARGET_DIR", target)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdin(Stdio::null());
+    c.args([
+        "build",
+        "-p",
+        "vmig",
+        "--bin",
+        "vmig",
+        "--features",
+        "fault-injection",
+    ])
+    .env("CARGO_TARGET_DIR", target)
+    .current_dir(env!("CARGO_MANIFEST_DIR"))
+    .stdin(Stdio::null());
     if release {
         c.arg("--release");
     }
@@ -240,7 +231,7 @@ fn build_vmig(profile_dir: &Path) -> bool {
     let mut child = c.spawn().expect("spawn cargo build");
     let ok = wait_timeout(&mut child, Duration::from_secs(900)).is_some_and(|s| s.success());
     if !ok {
-        eprintln!("`cargo build -p vmig --bin vmig` failed");
+        eprintln!("`cargo build -p vmig --bin vmig --features fault-injection` failed");
     }
     ok
 }
@@ -589,6 +580,10 @@ fn spawn_agent(bin: &Path, a: &mut Agent, run_dir: &Path, hosts: &Path) {
     if let Some(io) = &a.opts.io {
         c.args(["--io", io]);
     }
+    match &a.opts.fault {
+        Some(f) => c.env("VMIG_INJECT_FAULT", f),
+        None => c.env_remove("VMIG_INJECT_FAULT"),
+    };
     a.child = Some(c.spawn().expect("spawn vmig agent"));
 }
 

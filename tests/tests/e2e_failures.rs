@@ -14,6 +14,14 @@ fn two_hosts() -> Cluster {
     Cluster::new(&[("hostA", AgentOpts::new()), ("hostB", AgentOpts::new())])
 }
 
+/// Two agents; hostA's outgoing migrations inject `fault`.
+fn injecting(fault: &str) -> Cluster {
+    Cluster::new(&[
+        ("hostA", AgentOpts::injecting(fault)),
+        ("hostB", AgentOpts::new()),
+    ])
+}
+
 const IDLE: &[&str] = &["--memory-mib", "512", "--vcpus", "1", "--workload", "idle"];
 const COUNTING: &[&str] = &[
     "--memory-mib",
@@ -161,15 +169,10 @@ fn e2e_cancel_during_precopy_keeps_source_running() {
 /// it; the source keeps the VM running.
 #[test]
 fn e2e_corrupt_frame_is_refused_and_source_keeps_running() {
-    let c = two_hosts();
+    let c = injecting("corrupt-frame");
     c.create_vm("hostA", "vm1", COUNTING);
     c.assert_counting("hostA", "vm1", 0);
-    let o = c.migrate_raw(
-        "hostA",
-        "vm1",
-        "hostB",
-        &["--inject-fault", "corrupt-frame"],
-    );
+    let o = c.migrate_raw("hostA", "vm1", "hostB", &[]);
     eprintln!("{o}");
     assert!(!o.success(), "{o}");
     let t = o.text();
@@ -184,11 +187,11 @@ fn e2e_corrupt_frame_is_refused_and_source_keeps_running() {
 /// is unchanged.
 #[test]
 fn e2e_wrong_protocol_version_is_refused() {
-    let c = two_hosts();
+    let c = injecting("bad-version");
     c.create_vm("hostA", "vm1", IDLE);
     std::thread::sleep(Duration::from_millis(500));
     let (before, _) = c.digest("hostA", "vm1");
-    let o = c.migrate_raw("hostA", "vm1", "hostB", &["--inject-fault", "bad-version"]);
+    let o = c.migrate_raw("hostA", "vm1", "hostB", &[]);
     eprintln!("{o}");
     assert!(!o.success(), "{o}");
     assert!(o.text().contains("protocol version"), "{o}");

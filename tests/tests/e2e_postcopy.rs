@@ -11,6 +11,15 @@ fn two_hosts() -> Cluster {
     Cluster::new(&[("hostA", AgentOpts::new()), ("hostB", AgentOpts::new())])
 }
 
+/// Two agents; hostA's outgoing migrations shut their connection down half-way through the
+/// post-copy push (once each).
+fn two_hosts_cutting_postcopy() -> Cluster {
+    Cluster::new(&[
+        ("hostA", AgentOpts::injecting("cut-postcopy")),
+        ("hostB", AgentOpts::new()),
+    ])
+}
+
 /// 2 vCPUs: one rewrites a 16 MiB working set flat out, one runs the self-checking counter.
 /// The bitmap: a flat-out dirtier can jam the dirty ring on this platform (see the notes).
 const HOT: &[&str] = &[
@@ -47,8 +56,9 @@ fn assert_all_pages_placed(pc: &Value) {
     );
 }
 
-/// Migrates vm1 from hostA to hostB in post-copy and shuts the connection down half-way
-/// through the push, with no reconnect window: the migration parks.
+/// Migrates vm1 from hostA (of [`two_hosts_cutting_postcopy`]) to hostB in post-copy; the
+/// connection is shut down half-way through the push, with no reconnect window: the
+/// migration parks.
 fn cut_postcopy(c: &Cluster) -> vmig_tests::Output {
     c.migrate_raw(
         "hostA",
@@ -59,8 +69,6 @@ fn cut_postcopy(c: &Cluster) -> vmig_tests::Output {
             "20",
             "--postcopy",
             "always",
-            "--inject-fault",
-            "cut-postcopy",
             "--resume-window",
             "0",
         ],
@@ -98,7 +106,7 @@ fn e2e_postcopy_auto_switches_when_the_guest_outruns_the_link() {
 /// `vmig migrate vm1 --resume` finishes it with no page lost.
 #[test]
 fn e2e_postcopy_link_cut_then_migrate_resume_finishes_it() {
-    let c = two_hosts();
+    let c = two_hosts_cutting_postcopy();
     c.create_vm("hostA", "vm1", HOT);
     c.assert_counting("hostA", "vm1", 0);
     let o = cut_postcopy(&c);
@@ -133,7 +141,7 @@ fn e2e_postcopy_link_cut_then_migrate_resume_finishes_it() {
 /// again from the switch point (its paused memory); its counter goes on.
 #[test]
 fn e2e_postcopy_destination_lost_then_rollback_runs_it_on_the_source() {
-    let mut c = two_hosts();
+    let mut c = two_hosts_cutting_postcopy();
     c.create_vm("hostA", "vm1", HOT);
     c.assert_counting("hostA", "vm1", 0);
     let o = cut_postcopy(&c);

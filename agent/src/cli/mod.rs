@@ -15,7 +15,7 @@ use vmig::api::client::{call, Call};
 use vmig::api::{self, Reply, Request};
 use vmig::dirty::DirtyTracking;
 use vmig::inventory::{VmDef, VmInfo};
-use vmig::migrate::{Fault, MigrateOptions, NoConverge, PostcopyPolicy, Report};
+use vmig::migrate::{MigrateOptions, NoConverge, PostcopyPolicy, Report};
 use vmig::transport::IoPath;
 
 /// vmig: live migration of KVM virtual machines between host agents.
@@ -175,9 +175,6 @@ struct MigrateArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-    /// Inject a fault (tests).
-    #[arg(long, value_enum, hide = true)]
-    inject_fault: Option<Fault>,
     /// Post-copy: never (pre-copy only), auto (switch when pre-copy cannot converge), always
     /// (one pre-copy round, then post-copy).
     #[arg(long, value_enum, default_value_t = PostcopyPolicy::Never)]
@@ -458,7 +455,6 @@ fn migrate_options(m: &MigrateArgs) -> MigrateOptions {
         dirty_tracking: m.dirty_tracking,
         io: m.io,
         verify: m.verify,
-        inject: m.inject_fault,
         postcopy: m.postcopy,
         on_no_converge: m.on_no_converge,
         converge_threshold: m.converge_threshold,

@@ -17,8 +17,9 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) struct Link {
     pub(super) writer: FrameWriter,
     pub(super) reader: FrameReader,
-    /// A fault to inject on this connection (tests).
-    pub(super) inject: Option<super::Fault>,
+    /// The fault injected on this connection, if any (test builds only).
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub(super) tap: Option<super::fault::Tap>,
 }
 
 impl Link {
@@ -35,7 +36,8 @@ impl Link {
         Ok(Link {
             writer: FrameWriter::new(sock.try_clone()?, opts.io, bandwidth)?,
             reader: FrameReader::new(sock, IoPath::Plain, REPLY_TIMEOUT)?,
-            inject: None,
+            #[cfg(any(test, feature = "fault-injection"))]
+            tap: None,
         })
     }
 
@@ -49,7 +51,8 @@ impl Link {
         Ok(Link {
             reader: FrameReader::new(sock.try_clone()?, io, idle)?,
             writer: FrameWriter::new(sock, IoPath::Plain, None)?,
-            inject: None,
+            #[cfg(any(test, feature = "fault-injection"))]
+            tap: None,
         })
     }
 
@@ -60,13 +63,54 @@ impl Link {
 
     /// Sends a message in a frame of its kind.
     pub(super) fn send<M: Message>(&mut self, m: &M) -> Result<(), MigrateError> {
-        Ok(self.writer.send_bytes(wire::control_frame(m))?)
+        #[allow(unused_mut)]
+        let mut frame = wire::control_frame(m);
+        #[cfg(any(test, feature = "fault-injection"))]
+        self.tap_control(&mut frame);
+        Ok(self.writer.send_bytes(frame)?)
+    }
+
+    /// Sends a page frame: `head` (from a `PageFrameBuilder`) and then the data pages at
+    /// `pages`, without copying them; `urgent` (a vCPU waits for them) skips the bandwidth
+    /// limit's wait.
+    ///
+    /// # Safety
+    /// As [`FrameWriter::send_pages`]: every pointer addresses a 4 KiB page that stays mapped
+    /// until the next send or flush on this link returns.
+    pub(super) unsafe fn send_pages(
+        &mut self,
+        #[allow(unused_mut)] mut head: Vec<u8>,
+        entries: usize,
+        pages: &[*const u8],
+        urgent: bool,
+    ) -> Result<(), MigrateError> {
+        #[cfg(any(test, feature = "fault-injection"))]
+        self.tap_pages(&mut head, entries);
+        let _ = entries;
+        if urgent {
+            // SAFETY: the caller's contract is this function's.
+            unsafe { self.writer.send_pages_now(head, pages) }?;
+        } else {
+            // SAFETY: the caller's contract is this function's.
+            unsafe { self.writer.send_pages(head, pages) }?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every frame sent is handed to the socket.
+    pub(super) fn flush(&mut self) -> Result<(), MigrateError> {
+        self.writer.flush()?;
+        #[cfg(any(test, feature = "fault-injection"))]
+        self.tap_flushed();
+        Ok(())
     }
 
     /// Receives the next (verified) frame; a peer's `Abort`, `Error` or `Refused` becomes an
     /// error carrying its reason.
     pub(super) fn next(&mut self) -> Result<Frame, MigrateError> {
         let f = self.reader.read_frame()?;
+        #[cfg(any(test, feature = "fault-injection"))]
+        self.tap_received(&f)?;
         if let Some(reason) = f.failure() {
             return Err(MigrateError::Peer(reason?));
         }

@@ -8,6 +8,8 @@
 pub mod controller;
 mod convert;
 pub mod dest;
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod fault;
 pub mod holdback;
 mod link;
 pub mod probe;
@@ -68,20 +70,6 @@ pub enum NoConverge {
     Abort,
 }
 
-/// Faults a test can inject into an outgoing migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Fault {
-    /// Flip a byte in the first page frame after its checksum was computed.
-    CorruptFrame,
-    /// Speak protocol version 99.
-    BadVersion,
-    /// Shut the connection down once half of the post-copy pages are pushed (once).
-    CutPostcopy,
-    /// Drop the destination's `PostcopyDone` and the connection with it (once).
-    LosePostcopyDone,
-}
-
 /// The user's knobs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrateOptions {
@@ -99,8 +87,6 @@ pub struct MigrateOptions {
     pub io: IoPath,
     /// Compute and compare memory and vCPU digests on both sides before committing.
     pub verify: bool,
-    /// A fault to inject (tests).
-    pub inject: Option<Fault>,
     /// When to switch to post-copy.
     #[serde(default)]
     pub postcopy: PostcopyPolicy,
@@ -146,7 +132,6 @@ impl Default for MigrateOptions {
             dirty_tracking: DirtyTracking::Auto,
             io: IoPath::Auto,
             verify: false,
-            inject: None,
             postcopy: PostcopyPolicy::Never,
             on_no_converge: NoConverge::Force,
             converge_threshold: default_threshold(),

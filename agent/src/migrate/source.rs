@@ -11,8 +11,8 @@ use super::holdback::Holdback;
 use super::link::Link;
 use super::probe::RoundProbes;
 use super::{
-    cpu_digest, Cancel, Fault, MigrateError, MigrateOptions, PageSum, PostcopyStats, Progress,
-    Report, RoundStats, Verification,
+    cpu_digest, Cancel, MigrateError, MigrateOptions, PageSum, PostcopyStats, Progress, Report,
+    RoundStats, Verification,
 };
 use crate::guest::layout::PAGE_SIZE;
 use crate::inventory::{self, VmDef};
@@ -50,7 +50,8 @@ pub fn migrate(
     let t0 = Instant::now();
     progress(Progress::new("connecting", 0, 0, 0));
     let mut link = Link::connect(dest, opts)?;
-    link.inject = opts.inject;
+    #[cfg(any(test, feature = "fault-injection"))]
+    link.inject(super::fault::take());
     cancel.set_socket(Some(link.writer.socket().try_clone()?));
     let vm = out.vm;
     let result = run(out, &mut link, dest_name, opts, cancel, progress, t0);
@@ -98,13 +99,7 @@ fn run(
     // 1. Pre-migration: version, page size, CPU.
     let hello = hello(out);
     let t_hello = Instant::now();
-    if link.inject == Some(Fault::BadVersion) {
-        let mut f = wire::control_frame(&hello);
-        wire::set_version(&mut f, 99);
-        link.writer.send_bytes(f)?;
-    } else {
-        link.send(&hello)?;
-    }
+    link.send(&hello)?;
     let welcome = welcomed(link)?;
     let rtt = t_hello.elapsed();
     tracing::info!(dest = %welcome.agent, rtt_us = rtt.as_micros() as u64, "destination accepted the protocol");
@@ -297,10 +292,7 @@ fn run(
         dest_name: dest_name.into(),
         session,
         stale: pending,
-        opts: MigrateOptions {
-            inject: None,
-            ..opts.clone()
-        },
+        opts: opts.clone(),
         t0,
         report,
         bytes: 0,
@@ -872,14 +864,6 @@ fn push_and_answer(
                 }
                 PcEvent::Placed(bytes) => window.placed(bytes),
                 PcEvent::Done(d) => {
-                    if link.inject == Some(Fault::LosePostcopyDone) {
-                        link.inject = None;
-                        tracing::warn!("injected fault: losing PostcopyDone and the connection");
-                        let _ = link.writer.socket().shutdown(std::net::Shutdown::Both);
-                        return Err(MigrateError::Peer(
-                            "injected: PostcopyDone lost with the connection".into(),
-                        ));
-                    }
                     finished = Some(d);
                     break;
                 }
@@ -952,16 +936,6 @@ fn push_and_answer(
             )?;
             stats.source_pushed += batch.len() as u64;
         }
-        // After any page frame, pushed or demanded (faults may take most of the pages).
-        if link.inject == Some(Fault::CutPostcopy) && unsent <= stale.len() / 2 {
-            link.inject = None;
-            tracing::warn!(
-                pushed = stats.source_pushed,
-                demanded = stats.source_demand_sent,
-                "injected fault: cutting the post-copy connection"
-            );
-            let _ = link.writer.socket().shutdown(std::net::Shutdown::Both);
-        }
         if last_progress.elapsed() > Duration::from_millis(200) {
             let dt = last_progress.elapsed().as_secs_f64();
             last_progress = Instant::now();
@@ -1018,7 +992,7 @@ fn send_pages(
     let mut frame = PageFrameBuilder::new(kind);
     let mut ptrs: Vec<*const u8> = Vec::with_capacity(pages::MAX_PAGES);
     let mut last_progress = Instant::now();
-    for (n, chunk) in list.chunks(pages::MAX_PAGES).enumerate() {
+    for chunk in list.chunks(pages::MAX_PAGES) {
         if cancel.is_cancelled() {
             return Err(MigrateError::Cancelled);
         }
@@ -1030,7 +1004,7 @@ fn send_pages(
                 ptrs.push(ram.page_ptr(p));
             }
         }
-        let mut head = if paused {
+        let head = if paused {
             // SAFETY: the vCPUs are paused, so nothing writes these guest pages while they
             // are read as slices; each pointer is a whole page inside guest memory.
             let slices = ptrs
@@ -1040,20 +1014,11 @@ fn send_pages(
         } else {
             frame.head()
         };
-        if link.inject == Some(Fault::CorruptFrame) && n == 0 {
-            let last = head.len() - 1;
-            head[last] ^= 0x40;
-            link.inject = None;
-        }
-        if kind == PageFrameKind::Demand {
-            // A vCPU waits for these: no wait for the bandwidth limit.
-            // SAFETY: every pointer is a page of guest memory, which lives as long as the VM;
-            // the VM outlives this migration (the caller holds it).
-            unsafe { link.writer.send_pages_now(head, &ptrs) }?;
-        } else {
-            // SAFETY: as above.
-            unsafe { link.writer.send_pages(head, &ptrs) }?;
-        }
+        // A vCPU waits for demand pages: no wait for the bandwidth limit.
+        let urgent = kind == PageFrameKind::Demand;
+        // SAFETY: every pointer is a page of guest memory, which lives as long as the VM;
+        // the VM outlives this migration (the caller holds it).
+        unsafe { link.send_pages(head, chunk.len(), &ptrs, urgent) }?;
         stats.pages += chunk.len() as u64;
         stats.zero_pages += (chunk.len() - ptrs.len()) as u64;
         if last_progress.elapsed() > Duration::from_millis(100) {
@@ -1066,7 +1031,7 @@ fn send_pages(
             ));
         }
     }
-    link.writer.flush()?;
+    link.flush()?;
     stats.bytes = link.writer.bytes_sent() - before;
     Ok(stats)
 }

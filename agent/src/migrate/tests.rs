@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{
-    source, Cancel, Fault, MigrateError, MigrateOptions, NoConverge, PostcopyPolicy, Report,
+    fault::{self, Fault},
+    source, Cancel, MigrateError, MigrateOptions, NoConverge, PostcopyPolicy, Report,
 };
 use crate::inventory::{Inventory, VmDef};
 use crate::transport::IoPath;
@@ -337,9 +338,9 @@ fn lands_after_one_reconnection(name: &str, fault: Fault, bandwidth: f64, resume
     let p = pair(name, 64, &["counter", "dirty"], 16);
     let opts = MigrateOptions {
         postcopy: PostcopyPolicy::Always,
-        inject: Some(fault),
         ..busy_opts(bandwidth)
     };
+    fault::arm(fault);
     let (r, phases) = migrate(&p, name, &opts);
     let report = r.unwrap();
     print(&report);
@@ -361,7 +362,6 @@ fn postcopy_link_cut_parks_then_resume_finishes_it() {
     let p = pair("parked", 64, &["counter", "dirty"], 16);
     let opts = MigrateOptions {
         postcopy: PostcopyPolicy::Always,
-        inject: Some(Fault::CutPostcopy),
         resume_window_s: 0,
         ..busy_opts(20.0)
     };
@@ -377,6 +377,7 @@ fn postcopy_link_cut_parks_then_resume_finishes_it() {
     };
     let phases = Mutex::new(Vec::<String>::new());
     let progress = |ev: super::Progress| record(&phases, ev);
+    fault::arm(Fault::CutPostcopy);
     let err = source::migrate(
         &out,
         incoming.addr,
