@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
@@ -14,7 +14,9 @@ use tracing::{info, instrument, warn};
 
 use super::{AgentInfo, DigestInfo, Reply, Request};
 use crate::inventory::Inventory;
-use crate::migrate::{self, Cancel, MigrateOptions};
+use crate::migrate::registry::Registry;
+use crate::migrate::source::Outcome;
+use crate::migrate::{self, MigrateOptions};
 use crate::transport::IoPath;
 
 /// Errors starting the agent.
@@ -64,10 +66,8 @@ struct Agent {
     cfg: AgentConfig,
     inv: Arc<Inventory>,
     hosts: HashMap<String, String>,
-    migrations: Mutex<HashMap<String, Arc<Cancel>>>,
-    /// Post-copy migrations out that lost their connection: the VM is paused here with its
-    /// memory until `migrate --resume` (or `--rollback`).
-    parked: Mutex<HashMap<String, Box<migrate::source::Parked>>>,
+    /// Every migration of this agent, in and out.
+    migrations: Registry,
 }
 
 /// Reads a hosts file: `hostB = "127.0.0.1:7402"` lines (TOML).
@@ -128,8 +128,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         cfg: cfg.clone(),
         inv,
         hosts,
-        migrations: Mutex::new(HashMap::new()),
-        parked: Mutex::new(HashMap::new()),
+        migrations: Registry::default(),
     });
     loop {
         tokio::select! {
@@ -146,7 +145,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     }
     let _ = std::fs::remove_file(&cfg.control);
     for vm in agent.inv.list() {
-        if vm.state != "stopped" {
+        if vm.state != crate::inventory::VmState::Stopped {
             let _ = agent.inv.stop(&vm.def.name);
         }
     }
@@ -166,7 +165,13 @@ fn incoming(agent: Arc<Agent>, s: tokio::net::TcpStream, peer: SocketAddr) {
         .name("migrate-in".into())
         .spawn(move || {
             info!(%peer, "incoming migration");
-            match migrate::dest::receive(std, agent.inv.clone(), &agent.cfg.name, agent.cfg.io) {
+            let to = migrate::dest::Destination {
+                inv: &agent.inv,
+                registry: &agent.migrations,
+                agent: &agent.cfg.name,
+                io: agent.cfg.io,
+            };
+            match migrate::dest::receive(std, &to) {
                 Ok(name) => info!(vm = %name, %peer, "incoming migration committed"),
                 Err(e) => warn!(%peer, cause = %e, "incoming migration failed"),
             }
@@ -235,7 +240,7 @@ fn handle(agent: &Agent, req: Request) -> Reply {
         Request::Stop { name } => {
             // A VM that arrived in post-copy and lost its source waits on its faults: powering
             // it off gives its missing pages up (the source still holds the VM).
-            if migrate::dest::discard_parked(inv.datastore(), &name) {
+            if agent.migrations.discard_postcopy_in(&name) {
                 warn!(vm = %name, "stopping a VM whose post-copy was interrupted: its missing pages are given up here");
             }
             inv.stop(&name).map(ok)
@@ -269,19 +274,15 @@ fn handle(agent: &Agent, req: Request) -> Reply {
                 }
             }),
         Request::Cancel { name } => {
-            return match agent.migrations.lock().expect("migrations").get(&name) {
-                Some(c) => {
-                    c.cancel();
-                    ok(format!("cancelling the migration of {name}"))
-                }
-                None => Reply::Error(format!("no migration of {name:?} in progress")),
+            return match agent.migrations.cancel(&name) {
+                Ok(()) => ok(format!("cancelling the migration of {name}")),
+                Err(e) => Reply::Error(e.to_string()),
             }
         }
         Request::Rollback { name } => {
-            let Some(parked) = agent.parked.lock().expect("parked").remove(&name) else {
-                return Reply::Error(format!(
-                    "no interrupted post-copy of {name:?} here: nothing to roll back"
-                ));
+            let parked = match agent.migrations.take_parked(&name) {
+                Ok(p) => p,
+                Err(e) => return Reply::Error(e.to_string()),
             };
             return match inv.running(&name) {
                 Ok((def, vm)) => {
@@ -300,7 +301,7 @@ fn handle(agent: &Agent, req: Request) -> Reply {
                     ))
                 }
                 Err(e) => {
-                    agent.parked.lock().expect("parked").insert(name, parked);
+                    agent.migrations.park(&name, parked);
                     Reply::Error(e.to_string())
                 }
             };
@@ -343,6 +344,29 @@ enum Work {
     Resume(Box<migrate::source::Parked>),
 }
 
+/// Starts a fresh migration out of `name`: the VM's migration slot in the inventory, then its
+/// entry in the registry.
+fn begin_outgoing(
+    agent: &Agent,
+    name: &str,
+) -> Result<
+    (
+        crate::inventory::VmDef,
+        Arc<crate::vm::Vm>,
+        Arc<migrate::Cancel>,
+    ),
+    String,
+> {
+    let (def, vm) = agent.inv.begin_migration(name).map_err(|e| e.to_string())?;
+    match agent.migrations.begin_outgoing(name) {
+        Ok(cancel) => Ok((def, vm, cancel)),
+        Err(e) => {
+            agent.inv.end_migration(name, false);
+            Err(e.to_string())
+        }
+    }
+}
+
 async fn migrate_out(
     agent: Arc<Agent>,
     name: String,
@@ -354,47 +378,33 @@ async fn migrate_out(
     // post-copy.
     let start = match job {
         Job::Migrate { dest, opts } => resolve(&agent, &dest).and_then(|addr| {
-            let (def, vm) = agent
-                .inv
-                .begin_migration(&name)
-                .map_err(|e| e.to_string())?;
-            Ok((def, vm, Work::Migrate { addr, dest, opts }))
+            let (def, vm, cancel) = begin_outgoing(&agent, &name)?;
+            Ok((def, vm, cancel, Work::Migrate { addr, dest, opts }))
         }),
-        Job::Resume(window) => {
-            let mut parked_map = agent.parked.lock().expect("parked");
-            match parked_map.remove(&name) {
-                None => Err(format!(
-                    "no interrupted post-copy of {name:?} here: nothing to resume"
-                )),
-                Some(mut parked) => match agent.inv.running(&name) {
-                    Ok((def, vm)) => {
-                        if let Some(w) = window {
-                            parked.set_resume_window(w);
-                        }
-                        Ok((def, vm, Work::Resume(parked)))
+        Job::Resume(window) => match agent.migrations.resume_parked(&name) {
+            Err(e) => Err(e.to_string()),
+            Ok((mut parked, cancel)) => match agent.inv.running(&name) {
+                Ok((def, vm)) => {
+                    if let Some(w) = window {
+                        parked.set_resume_window(w);
                     }
-                    Err(e) => {
-                        // Kept for another try: the pages are still the only copy.
-                        parked_map.insert(name.clone(), parked);
-                        Err(e.to_string())
-                    }
-                },
-            }
-        }
+                    Ok((def, vm, cancel, Work::Resume(parked)))
+                }
+                Err(e) => {
+                    // Kept for another try: the pages are still the only copy.
+                    agent.migrations.park(&name, parked);
+                    Err(e.to_string())
+                }
+            },
+        },
     };
-    let (def, vm, work) = match start {
+    let (def, vm, cancel, work) = match start {
         Ok(x) => x,
         Err(e) => {
             let _ = send(&mut w, &Reply::Error(e)).await;
             return;
         }
     };
-    let cancel = Arc::new(Cancel::default());
-    agent
-        .migrations
-        .lock()
-        .expect("migrations")
-        .insert(name.clone(), cancel.clone());
     let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
     let a = agent.clone();
     let c = cancel.clone();
@@ -415,25 +425,25 @@ async fn migrate_out(
             Work::Migrate { addr, dest, opts } => {
                 migrate::source::migrate(&out, addr, &dest, &opts, &c, &progress)
             }
-            Work::Resume(parked) => migrate::source::resume(&out, parked, &progress),
+            Work::Resume(parked) => migrate::source::resume(&out, parked, &c, &progress),
         };
         drop(vm);
         let reply = match result {
-            Ok(report) => {
+            Ok(Outcome::Committed(report)) => {
+                a.migrations.end_outgoing(&n);
                 a.inv.end_migration(&n, true);
                 info!(vm = %n, downtime_ms = report.downtime_ms, total_ms = report.total_ms, "migrated");
-                Reply::Report(Box::new(report))
+                Reply::Report(report)
             }
-            Err(e @ migrate::MigrateError::PostcopyInterrupted { .. }) => {
-                let why = e.to_string();
+            Ok(Outcome::Parked(parked)) => {
+                let why = parked.to_string();
                 warn!(vm = %n, cause = %why, "post-copy parked");
-                if let migrate::MigrateError::PostcopyInterrupted { parked, .. } = e {
-                    // The VM stays paused and migrating here until resumed or rolled back.
-                    a.parked.lock().expect("parked").insert(n.clone(), parked);
-                }
+                // The VM stays paused and migrating here until resumed or rolled back.
+                a.migrations.park(&n, parked);
                 Reply::Error(why)
             }
             Err(e) => {
+                a.migrations.end_outgoing(&n);
                 let unknown = matches!(e, migrate::MigrateError::CommitUnknown(_));
                 if !unknown {
                     a.inv.end_migration(&n, false);
@@ -442,12 +452,11 @@ async fn migrate_out(
                 Reply::Error(e.to_string())
             }
         };
-        a.migrations.lock().expect("migrations").remove(&n);
         let _ = tx.send(reply);
     });
     if let Err(e) = worker {
         agent.inv.end_migration(&name, false);
-        agent.migrations.lock().expect("migrations").remove(&name);
+        agent.migrations.end_outgoing(&name);
         let _ = send(
             &mut w,
             &Reply::Error(format!("cannot start the migration: {e}")),
@@ -464,7 +473,7 @@ async fn migrate_out(
                 let last = !matches!(r, Reply::Progress(_));
                 if !client_gone && send(&mut w, &r).await.is_err() {
                     client_gone = true;
-                    cancel.cancel();
+                    cancel_on_disconnect(&name, &cancel);
                 }
                 if last { break; }
             }
@@ -472,9 +481,16 @@ async fn migrate_out(
                 if matches!(l, Ok(None) | Err(_)) {
                     client_gone = true;
                     info!(vm = %name, "CLI disconnected: cancelling the migration");
-                    cancel.cancel();
+                    cancel_on_disconnect(&name, &cancel);
                 }
             }
         }
+    }
+}
+
+/// The CLI went away: cancel the migration, unless it is past `Go` (then it goes on).
+fn cancel_on_disconnect(name: &str, cancel: &migrate::Cancel) {
+    if let Err(e) = cancel.cancel() {
+        info!(vm = %name, reason = %e, "the migration goes on");
     }
 }

@@ -391,7 +391,7 @@ async fn vm(agent: Option<PathBuf>, host: Option<String>, cmd: VmCmd) -> Result<
             } else {
                 let i: VmInfo = serde_json::from_value(v)?;
                 println!("{}", toml::to_string(&i.def)?.trim_end());
-                println!("state = {:?}\ndir = {:?}", i.state, i.dir);
+                println!("state = \"{}\"\ndir = {:?}", i.state, i.dir);
                 if let Some(s) = i.stats {
                     println!(
                         "counter = {} ({} reports, {} failed checks)",

@@ -19,7 +19,7 @@ use clap::Args;
 use serde_json::json;
 use vmig_ebpf::{exit_reason_name, Counters, Event, EventStream, VmFilter, VmProbes};
 
-use vmig::inventory::VmInfo;
+use vmig::inventory::{VmInfo, VmState};
 
 /// Guest-physical region size used to group faults and dirty pushes.
 const REGION_SHIFT: u32 = 21; // 2 MiB
@@ -340,7 +340,7 @@ fn region_range(region: u64) -> String {
 struct Snapshot {
     vm: String,
     host: String,
-    state: String,
+    state: VmState,
     dirty_mode: String,
     target: Target,
     /// Since attach.
@@ -852,7 +852,7 @@ pub async fn run(agent: Option<PathBuf>, host: Option<String>, a: TraceArgs) -> 
         sock: &sock,
         host,
         target,
-        state: info.state.clone(),
+        state: info.state,
         dirty_mode: info
             .stats
             .as_ref()
@@ -904,7 +904,7 @@ struct Tracer<'a> {
     sock: &'a Path,
     host: String,
     target: Target,
-    state: String,
+    state: VmState,
     dirty_mode: String,
     guest_written: Option<u64>,
     probes: VmProbes,
@@ -1064,7 +1064,7 @@ impl Tracer<'_> {
             }
         }
         if info.state != self.state {
-            self.state = info.state.clone();
+            self.state = info.state;
         }
         let written = info.stats.as_ref().map(|s| s.dirty_pages_written);
         let grew = match (self.guest_written, written) {
@@ -1109,7 +1109,7 @@ impl Tracer<'_> {
         let snap = Snapshot {
             vm: self.args.name.clone(),
             host: self.host.clone(),
-            state: self.state.clone(),
+            state: self.state,
             dirty_mode: self.dirty_mode.clone(),
             target: self.target.clone(),
             since_attach: now - started,
@@ -1371,7 +1371,7 @@ mod tests {
         let s = Snapshot {
             vm: "vm1".into(),
             host: "hostA".into(),
-            state: "running".into(),
+            state: VmState::Running,
             dirty_mode: "ring".into(),
             target: Target {
                 pid: 1,

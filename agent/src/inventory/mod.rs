@@ -80,13 +80,38 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> InventoryError + '_ {
     }
 }
 
+/// What a VM is doing on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Defined, not running.
+    Stopped,
+    /// Its vCPUs run.
+    Running,
+    /// Migrating out (running or paused meanwhile).
+    Migrating,
+    /// Its vCPUs are paused.
+    Paused,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmState::Stopped => "stopped",
+            VmState::Running => "running",
+            VmState::Migrating => "migrating",
+            VmState::Paused => "paused",
+        })
+    }
+}
+
 /// A VM as the CLI sees it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmInfo {
     /// Definition.
     pub def: VmDef,
-    /// "stopped", "running", "migrating", "paused".
-    pub state: String,
+    /// What it is doing.
+    pub state: VmState,
     /// Folder on the datastore.
     pub dir: PathBuf,
     /// Counters, when running.
@@ -348,14 +373,14 @@ impl Inventory {
             .get(name)
             .ok_or_else(|| InventoryError::NotFound(name.into()))?;
         let state = match (&e.vm, e.migrating) {
-            (None, _) => "stopped",
-            (Some(_), true) => "migrating",
-            (Some(vm), false) if vm.is_running() => "running",
-            (Some(_), false) => "paused",
+            (None, _) => VmState::Stopped,
+            (Some(_), true) => VmState::Migrating,
+            (Some(vm), false) if vm.is_running() => VmState::Running,
+            (Some(_), false) => VmState::Paused,
         };
         Ok(VmInfo {
             def: e.def.clone(),
-            state: state.into(),
+            state,
             dir: self.dir(name),
             stats: e.vm.as_ref().map(|v| v.stats()),
             pid: e.vm.as_ref().map(|_| std::process::id()),

@@ -6,7 +6,7 @@
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use super::{MigrateError, MigrateOptions};
+use super::{Event, MigrateError, MigrateOptions, Phase};
 use crate::transport::{tune_socket, FrameReader, FrameWriter, IoPath};
 use crate::wire::{self, messages as msg, Frame, Kind, Message};
 
@@ -125,6 +125,16 @@ impl Link {
         Ok(self.next()?.decode::<M>()?)
     }
 
+    /// Receives the next message of `phase`, which must be an `M`; another frame is refused
+    /// by name.
+    pub(super) fn recv_in<M: Message>(&mut self, phase: Phase) -> Result<M, MigrateError> {
+        let f = self.next()?;
+        if f.kind() != M::KIND {
+            return Err(not_allowed(phase, &f));
+        }
+        Ok(f.decode::<M>()?)
+    }
+
     /// After a send failed: the peer may have said why before closing.
     pub(super) fn explain(&mut self, e: MigrateError) -> MigrateError {
         if !matches!(e, MigrateError::Io(_)) {
@@ -135,5 +145,13 @@ impl Link {
             Err(peer @ (MigrateError::Peer(_) | MigrateError::Refused(_))) => peer,
             _ => e,
         }
+    }
+}
+
+/// The refusal of a frame that `phase` does not allow.
+pub(super) fn not_allowed(phase: Phase, f: &Frame) -> MigrateError {
+    MigrateError::NotAllowed {
+        phase,
+        event: Event::Frame(f.kind()),
     }
 }

@@ -12,9 +12,11 @@ pub mod dest;
 pub mod fault;
 pub mod holdback;
 mod link;
+pub mod phase;
 pub mod probe;
 #[cfg(test)]
 mod probe_tests;
+pub mod registry;
 pub mod report;
 pub mod source;
 #[cfg(test)]
@@ -22,7 +24,7 @@ mod tests;
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +34,7 @@ use crate::transport::{IoPath, RecvError};
 use crate::vm::VmError;
 use crate::wire::WireError;
 
+pub use phase::{Event, Phase};
 pub use report::{KernelRound, PostcopyStats, Progress, Report, RoundStats, Verification};
 
 /// When to switch to post-copy.
@@ -195,41 +198,65 @@ pub enum MigrateError {
     /// Verification failed before commitment.
     #[error("verification failed: {0}")]
     Verify(String),
+    /// An event the migration's phase does not allow.
+    #[error("{event} is not allowed during {phase}")]
+    NotAllowed {
+        /// The phase.
+        phase: Phase,
+        /// What happened.
+        event: Event,
+    },
     /// The destination did not confirm after Go: the outcome is unknown.
     #[error("commit outcome unknown (no confirmation after Go: {0}); the VM stays paused on the source: check the destination")]
     CommitUnknown(String),
-    /// Post-copy lost its connection and reconnecting failed within the resume window: the VM
-    /// runs on the destination, which waits for the pages this source still holds.
-    #[error("post-copy to {dest} interrupted ({reason}); the VM runs on {dest} and waits for pages held here ({missing} missing at the last contact): run `vmig migrate --resume {vm}` once {dest} is reachable (or `vmig migrate --rollback {vm}` if {dest} is lost)")]
-    PostcopyInterrupted {
-        /// VM.
-        vm: String,
-        /// Destination agent.
-        dest: String,
-        /// Pages the destination did not have at the last contact.
-        missing: u64,
-        /// What failed.
-        reason: String,
-        /// What the source keeps to finish it.
-        parked: Box<source::Parked>,
-    },
 }
 
-/// Cancels a migration from another thread: sets a flag and shuts the socket down so a
-/// blocked send or receive returns at once.
-#[derive(Debug, Default)]
+/// Cancels a migration from another thread, and knows which phase the migration is in: until
+/// `Go` a cancel sets a flag and shuts the socket down so a blocked send or receive returns
+/// at once; from `Go` on it is refused by name ([`MigrateError::NotAllowed`]).
+#[derive(Debug)]
 pub struct Cancel {
     flag: AtomicBool,
-    sock: Mutex<Option<TcpStream>>,
+    gate: Mutex<Gate>,
+}
+
+#[derive(Debug)]
+struct Gate {
+    sock: Option<TcpStream>,
+    phase: Phase,
+}
+
+impl Default for Cancel {
+    fn default() -> Self {
+        Self {
+            flag: AtomicBool::new(false),
+            gate: Mutex::new(Gate {
+                sock: None,
+                phase: Phase::Handshake,
+            }),
+        }
+    }
 }
 
 impl Cancel {
-    /// Requests cancellation.
-    pub fn cancel(&self) {
+    fn gate(&self) -> std::sync::MutexGuard<'_, Gate> {
+        self.gate.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Requests cancellation; refused once the source sent `Go`.
+    pub fn cancel(&self) -> Result<(), MigrateError> {
+        let gate = self.gate();
+        if !gate.phase.source_owns() {
+            return Err(MigrateError::NotAllowed {
+                phase: gate.phase,
+                event: Event::Cancel,
+            });
+        }
         self.flag.store(true, Ordering::SeqCst);
-        if let Some(s) = self.sock.lock().expect("cancel socket").as_ref() {
+        if let Some(s) = gate.sock.as_ref() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
+        Ok(())
     }
 
     /// Whether cancellation was requested.
@@ -237,9 +264,34 @@ impl Cancel {
         self.flag.load(Ordering::SeqCst)
     }
 
-    /// Registers the socket to shut down (None once cancelling is no longer allowed).
+    /// The phase the migration is in.
+    pub fn phase(&self) -> Phase {
+        self.gate().phase
+    }
+
+    /// Moves the migration to phase `next`. Refused if the protocol does not lead there, or,
+    /// for the move past `Go`, if a cancel came first (then the source still owns the VM).
+    pub fn enter(&self, next: Phase) -> Result<(), MigrateError> {
+        let mut gate = self.gate();
+        if !gate.phase.leads_to(next) {
+            return Err(MigrateError::NotAllowed {
+                phase: gate.phase,
+                event: Event::Enter(next),
+            });
+        }
+        if !next.source_owns() {
+            if self.is_cancelled() {
+                return Err(MigrateError::Cancelled);
+            }
+            gate.sock = None;
+        }
+        gate.phase = next;
+        Ok(())
+    }
+
+    /// Registers the socket to shut down on a cancel.
     pub fn set_socket(&self, s: Option<TcpStream>) {
-        *self.sock.lock().expect("cancel socket") = s;
+        self.gate().sock = s;
     }
 }
 

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::{
     fault::{self, Fault},
-    source, Cancel, MigrateError, MigrateOptions, NoConverge, PostcopyPolicy, Report,
+    source::{self, Outcome},
+    Cancel, MigrateError, MigrateOptions, NoConverge, PostcopyPolicy, Report,
 };
 use crate::inventory::{Inventory, VmDef};
 use crate::transport::IoPath;
@@ -108,7 +109,13 @@ pub(super) fn migrate(
     };
     let phases = Mutex::new(Vec::<String>::new());
     let progress = |ev: super::Progress| record(&phases, ev);
-    let result = source::migrate(&out, addr, "dst", opts, &Cancel::default(), &progress);
+    let result =
+        source::migrate(&out, addr, "dst", opts, &Cancel::default(), &progress).map(|outcome| {
+            match outcome {
+                Outcome::Committed(report) => *report,
+                Outcome::Parked(p) => panic!("the migration parked: {p}"),
+            }
+        });
     let dest = incoming.finish().pop().expect("one incoming connection");
     match &result {
         Ok(_) => {
@@ -150,15 +157,23 @@ impl Incoming {
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
+        // The destination agent's migrations (its post-copy sessions, across connections).
+        let registry = Arc::new(super::registry::Registry::default());
         let thread = std::thread::spawn(move || {
             let mut conns = Vec::new();
             while !stopping.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((sock, _)) => {
                         sock.set_nonblocking(false).unwrap();
-                        let dst = dst.clone();
+                        let (dst, registry) = (dst.clone(), registry.clone());
                         conns.push(std::thread::spawn(move || {
-                            super::dest::receive(sock, dst, "dst", IoPath::Auto)
+                            let to = super::dest::Destination {
+                                inv: &dst,
+                                registry: &registry,
+                                agent: "dst",
+                                io: IoPath::Auto,
+                            };
+                            super::dest::receive(sock, &to)
                         }));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -378,7 +393,7 @@ fn postcopy_link_cut_parks_then_resume_finishes_it() {
     let phases = Mutex::new(Vec::<String>::new());
     let progress = |ev: super::Progress| record(&phases, ev);
     fault::arm(Fault::CutPostcopy);
-    let err = source::migrate(
+    let outcome = source::migrate(
         &out,
         incoming.addr,
         "dst",
@@ -386,15 +401,12 @@ fn postcopy_link_cut_parks_then_resume_finishes_it() {
         &Cancel::default(),
         &progress,
     )
-    .unwrap_err();
-    eprintln!("interrupted: {err}");
-    let MigrateError::PostcopyInterrupted {
-        parked, missing, ..
-    } = err
-    else {
-        panic!("expected an interrupted post-copy, got {err}");
+    .unwrap();
+    let Outcome::Parked(parked) = outcome else {
+        panic!("expected an interrupted post-copy, got {outcome:?}");
     };
-    assert!(missing > 0, "the cut came before the last page");
+    eprintln!("interrupted: {parked}");
+    assert!(parked.missing() > 0, "the cut came before the last page");
     // Both sides keep the VM: paused here with its memory, running there and waiting.
     assert!(!vm.is_running(), "the source keeps the VM paused");
     let (_, there) = p.dst.running("parked").unwrap();
@@ -408,7 +420,11 @@ fn postcopy_link_cut_parks_then_resume_finishes_it() {
             std::mem::replace(&mut last, now) == now
         },
     );
-    let report = source::resume(&out, parked, &progress).unwrap();
+    let Outcome::Committed(report) =
+        source::resume(&out, parked, &Cancel::default(), &progress).unwrap()
+    else {
+        panic!("the resume parked again");
+    };
     print(&report);
     let results = incoming.finish();
     assert_eq!(results.len(), 2, "the first connection and the resumed one");

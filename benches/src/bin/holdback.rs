@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use vmig::dirty::DirtyTracking;
 use vmig::inventory::{Inventory, VmDef};
+use vmig::migrate::registry::Registry;
 use vmig::migrate::{dest, source, Cancel, MigrateOptions, Report};
 use vmig::transport::IoPath;
 
@@ -74,7 +75,14 @@ fn migrate_once(root: &Path, run: usize, w: &Workload, holdback_rounds: u32) -> 
     let dst2: Arc<Inventory> = dst.clone();
     let receiver = std::thread::spawn(move || {
         let (sock, _) = listener.accept().expect("accept");
-        dest::receive(sock, dst2, "dst", IoPath::Auto)
+        let registry = Registry::default();
+        let to = dest::Destination {
+            inv: &dst2,
+            registry: &registry,
+            agent: "dst",
+            io: IoPath::Auto,
+        };
+        dest::receive(sock, &to)
     });
     let (def, vm) = src.begin_migration(w.name).expect("begin");
     let folder = src.dir(w.name);
@@ -90,14 +98,17 @@ fn migrate_once(root: &Path, run: usize, w: &Workload, holdback_rounds: u32) -> 
         timeout_s: 120,
         ..Default::default()
     };
-    let report =
+    let outcome =
         source::migrate(&out, addr, "dst", &opts, &Cancel::default(), &|_| {}).expect("migration");
+    let source::Outcome::Committed(report) = outcome else {
+        panic!("a pre-copy migration parked: {outcome:?}");
+    };
     receiver.join().expect("receiver").expect("destination");
     src.end_migration(w.name, true);
     drop(vm);
     drop((src, dst));
     let _ = std::fs::remove_dir_all(&dir);
-    report
+    *report
 }
 
 fn mean(v: &[f64]) -> f64 {

@@ -1,0 +1,65 @@
+//! Stage 5 on the destination: on `Go`, the VM is registered (its staging folder moved into
+//! the datastore) and runs; `Running`; then the source's `Released` (the VM runs here
+//! whether it comes or not).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::reservation::Arrival;
+use super::Destination;
+use crate::migrate::link::Link;
+use crate::migrate::{MigrateError, Phase};
+use crate::vm::Vm;
+use crate::wire::messages as msg;
+
+/// Waits for `Go`, then registers the arrived VM; returns it, running or not.
+pub(super) fn register(
+    link: &mut Link,
+    to: &Destination<'_>,
+    a: Box<Arrival<'_>>,
+) -> Result<(Arc<Vm>, Instant), MigrateError> {
+    let _: msg::Go = link.recv_in(Phase::StopAndCopy)?;
+    let t_go = Instant::now();
+    let Arrival {
+        def,
+        reservation,
+        vm,
+        _entry,
+        ..
+    } = *a;
+    let vm = Arc::new(vm);
+    to.inv.commit(reservation, def, vm.clone())?;
+    drop(_entry);
+    Ok((vm, t_go))
+}
+
+/// Commits a VM that arrived whole: register, run, confirm.
+pub(super) fn run(
+    link: &mut Link,
+    to: &Destination<'_>,
+    a: Box<Arrival<'_>>,
+) -> Result<String, MigrateError> {
+    let (name, source) = (a.def.name.clone(), a.source.clone());
+    let (vm, t_go) = register(link, to, a)?;
+    vm.resume();
+    let resume_us = t_go.elapsed().as_micros() as u64;
+    vm.devices().log_line(&format!(
+        "migrated in from {source}: running on {}",
+        to.agent
+    ));
+    let _ = link.send(&msg::Running { resume_us });
+    released(link, &name)?;
+    Ok(name)
+}
+
+/// Waits a little for the source's `Released`.
+pub(super) fn released(link: &mut Link, name: &str) -> Result<(), MigrateError> {
+    link.reader.set_timeout(Duration::from_secs(10))?;
+    match link.recv_in::<msg::Released>(Phase::Commit) {
+        Ok(_) => tracing::info!(vm = %name, "source released the VM"),
+        Err(e) => {
+            tracing::warn!(vm = %name, cause = %e, "no release from the source (the VM runs here regardless)")
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! Stage 3 on the destination: page frames and file pieces, round after round, until the
+//! state (`State`), with perhaps the switch to post-copy (`Postcopy`) before it.
+
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+
+use super::reservation::Arrival;
+use crate::dirty::PageBitmap;
+use crate::guest::layout::PAGE_SIZE;
+use crate::inventory::{self, Reservation};
+use crate::migrate::link::{not_allowed, Link};
+use crate::migrate::{MigrateError, Phase};
+use crate::vm::state::MachineState;
+use crate::vm::Vm;
+use crate::wire::{messages as msg, pages, Frame, Kind, WireError};
+
+/// The state sent at the pause, decoded.
+pub(super) struct Loaded {
+    /// vCPUs and devices.
+    pub(super) machine: MachineState,
+    /// Whether the source wants digests before it commits.
+    pub(super) verify: bool,
+}
+
+/// The source's switch to post-copy: the stale pages and the session's id.
+pub(super) struct Switch {
+    /// Pages the destination must drop and fetch.
+    pub(super) stale: Vec<u64>,
+    /// The session's id.
+    pub(super) session: u64,
+}
+
+/// What pre-copy delivered.
+pub(super) struct Received {
+    /// The state.
+    pub(super) state: Loaded,
+    /// The switch to post-copy, if the source made it.
+    pub(super) switch: Option<Switch>,
+}
+
+/// Receives pages and files until the state.
+pub(super) fn receive(link: &mut Link, a: &Arrival<'_>) -> Result<Received, MigrateError> {
+    let vm = &a.vm;
+    let mut holds_data = PageBitmap::new(vm.ram().pages());
+    let mut switch: Option<Switch> = None;
+    loop {
+        let f = link.next()?;
+        match f.kind() {
+            Kind::Pages => apply_pages(&f, vm, &mut holds_data)?,
+            Kind::FileChunk => write_chunk(&f, &a.reservation)?,
+            Kind::RoundEnd => {
+                let r: msg::RoundEnd = f.decode()?;
+                tracing::debug!(round = r.round, pages = r.pages, "round received");
+            }
+            Kind::State => {
+                let state: msg::State = f.decode()?;
+                let state = Loaded {
+                    machine: MachineState::try_from(&state.machine)?,
+                    verify: state.verify,
+                };
+                return Ok(Received { state, switch });
+            }
+            Kind::Postcopy if switch.is_none() => {
+                let pc: msg::Postcopy = f.decode()?;
+                let stale = pc.dirty.pages(vm.ram().pages())?;
+                tracing::info!(vm = %a.def.name, stale = pc.count, reason = %pc.reason, "switching to post-copy");
+                switch = Some(Switch {
+                    stale,
+                    session: pc.session,
+                });
+            }
+            _ => return Err(not_allowed(Phase::Precopy, &f)),
+        }
+    }
+}
+
+/// Checks a page frame against the guest (bounds, lengths) and copies its pages into guest
+/// memory.
+fn apply_pages(f: &Frame, vm: &Vm, holds_data: &mut PageBitmap) -> Result<(), MigrateError> {
+    let ram = vm.ram();
+    let entries = pages::decode(f.meta(), f.data().len(), ram.pages())?;
+    let mut data = f.data().chunks_exact(PAGE_SIZE as usize);
+    for e in entries {
+        if e.zero {
+            // Fresh memory is zero: only a page that held data needs clearing.
+            if holds_data.get(e.index) {
+                ram.zero_page(e.index)?;
+            }
+        } else {
+            ram.write_page(e.index, data.next().expect("lengths checked by decode"))?;
+            holds_data.set(e.index);
+        }
+    }
+    Ok(())
+}
+
+/// Writes a file piece into the staging folder.
+fn write_chunk(f: &Frame, r: &Reservation) -> Result<(), MigrateError> {
+    let c: msg::FileChunk = f.decode()?;
+    if !inventory::FILES.contains(&c.name.as_str()) {
+        return Err(WireError::BadPages(format!("unexpected file {:?}", c.name)).into());
+    }
+    let data = f.data();
+    if c.offset
+        .checked_add(data.len() as u64)
+        .is_none_or(|end| end > c.size)
+    {
+        return Err(WireError::BadPages(format!("file piece past the end of {:?}", c.name)).into());
+    }
+    let path = r.staging.join(&c.name);
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&path)?;
+    file.set_len(c.size)?;
+    file.seek(SeekFrom::Start(c.offset))?;
+    file.write_all(data)?;
+    Ok(())
+}

@@ -1,0 +1,32 @@
+//! Stage 4 on the destination: the state loaded into the VM's vCPUs and devices (not running),
+//! digests computed when the source asked, `Ready`.
+
+use std::time::Instant;
+
+use super::precopy::Loaded;
+use super::reservation::Arrival;
+use super::Destination;
+use crate::migrate::link::Link;
+use crate::migrate::MigrateError;
+use crate::wire::messages as msg;
+
+/// Loads the state and answers `Ready`.
+pub(super) fn load(
+    link: &mut Link,
+    to: &Destination<'_>,
+    a: &Arrival<'_>,
+    state: Loaded,
+) -> Result<(), MigrateError> {
+    let vm = &a.vm;
+    let log = to.inv.open_log(&a.reservation.staging)?;
+    vm.restore(&state.machine, Box::new(log))?;
+    let mut ready = msg::Ready::default();
+    if state.verify {
+        let t = Instant::now();
+        ready.memory_digest = Some(vm.ram().digest()?);
+        ready.vcpu_digest = Some(vm.read_back()?.vcpu_digest());
+        ready.verify_ms = t.elapsed().as_secs_f64() * 1e3;
+    }
+    link.send(&ready)?;
+    Ok(())
+}

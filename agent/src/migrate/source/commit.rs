@@ -1,0 +1,103 @@
+//! Stage 5, commitment: `Go` → `Running`. From `Go` on the destination owns the VM: with no
+//! `Running` the outcome is unknown and the VM stays paused here. Then the source releases
+//! the VM (`Released`), or, after a post-copy switch, first serves the pages the destination
+//! still lacks (it keeps every page until the destination holds them all).
+
+use std::time::Instant;
+
+use super::precopy::Precopied;
+use super::stop_and_copy::Paused;
+use super::{finished, resume, Outcome, Run};
+use crate::guest::layout::PAGE_SIZE;
+use crate::migrate::{MigrateError, Phase, Report};
+use crate::wire::messages as msg;
+
+/// Sends `Go`, waits for `Running`, writes the report; releases the VM or serves post-copy.
+pub(super) fn go(
+    run: &mut Run<'_>,
+    pre: Precopied,
+    paused: Paused,
+) -> Result<Outcome, MigrateError> {
+    let (out, vm) = (run.out, run.out.vm);
+    let running = run
+        .link
+        .send(&msg::Go {})
+        .and_then(|()| run.link.recv::<msg::Running>());
+    let t_run = Instant::now();
+    let running = running.map_err(|e| MigrateError::CommitUnknown(e.to_string()))?;
+    let downtime = (t_run - paused.t_pause).as_secs_f64() - pre.rtt.as_secs_f64() / 2.0;
+    let t_detach = Instant::now();
+    drop(pre.probes);
+    tracing::debug!(
+        ms = t_detach.elapsed().as_secs_f64() * 1e3,
+        "dirty-rate probes detached"
+    );
+    tracing::info!(
+        resume_us = running.resume_us,
+        ready_verify_ms = paused.ready.verify_ms,
+        "destination runs the VM"
+    );
+    let _ = vm.dirty().stop();
+    let (entries1, full1) = vm.dirty().ring_counters();
+    let (entries0, full0) = pre.ring_before;
+    let rounds = pre.rounds;
+    let stop_reason = match pre.end {
+        super::precopy::End::StopAndCopy(why) | super::precopy::End::Postcopy(why) => why,
+    };
+    let report = Report {
+        vm: out.def.name.clone(),
+        from: out.agent.into(),
+        to: run.dest_name.into(),
+        downtime_ms: downtime * 1e3,
+        pause_ms: paused.pause.as_secs_f64() * 1e3,
+        rtt_us: pre.rtt.as_secs_f64() * 1e6,
+        pages_sent: rounds.iter().map(|r| r.pages).sum(),
+        zero_pages: rounds.iter().map(|r| r.zero_pages).sum(),
+        rounds,
+        stop_reason,
+        memory_bytes: vm.ram().size(),
+        memory_touched_bytes: pre.touched * PAGE_SIZE,
+        io_path: if run.link.writer.uses_uring() {
+            "io_uring"
+        } else {
+            "plain"
+        }
+        .into(),
+        dirty_tracking: vm.dirty().mode().to_string(),
+        ring_entries: entries1 - entries0,
+        ring_full_exits: full1 - full0,
+        counter_at_pause: paused.counter_at_pause,
+        verification: paused.verification,
+        mode: if paused.session.is_some() {
+            "post-copy"
+        } else {
+            "pre-copy"
+        }
+        .into(),
+        postcopy_policy: run.opts.postcopy.to_string(),
+        decisions: pre.decisions,
+        kernel_rates_off: pre.kernel_rates_off,
+        ..Default::default()
+    };
+    let Some(session) = paused.session else {
+        run.cancel.enter(Phase::Done)?;
+        let _ = run.link.send(&msg::Released {});
+        vm.devices()
+            .log_line(&format!("migrated to {}", run.dest_name));
+        return Ok(Outcome::Committed(Box::new(finished(
+            report,
+            run.link.writer.bytes_sent(),
+            run.t0,
+        ))));
+    };
+    run.cancel.enter(Phase::Postcopy)?;
+    vm.devices()
+        .log_line(&format!("post-copy to {}: serving pages", run.dest_name));
+    let parked = resume::park(run, session, pre.pending, report);
+    Ok(resume::finish(
+        out,
+        parked,
+        Some(&mut run.link),
+        run.progress,
+    ))
+}

@@ -1,0 +1,154 @@
+//! Stage 3, iterative pre-copy: round 1 sends every page (zero pages as markers), each later
+//! round the pages dirtied since; after each round the controller measures and decides:
+//! another round, throttle, stop and copy, switch to post-copy, or give up.
+
+use std::time::{Duration, Instant};
+
+use super::stream::{self, Batch};
+use super::Run;
+use crate::migrate::controller::{Controller, Decision};
+use crate::migrate::holdback::Holdback;
+use crate::migrate::probe::RoundProbes;
+use crate::migrate::{MigrateError, Progress, RoundStats};
+use crate::wire::messages as msg;
+use crate::wire::pages::PageFrameKind;
+
+/// How pre-copy ended.
+#[derive(Debug, Clone)]
+pub(super) enum End {
+    /// Stop and copy, and why.
+    StopAndCopy(String),
+    /// Switch to post-copy, and why.
+    Postcopy(String),
+}
+
+/// What pre-copy leaves to the pause and the commitment.
+pub(super) struct Precopied {
+    /// The rounds so far (the pause adds the last).
+    pub(super) rounds: Vec<RoundStats>,
+    /// The controller's decisions that changed something.
+    pub(super) decisions: Vec<String>,
+    /// Pages dirty and not sent yet (held back included).
+    pub(super) pending: Vec<u64>,
+    /// The dirty-rate probes: detached only once the destination runs the VM.
+    pub(super) probes: RoundProbes,
+    /// Pages the guest had touched when pre-copy began.
+    pub(super) touched: u64,
+    /// Dirty-ring counters (entries, full exits) when pre-copy began.
+    pub(super) ring_before: (u64, u64),
+    /// Why the kernel's dirty rates were not used, if they were not.
+    pub(super) kernel_rates_off: Option<String>,
+    /// The round trip measured at the hello.
+    pub(super) rtt: Duration,
+    /// How it ended.
+    pub(super) end: End,
+}
+
+/// Runs pre-copy rounds until the controller ends them.
+pub(super) fn rounds(run: &mut Run<'_>, rtt: Duration) -> Result<Precopied, MigrateError> {
+    let (vm, opts) = (run.out.vm, run.opts);
+    vm.dirty().mode().check(opts.dirty_tracking)?;
+    let ring_before = vm.dirty().ring_counters();
+    let mut probes = RoundProbes::attach(vm);
+    let mut holdback = Holdback::new(opts.holdback_rounds, vm.ram().pages());
+    vm.dirty().start()?;
+    let populated = vm.ram().populated()?;
+    let touched = populated.iter().filter(|p| **p).count() as u64;
+    let state_bytes = bincode::serialized_size(&vm.devices().save()).unwrap_or(0)
+        + 8192 * vm.spec().programs.len() as u64;
+    let mut controller = Controller::new(opts, state_bytes, rtt);
+    let mut decisions = Vec::new();
+    let mut rounds = Vec::new();
+    let mut pending: Vec<u64> = (0..vm.ram().pages()).collect();
+    let mut populated = Some(populated);
+    let end = loop {
+        let round = rounds.len() as u32 + 1;
+        let t = Instant::now();
+        let first = populated.take();
+        let batch = Batch {
+            kind: PageFrameKind::Pages,
+            paused: false,
+            round,
+            populated: first.as_deref(),
+        };
+        let mut stats = stream::send_pages(
+            &mut run.link,
+            vm,
+            &holdback.sendable(&pending),
+            batch,
+            run.progress,
+            run.cancel,
+        )?;
+        run.link.send(&msg::RoundEnd {
+            round,
+            pages: stats.pages,
+        })?;
+        let dirty = vm.dirty().harvest()?;
+        stats.secs = t.elapsed().as_secs_f64();
+        stats.kernel = probes.end_round(round, stats.secs);
+        stats.dirty_pages = dirty.len() as u64;
+        pending = holdback.after_harvest(round, dirty);
+        stats.held_pages = holdback.held();
+        stats.bandwidth = stats.bytes as f64 / stats.secs;
+        controller.assess(
+            &mut stats,
+            pending.len() as u64,
+            holdback.sendable_count(&pending),
+        );
+        stats.throttle_pct = vm.throttle();
+        tracing::info!(
+            round,
+            pages = stats.pages,
+            dirty = stats.dirty_pages,
+            bandwidth = stats.bandwidth,
+            predicted_ms = stats.predicted_downtime_ms,
+            "pre-copy round done"
+        );
+        let decision = controller.decide(&stats, run.t0.elapsed());
+        stats.decision = decision.describe();
+        let changed = decision != Decision::Continue;
+        if changed {
+            decisions.push(format!("after round {round}: {}", decision.describe()));
+        }
+        rounds.push(stats.clone());
+        let mut ev = Progress::new("pre-copy", round, stats.pages, stats.pages);
+        ev.last = Some(stats);
+        ev.decision = changed.then(|| decision.describe());
+        (run.progress)(ev);
+        if run.cancel.is_cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
+        match decision {
+            Decision::Continue => {}
+            Decision::Throttle(p, _) => vm.set_throttle(p),
+            Decision::StopAndCopy(why) => break End::StopAndCopy(why),
+            Decision::Postcopy(why) => break End::Postcopy(why),
+            Decision::Abort(why) => {
+                tracing::warn!(%why, "aborting");
+                if run.t0.elapsed().as_secs() >= opts.timeout_s {
+                    return Err(MigrateError::Timeout(opts.timeout_s));
+                }
+                return Err(MigrateError::NoConvergence(why));
+            }
+        }
+    };
+    match &end {
+        End::StopAndCopy(why) => tracing::info!(reason = %why, "stop-and-copy"),
+        End::Postcopy(why) => tracing::info!(reason = %why, "switching to post-copy"),
+    }
+    // The probes only serve pre-copy decisions, but detaching takes tens of milliseconds:
+    // not between the last harvest and the pause (the guest would dirty on meanwhile), nor
+    // during the pause; after the destination runs the VM.
+    let kernel_rates_off = probes.off_reason().map(String::from);
+    Ok(Precopied {
+        rounds,
+        decisions,
+        pending,
+        probes,
+        touched,
+        ring_before,
+        kernel_rates_off,
+        rtt,
+        end,
+    })
+}

@@ -1,0 +1,151 @@
+//! Stage 4, stop and copy: pause the vCPUs, send the last dirty pages (their data
+//! checksummed), the VM log and the vCPU and device state; the destination loads it and
+//! answers `Ready` (with digests under `--verify`, compared here before `Go`).
+
+use std::time::{Duration, Instant};
+
+use super::precopy::Precopied;
+use super::stream::{self, Batch};
+use super::{Outgoing, Run};
+use crate::inventory;
+use crate::migrate::link::Link;
+use crate::migrate::{MigrateError, MigrateOptions, Progress, RoundStats, Verification};
+use crate::vm::Vm;
+use crate::wire::messages as msg;
+use crate::wire::pages::PageFrameKind;
+
+/// What the pause leaves to the commitment.
+pub(super) struct Paused {
+    /// When the pause began.
+    pub(super) t_pause: Instant,
+    /// How long pausing the vCPUs took.
+    pub(super) pause: Duration,
+    /// The guest counter at the pause.
+    pub(super) counter_at_pause: u64,
+    /// The destination's `Ready`.
+    pub(super) ready: msg::Ready,
+    /// The digests compared, under `--verify`.
+    pub(super) verification: Option<Verification>,
+    /// Post-copy: the session's id (none for stop-and-copy).
+    pub(super) session: Option<u64>,
+}
+
+/// The pause itself: the vCPUs stop, the throttle goes.
+pub(super) struct Pause {
+    pub(super) t_pause: Instant,
+    pub(super) pause: Duration,
+    pub(super) counter_at_pause: u64,
+}
+
+/// Pauses the VM's vCPUs.
+pub(super) fn pause(vm: &Vm) -> Pause {
+    let t_pause = Instant::now();
+    let pause = vm.pause();
+    vm.set_throttle(0);
+    Pause {
+        t_pause,
+        pause,
+        counter_at_pause: vm.stats().counter,
+    }
+}
+
+/// Pauses, sends the rest, waits for `Ready`.
+pub(super) fn run(run: &mut Run<'_>, pre: &mut Precopied) -> Result<Paused, MigrateError> {
+    let p = pause(run.out.vm);
+    let round = pre.rounds.len() as u32 + 1;
+    let (last, ready, verification) = last_pages(run, &mut pre.pending, round)?;
+    pre.rounds.push(last);
+    Ok(Paused {
+        t_pause: p.t_pause,
+        pause: p.pause,
+        counter_at_pause: p.counter_at_pause,
+        ready,
+        verification,
+        session: None,
+    })
+}
+
+/// Sends the last dirty pages, the log and the state with the vCPUs paused; waits for the
+/// destination's Ready and checks its digests.
+fn last_pages(
+    run: &mut Run<'_>,
+    pending: &mut Vec<u64>,
+    round: u32,
+) -> Result<(RoundStats, msg::Ready, Option<Verification>), MigrateError> {
+    let (vm, opts, progress) = (run.out.vm, run.opts, run.progress);
+    let link = &mut run.link;
+    let t = Instant::now();
+    pending.extend(vm.dirty().harvest()?);
+    pending.sort_unstable();
+    pending.dedup();
+    progress(Progress::new(
+        "stop-and-copy",
+        round,
+        0,
+        pending.len() as u64,
+    ));
+    let batch = Batch {
+        kind: PageFrameKind::Pages,
+        paused: true,
+        round,
+        populated: None,
+    };
+    let mut stats = stream::send_pages(link, vm, pending, batch, progress, run.cancel)?;
+    let source_vcpus = send_state(run.out, link, opts, "stop-and-copy")?;
+    stats.secs = t.elapsed().as_secs_f64();
+    stats.bandwidth = stats.bytes as f64 / stats.secs;
+    let source_memory = if opts.verify {
+        Some(vm.ram().digest()?)
+    } else {
+        None
+    };
+    let ready: msg::Ready = link.recv()?;
+    let verification = match (source_memory, &ready.memory_digest, &ready.vcpu_digest) {
+        (Some(sm), Some(dm), Some(dv)) => {
+            let v = Verification {
+                memory_equal: &sm == dm,
+                vcpus_equal: &source_vcpus == dv,
+                source_memory: sm,
+                dest_memory: dm.clone(),
+                source_vcpus,
+                dest_vcpus: dv.clone(),
+                dest_verify_ms: ready.verify_ms,
+            };
+            if !v.memory_equal || !v.vcpus_equal {
+                return Err(MigrateError::Verify(format!(
+                    "memory {} vs {}, vCPUs {} vs {}",
+                    v.source_memory, v.dest_memory, v.source_vcpus, v.dest_vcpus
+                )));
+            }
+            Some(v)
+        }
+        (Some(_), _, _) => {
+            return Err(MigrateError::Verify(
+                "the destination sent no digests".into(),
+            ))
+        }
+        _ => None,
+    };
+    Ok((stats, ready, verification))
+}
+
+/// With the vCPUs paused: notes the pause in the VM log, sends the log and the vCPU and device
+/// state; returns the digest of the vCPU state sent.
+pub(super) fn send_state(
+    out: &Outgoing<'_>,
+    link: &mut Link,
+    opts: &MigrateOptions,
+    phase: &str,
+) -> Result<String, MigrateError> {
+    out.vm
+        .devices()
+        .log_line(&format!("paused for migration: {phase}"));
+    stream::send_file(link, out.dir, inventory::LOG)?;
+    let machine = out.vm.save()?;
+    let digest = machine.vcpu_digest();
+    link.send(&msg::State {
+        machine: (&machine).into(),
+        verify: opts.verify,
+    })?;
+    Ok(digest)
+}

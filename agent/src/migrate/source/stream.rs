@@ -1,0 +1,131 @@
+//! Sending guest pages and the VM's files: page frames straight from guest memory, files in
+//! checksummed pieces.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::guest::layout::PAGE_SIZE;
+use crate::migrate::link::Link;
+use crate::migrate::{Cancel, MigrateError, Progress, RoundStats};
+use crate::vm::Vm;
+use crate::wire;
+use crate::wire::messages as msg;
+use crate::wire::pages::{self, PageFrameBuilder, PageFrameKind};
+
+/// File pieces are sent in chunks of this size; all-zero chunks are skipped (sparse disks).
+const FILE_CHUNK: usize = 1 << 20;
+
+/// How a list of pages goes.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Batch<'p> {
+    /// Pre-copy or push pages, or answers to page requests.
+    pub(super) kind: PageFrameKind,
+    /// Whether the vCPUs are paused (then the data is checksummed too).
+    pub(super) paused: bool,
+    /// The round the pages belong to (0 in post-copy).
+    pub(super) round: u32,
+    /// Round 1: the pages the host ever touched; the others are zero without reading them.
+    pub(super) populated: Option<&'p [bool]>,
+}
+
+/// Sends the given pages in frames of up to 256, straight from guest memory.
+pub(super) fn send_pages(
+    link: &mut Link,
+    vm: &Vm,
+    list: &[u64],
+    batch: Batch<'_>,
+    progress: &dyn Fn(Progress),
+    cancel: &Cancel,
+) -> Result<RoundStats, MigrateError> {
+    let Batch {
+        kind,
+        paused,
+        round,
+        populated,
+    } = batch;
+    let ram = vm.ram();
+    let before = link.writer.bytes_sent();
+    let mut stats = RoundStats {
+        round,
+        ..Default::default()
+    };
+    let mut frame = PageFrameBuilder::new(kind);
+    let mut ptrs: Vec<*const u8> = Vec::with_capacity(pages::MAX_PAGES);
+    let mut last_progress = Instant::now();
+    for chunk in list.chunks(pages::MAX_PAGES) {
+        if cancel.is_cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
+        ptrs.clear();
+        for &p in chunk {
+            let zero = populated.is_some_and(|pop| !pop[p as usize]) || ram.is_zero_page(p);
+            frame.push(p, zero);
+            if !zero {
+                ptrs.push(ram.page_ptr(p));
+            }
+        }
+        let head = if paused {
+            // SAFETY: the vCPUs are paused, so nothing writes these guest pages while they
+            // are read as slices; each pointer is a whole page inside guest memory.
+            let slices = ptrs
+                .iter()
+                .map(|&p| unsafe { std::slice::from_raw_parts(p, PAGE_SIZE as usize) });
+            frame.head_checked(slices)
+        } else {
+            frame.head()
+        };
+        // A vCPU waits for demand pages: no wait for the bandwidth limit.
+        let urgent = kind == PageFrameKind::Demand;
+        // SAFETY: every pointer is a page of guest memory, which lives as long as the VM;
+        // the VM outlives this migration (the caller holds it).
+        unsafe { link.send_pages(head, chunk.len(), &ptrs, urgent) }?;
+        stats.pages += chunk.len() as u64;
+        stats.zero_pages += (chunk.len() - ptrs.len()) as u64;
+        if last_progress.elapsed() > Duration::from_millis(100) {
+            last_progress = Instant::now();
+            progress(Progress::new(
+                if paused { "stop-and-copy" } else { "pre-copy" },
+                round,
+                stats.pages,
+                list.len() as u64,
+            ));
+        }
+    }
+    link.flush()?;
+    stats.bytes = link.writer.bytes_sent() - before;
+    Ok(stats)
+}
+
+/// Sends one file of the VM folder in chunks, skipping all-zero chunks.
+pub(super) fn send_file(link: &mut Link, dir: &Path, name: &str) -> Result<(), MigrateError> {
+    let data = fs::read(dir.join(name)).unwrap_or_default();
+    let size = data.len() as u64;
+    let mut sent_any = false;
+    for (i, chunk) in data.chunks(FILE_CHUNK).enumerate() {
+        if chunk.iter().all(|b| *b == 0) {
+            continue;
+        }
+        send_chunk(link, name, size, (i * FILE_CHUNK) as u64, chunk)?;
+        sent_any = true;
+    }
+    if !sent_any {
+        send_chunk(link, name, size, 0, &[])?;
+    }
+    Ok(())
+}
+
+fn send_chunk(
+    link: &mut Link,
+    name: &str,
+    size: u64,
+    offset: u64,
+    chunk: &[u8],
+) -> Result<(), MigrateError> {
+    let piece = msg::FileChunk {
+        name: name.into(),
+        size,
+        offset,
+    };
+    Ok(link.writer.send_bytes(wire::data_frame(&piece, chunk))?)
+}
