@@ -190,7 +190,10 @@ pub fn loopback_rtt_us(n: usize) -> f64 {
 /// to a reader that reads and discards. Returns bytes per second.
 pub fn frame_sender(bytes: u64, io: vmig::transport::IoPath) -> f64 {
     use vmig::wire::pages::{PageFrameBuilder, PageFrameKind};
-    let memory = vec![0x6bu8; 64 << 20];
+    let memory = vmig::vm::memory::GuestRam::new(64 << 20).expect("memory");
+    for i in 0..memory.pages() {
+        memory.write_page(i, &[0x6bu8; 4096]).expect("fill");
+    }
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
     let reader = std::thread::spawn(move || {
@@ -206,7 +209,7 @@ pub fn frame_sender(bytes: u64, io: vmig::transport::IoPath) -> f64 {
     let s = TcpStream::connect(addr).expect("connect");
     vmig::transport::tune_socket(&s).expect("tune");
     let mut w = vmig::transport::FrameWriter::new(s, io, None).expect("writer");
-    let pages_total = memory.len() / 4096;
+    let pages_total = memory.pages() as usize;
     let t = Instant::now();
     let mut sent = 0u64;
     let mut next = 0usize;
@@ -219,15 +222,15 @@ pub fn frame_sender(bytes: u64, io: vmig::transport::IoPath) -> f64 {
         for &index in &idx {
             frame.push(index, false);
         }
-        let ptrs: Vec<*const u8> = idx
+        let refs: Vec<_> = idx
             .iter()
-            .map(|&i| memory[i as usize * 4096..].as_ptr())
+            .map(|&i| memory.page(i).expect("inside"))
             .collect();
         let head = frame.head();
-        // SAFETY: every pointer is a 4 KiB page of `memory`, which outlives the writer (it is
-        // flushed and dropped below, before `memory`).
-        unsafe { w.send_pages(head, &ptrs) }.expect("send");
-        sent += (ptrs.len() * 4096) as u64;
+        // SAFETY: the pages are of `memory`, which outlives the writer (it is flushed and
+        // dropped below, before `memory`).
+        unsafe { w.send_pages(head, &refs) }.expect("send");
+        sent += (refs.len() * 4096) as u64;
     }
     w.flush().expect("flush");
     let secs = t.elapsed().as_secs_f64();

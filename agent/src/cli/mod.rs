@@ -15,7 +15,7 @@ use vmig::api::client::{call, Call};
 use vmig::api::{self, Reply, Request};
 use vmig::dirty::DirtyTracking;
 use vmig::inventory::{VmDef, VmInfo};
-use vmig::migrate::{MigrateOptions, NoConverge, PostcopyPolicy, Report};
+use vmig::migrate::{MigrateOptions, NoConverge, PostcopyPolicy, ProgressPhase, Report};
 use vmig::transport::IoPath;
 
 /// vmig: live migration of KVM virtual machines between host agents.
@@ -492,8 +492,8 @@ pub async fn run_migration(a: &Path, name: &str, req: Request, bar: bool) -> Res
         };
         match reply {
             Reply::Progress(p) => {
-                let prefix = match p.phase.as_str() {
-                    "pre-copy" => format!("pre-copy round {}", p.round),
+                let prefix = match p.phase {
+                    ProgressPhase::PreCopy => format!("pre-copy round {}", p.round),
                     other => other.to_string(),
                 };
                 pb.set_prefix(prefix);
@@ -502,7 +502,7 @@ pub async fn run_migration(a: &Path, name: &str, req: Request, bar: bool) -> Res
                 if let Some(d) = &p.decision {
                     pb.println(format!("controller: {d}"));
                 }
-                if p.phase == "post-copy" && p.last.is_none() {
+                if p.phase == ProgressPhase::PostCopy && p.last.is_none() {
                     pb.set_message(format!(
                         "| {} pages remaining, {:.0} faults/s",
                         p.remaining, p.faults_per_s

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::{Event, MigrateError, MigrateOptions, Phase};
 use crate::transport::{tune_socket, FrameReader, FrameWriter, IoPath};
+use crate::vm::memory::PageRef;
 use crate::wire::{self, messages as msg, Frame, Kind, Message};
 
 /// How long the source waits for a control reply.
@@ -75,13 +76,13 @@ impl Link {
     /// limit's wait.
     ///
     /// # Safety
-    /// As [`FrameWriter::send_pages`]: every pointer addresses a 4 KiB page that stays mapped
-    /// until the next send or flush on this link returns.
+    /// As [`FrameWriter::send_pages`]: the guest memory of `pages` stays mapped until the next
+    /// send or flush on this link returns.
     pub(super) unsafe fn send_pages(
         &mut self,
         #[allow(unused_mut)] mut head: Vec<u8>,
         entries: usize,
-        pages: &[*const u8],
+        pages: &[PageRef<'_>],
         urgent: bool,
     ) -> Result<(), MigrateError> {
         #[cfg(any(test, feature = "fault-injection"))]

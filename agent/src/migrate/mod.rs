@@ -35,7 +35,10 @@ use crate::vm::VmError;
 use crate::wire::WireError;
 
 pub use phase::{Event, Phase};
-pub use report::{KernelRound, PostcopyStats, Progress, Report, RoundStats, Verification};
+pub use report::{
+    IoUsed, KernelRound, Mode, PostcopyStats, Progress, ProgressPhase, Report, RoundStats,
+    TrackingUsed, Verification,
+};
 
 /// When to switch to post-copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]

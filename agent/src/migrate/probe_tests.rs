@@ -50,7 +50,7 @@ fn ring_mode_rounds_carry_kernel_rates_that_match_the_dirty_log() {
     let (r, _) = migrate(&p, "kring", &opts);
     let report = r.unwrap();
     print(&report);
-    assert_eq!(report.dirty_tracking, "ring");
+    assert_eq!(report.dirty_tracking, super::TrackingUsed::Ring);
     assert_eq!(report.kernel_rates_off, None, "the probes ran");
     let json = serde_json::to_value(&report).unwrap();
     let (precopy, last) = report.rounds.split_at(report.rounds.len() - 1);
@@ -357,7 +357,7 @@ fn without_cap_bpf_the_migration_runs_and_says_once_why_kernel_rates_are_off() {
         .unwrap()
     });
     print(&report);
-    assert_eq!(report.dirty_tracking, "ring");
+    assert_eq!(report.dirty_tracking, super::TrackingUsed::Ring);
     let why = report.kernel_rates_off.clone().expect("kernel rates off");
     assert!(why.starts_with("permission denied"), "{why}");
     assert!(report.rounds.iter().all(|r| r.kernel.is_none()));

@@ -2,6 +2,87 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Writes `Display` from a table of names (the same names serde uses).
+macro_rules! named {
+    ($t:ty { $($v:ident => $n:literal),* $(,)? }) => {
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.pad(match self { $(<$t>::$v => $n),* })
+            }
+        }
+    };
+}
+
+/// How the migration moved the VM's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Mode {
+    /// Pre-copy rounds, then stop-and-copy.
+    #[default]
+    #[serde(rename = "pre-copy")]
+    PreCopy,
+    /// Pre-copy, then the switch to post-copy.
+    #[serde(rename = "post-copy")]
+    PostCopy,
+}
+named!(Mode { PreCopy => "pre-copy", PostCopy => "post-copy" });
+
+/// The I/O path that carried the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum IoUsed {
+    /// io_uring `SENDMSG` from guest memory.
+    #[serde(rename = "io_uring")]
+    IoUring,
+    /// `writev`.
+    #[default]
+    #[serde(rename = "plain")]
+    Plain,
+}
+named!(IoUsed { IoUring => "io_uring", Plain => "plain" });
+
+/// The dirty-tracking mechanism the VM used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrackingUsed {
+    /// The KVM dirty ring.
+    #[default]
+    Ring,
+    /// The KVM dirty bitmap.
+    Bitmap,
+}
+named!(TrackingUsed { Ring => "ring", Bitmap => "bitmap" });
+
+impl From<crate::dirty::DirtyMode> for TrackingUsed {
+    fn from(m: crate::dirty::DirtyMode) -> Self {
+        match m {
+            crate::dirty::DirtyMode::Ring(_) => TrackingUsed::Ring,
+            crate::dirty::DirtyMode::Bitmap => TrackingUsed::Bitmap,
+        }
+    }
+}
+
+/// Where a migration is, as its progress events say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProgressPhase {
+    /// Connecting to the destination.
+    Connecting,
+    /// The destination reserved room for the VM.
+    Reserved,
+    /// A pre-copy round.
+    PreCopy,
+    /// The vCPUs are paused: the last pages and the state.
+    StopAndCopy,
+    /// Post-copy: the destination runs the VM and fetches its pages.
+    PostCopy,
+}
+named!(ProgressPhase {
+    Connecting => "connecting",
+    Reserved => "reserved",
+    PreCopy => "pre-copy",
+    StopAndCopy => "stop-and-copy",
+    PostCopy => "post-copy",
+});
+
 /// One pre-copy round (or the stop-and-copy pass).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RoundStats {
@@ -105,8 +186,8 @@ pub struct PostcopyStats {
 /// A progress event sent to the CLI.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Progress {
-    /// "connecting", "reserved", "pre-copy", "stop-and-copy", "committing".
-    pub phase: String,
+    /// Where the migration is.
+    pub phase: ProgressPhase,
     /// Current round.
     pub round: u32,
     /// Pages sent so far in this round.
@@ -128,9 +209,9 @@ pub struct Progress {
 
 impl Progress {
     /// An event of `phase` in `round`, `sent` of `total` pages.
-    pub fn new(phase: &str, round: u32, sent: u64, total: u64) -> Self {
+    pub fn new(phase: ProgressPhase, round: u32, sent: u64, total: u64) -> Self {
         Self {
-            phase: phase.into(),
+            phase,
             round,
             sent,
             total,
@@ -194,10 +275,10 @@ pub struct Report {
     pub memory_touched_bytes: u64,
     /// Average bandwidth over the whole migration, MiB/s.
     pub achieved_mibs: f64,
-    /// "io_uring" or "plain".
-    pub io_path: String,
-    /// "ring" or "bitmap".
-    pub dirty_tracking: String,
+    /// The I/O path of the stream.
+    pub io_path: IoUsed,
+    /// The dirty-tracking mechanism.
+    pub dirty_tracking: TrackingUsed,
     /// Dirty-ring entries read (duplicates included) and ring-full exits during the migration.
     pub ring_entries: u64,
     /// Ring-full exits during the migration.
@@ -206,9 +287,9 @@ pub struct Report {
     pub counter_at_pause: u64,
     /// Digests, when `--verify`.
     pub verification: Option<Verification>,
-    /// "pre-copy" (stop-and-copy at the end) or "post-copy".
+    /// Pre-copy (stop-and-copy at the end) or post-copy.
     #[serde(default)]
-    pub mode: String,
+    pub mode: Mode,
     /// The post-copy policy in force: never, auto, always.
     #[serde(default)]
     pub postcopy_policy: String,
@@ -241,13 +322,11 @@ impl Report {
             self.rounds.len(),
             self.stop_reason
         );
-        if !self.mode.is_empty() {
-            let _ = writeln!(
-                s,
-                "  mode            {:>10}   post-copy policy {}",
-                self.mode, self.postcopy_policy
-            );
-        }
+        let _ = writeln!(
+            s,
+            "  mode            {:>10}   post-copy policy {}",
+            self.mode, self.postcopy_policy
+        );
         let _ = writeln!(
             s,
             "  bytes sent      {:>10.1} MiB",

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::{
     fault::{self, Fault},
     source::{self, Outcome},
-    Cancel, MigrateError, MigrateOptions, NoConverge, PostcopyPolicy, Report,
+    Cancel, MigrateError, MigrateOptions, Mode, NoConverge, PostcopyPolicy, Report,
 };
 use crate::inventory::{Inventory, VmDef};
 use crate::transport::IoPath;
@@ -135,7 +135,7 @@ fn record(phases: &Mutex<Vec<String>>, ev: super::Progress) {
     let mut ph = phases.lock().unwrap();
     let label = match &ev.decision {
         Some(d) => format!("{}: {d}", ev.phase),
-        None => ev.phase.clone(),
+        None => ev.phase.to_string(),
     };
     if ph.last() != Some(&label) {
         ph.push(label);
@@ -213,7 +213,7 @@ pub(super) fn runs_on_destination(p: &Pair, name: &str, report: &Report) {
 /// A post-copy report's proof: memory and vCPU digests equal, every page missing at the
 /// switch placed once (on demand or pushed). Returns the post-copy figures.
 fn postcopy_landed(report: &Report) -> super::PostcopyStats {
-    assert_eq!(report.mode, "post-copy");
+    assert_eq!(report.mode, Mode::PostCopy);
     let v = report.verification.clone().unwrap();
     assert!(v.memory_equal, "{} vs {}", v.source_memory, v.dest_memory);
     assert!(v.vcpus_equal, "{} vs {}", v.source_vcpus, v.dest_vcpus);
@@ -291,7 +291,7 @@ fn never_with_throttle_converges_by_slowing_the_guest() {
     let (r, _) = migrate(&p, "throttled", &opts);
     let report = r.unwrap();
     print(&report);
-    assert_eq!(report.mode, "pre-copy");
+    assert_eq!(report.mode, Mode::PreCopy);
     assert!(report.postcopy.is_none());
     assert!(report.decisions.iter().any(|d| d.contains("throttle")));
     assert!(report.rounds.iter().any(|r| r.throttle_pct > 0));
@@ -338,7 +338,7 @@ fn auto_never_switches_for_a_converging_guest() {
     let (r, _) = migrate(&p, "calm", &opts);
     let report = r.unwrap();
     print(&report);
-    assert_eq!(report.mode, "pre-copy");
+    assert_eq!(report.mode, Mode::PreCopy);
     assert!(report.postcopy.is_none());
     assert!(report.stop_reason.starts_with("converged"));
     assert!(report.verification.as_ref().unwrap().memory_equal);

@@ -50,6 +50,7 @@ pub fn tune_socket(s: &std::net::TcpStream) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vm::memory::{GuestRam, PageRef};
     use crate::wire::pages::{PageFrameBuilder, PageFrameKind};
     use crate::wire::{self, Kind};
     use std::net::{TcpListener, TcpStream};
@@ -64,6 +65,10 @@ mod tests {
     fn frames_cross(path: IoPath) {
         let (a, b) = pair();
         let pages: Vec<Vec<u8>> = (0..300u32).map(|i| vec![(i % 251) as u8; 4096]).collect();
+        let ram = GuestRam::new(16 << 20).unwrap();
+        for (i, p) in pages.iter().enumerate() {
+            ram.write_page(i as u64, p).unwrap();
+        }
         let reader = std::thread::spawn(move || {
             let mut r = FrameReader::new(b, path, std::time::Duration::from_secs(10)).unwrap();
             let mut got = Vec::new();
@@ -75,15 +80,17 @@ mod tests {
         let mut w = FrameWriter::new(a, path, None).unwrap();
         w.send_bytes(wire::control_frame(&wire::messages::Go {}))
             .unwrap();
-        let ptrs: Vec<*const u8> = pages.iter().map(|p| p.as_ptr()).collect();
+        let refs: Vec<PageRef<'_>> = (0..pages.len() as u64)
+            .map(|i| ram.page(i).unwrap())
+            .collect();
         let mut frame = PageFrameBuilder::new(PageFrameKind::Pages);
-        for (c, chunk) in ptrs.chunks(200).enumerate() {
-            for i in 0..chunk.len() {
-                frame.push((c * 200 + i) as u64, false);
+        for (c, chunk) in refs.chunks(200).enumerate() {
+            for p in chunk {
+                frame.push(p.index(), false);
             }
             let head =
                 frame.head_checked(pages[c * 200..c * 200 + chunk.len()].iter().map(|p| &p[..]));
-            // SAFETY: every pointer is a live 4 KiB page that outlives the send (flushed below).
+            // SAFETY: `ram` outlives the writer's sends (flushed below).
             unsafe { w.send_pages(head, chunk) }.unwrap();
         }
         w.flush().unwrap();

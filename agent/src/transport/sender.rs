@@ -8,6 +8,7 @@ use io_uring::{opcode, types, IoUring};
 
 use super::{IoPath, Pacer};
 use crate::guest::layout::PAGE_SIZE;
+use crate::vm::memory::PageRef;
 
 /// A frame the kernel may still be reading: its buffers must live until completion.
 struct InFlight {
@@ -81,20 +82,24 @@ impl FrameWriter {
 
     /// Sends a frame whose bytes are all in `bytes` (control frames).
     pub fn send_bytes(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
-        // SAFETY: no page pointers are passed.
+        // SAFETY: no pages are passed.
         unsafe { self.send_pages(bytes, &[]) }?;
         self.flush()
     }
 
-    /// Sends `head` (frame header and metadata) followed by the 4 KiB pages at `pages`,
-    /// without copying them. Returns once the frame is submitted; the previous frame is
-    /// complete by then.
+    /// Sends `head` (frame header and metadata) followed by the guest pages `pages`, without
+    /// copying them. Returns once the frame is submitted; the previous frame is complete by
+    /// then.
     ///
     /// # Safety
-    /// Every pointer must address 4 KiB of mapped memory that stays mapped until the next
-    /// call on this writer (`send_*` or `flush`) returns. Guest memory qualifies: it lives as
-    /// long as the VM, which outlives its migration.
-    pub unsafe fn send_pages(&mut self, head: Vec<u8>, pages: &[*const u8]) -> std::io::Result<()> {
+    /// The guest memory the pages belong to must stay mapped until the next call on this
+    /// writer (`send_*` or `flush`) returns: the kernel reads the pages after this returns,
+    /// beyond the pages' borrow. Guest memory qualifies when its VM outlives the migration.
+    pub unsafe fn send_pages(
+        &mut self,
+        head: Vec<u8>,
+        pages: &[PageRef<'_>],
+    ) -> std::io::Result<()> {
         // SAFETY: the caller's contract is this function's.
         unsafe { self.send_frame(head, pages, false) }
     }
@@ -107,7 +112,7 @@ impl FrameWriter {
     pub unsafe fn send_pages_now(
         &mut self,
         head: Vec<u8>,
-        pages: &[*const u8],
+        pages: &[PageRef<'_>],
     ) -> std::io::Result<()> {
         // SAFETY: the caller's contract is this function's.
         unsafe { self.send_frame(head, pages, true) }
@@ -125,7 +130,7 @@ impl FrameWriter {
     unsafe fn send_frame(
         &mut self,
         head: Vec<u8>,
-        pages: &[*const u8],
+        pages: &[PageRef<'_>],
         urgent: bool,
     ) -> std::io::Result<()> {
         self.flush()?;
@@ -142,8 +147,8 @@ impl FrameWriter {
             iov_base: head.as_ptr() as *mut libc::c_void,
             iov_len: head.len(),
         });
-        iov.extend(pages.iter().map(|&p| libc::iovec {
-            iov_base: p as *mut libc::c_void,
+        iov.extend(pages.iter().map(|p| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
             iov_len: PAGE_SIZE as usize,
         }));
         // SAFETY: an all-zero msghdr is a valid empty message header.

@@ -30,6 +30,45 @@ pub enum MemoryError {
     Pagemap(std::io::Error),
 }
 
+/// A page of guest memory, checked to be inside it, borrowing the memory it belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct PageRef<'ram> {
+    ram: &'ram GuestRam,
+    index: u64,
+}
+
+impl<'ram> PageRef<'ram> {
+    /// Its page index (guest-physical address / 4096).
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// Whether the page holds only zeros. Reads with volatile loads: the guest may be writing
+    /// the page at the same time, and a page changed after this check is dirty again.
+    pub fn is_zero(&self) -> bool {
+        let p = self.as_ptr() as *const u64;
+        (0..(PAGE_SIZE / 8) as usize).all(|i| {
+            // SAFETY: `p` points at a whole 4 KiB page inside the live guest mapping (the
+            // index was checked when the `PageRef` was made, and the borrow keeps the mapping
+            // alive), aligned to 8; a volatile read of guest memory that the guest may write
+            // concurrently is the accepted way to sample it.
+            unsafe { std::ptr::read_volatile(p.add(i)) == 0 }
+        })
+    }
+
+    /// The host address of the page's first byte (4 KiB follow, inside the mapping). For the
+    /// kernel (an iovec of a send): Rust code reads guest pages by copy, or as a slice from
+    /// `vm::Paused`, never through this pointer.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ram.page_ptr(self.index)
+    }
+
+    /// The memory it belongs to.
+    pub fn ram(&self) -> &'ram GuestRam {
+        self.ram
+    }
+}
+
 /// The guest's RAM, guest-physical address 0 to `size`.
 #[derive(Debug)]
 pub struct GuestRam {
@@ -68,10 +107,26 @@ impl GuestRam {
         self.base
     }
 
-    /// Host address of page `index`; the caller checked `index < pages()`.
-    pub fn page_ptr(&self, index: u64) -> *mut u8 {
-        debug_assert!(index < self.pages());
+    /// Host address of page `index`, which must be inside guest memory (checked in every
+    /// build: a pointer outside the mapping is never made).
+    fn page_ptr(&self, index: u64) -> *mut u8 {
+        assert!(
+            index < self.pages(),
+            "page {index} is outside guest memory ({} pages)",
+            self.pages()
+        );
         (self.base + (index * PAGE_SIZE) as usize) as *mut u8
+    }
+
+    /// Page `index`, checked to be inside guest memory.
+    pub fn page(&self, index: u64) -> Result<PageRef<'_>, MemoryError> {
+        if index >= self.pages() {
+            return Err(MemoryError::OutOfRange {
+                addr: index.saturating_mul(PAGE_SIZE),
+                len: PAGE_SIZE as usize,
+            });
+        }
+        Ok(PageRef { ram: self, index })
     }
 
     /// Writes `data` at guest-physical `addr`.
@@ -104,16 +159,10 @@ impl GuestRam {
         self.write(addr, &v.to_le_bytes())
     }
 
-    /// Whether page `index` holds only zeros. Reads with volatile loads: the guest may be
-    /// writing the page at the same time, and a page changed after this check is dirty again.
+    /// Whether page `index` (inside guest memory: checked) holds only zeros; see
+    /// [`PageRef::is_zero`].
     pub fn is_zero_page(&self, index: u64) -> bool {
-        let p = self.page_ptr(index) as *const u64;
-        (0..(PAGE_SIZE / 8) as usize).all(|i| {
-            // SAFETY: `p` points at a whole 4 KiB page inside the live guest mapping (index was
-            // bounds-checked by the caller), aligned to 8; a volatile read of guest memory that
-            // the guest may write concurrently is the accepted way to sample it.
-            unsafe { std::ptr::read_volatile(p.add(i)) == 0 }
-        })
+        PageRef { ram: self, index }.is_zero()
     }
 
     /// Copies page `index` into `buf`.
@@ -264,5 +313,10 @@ mod tests {
         let ram = GuestRam::new(16 << 20).unwrap();
         assert!(ram.write_page(ram.pages(), &[0u8; 4096]).is_err());
         assert!(ram.write_page(0, &[0u8; 100]).is_err());
+        assert!(matches!(
+            ram.page(ram.pages()),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        assert_eq!(ram.page(ram.pages() - 1).unwrap().index(), ram.pages() - 1);
     }
 }

@@ -3,12 +3,13 @@
 
 pub mod devices;
 pub mod memory;
+mod paused;
 pub mod state;
 pub mod vcpu;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
@@ -19,6 +20,7 @@ use crate::dirty::{DirtyError, DirtyLog, DirtyMode, DirtyTracking};
 use crate::guest::{layout, param, Program};
 use devices::Devices;
 use memory::{GuestRam, MemoryError};
+pub use paused::Paused;
 use state::{MachineState, StateError};
 use vcpu::{Phase, Vcpu, VcpuEnv};
 
@@ -139,6 +141,8 @@ pub struct Vm {
     throttle: Arc<AtomicU32>,
     /// Whether the throttle's kick timer thread runs.
     kicker: Arc<AtomicBool>,
+    /// Held (shared) by every [`Paused`]: a resume waits for them to go.
+    resume_gate: RwLock<()>,
 }
 
 impl Vm {
@@ -197,6 +201,7 @@ impl Vm {
             msr_list,
             throttle,
             kicker: Arc::new(AtomicBool::new(false)),
+            resume_gate: RwLock::new(()),
         })
     }
 
@@ -296,27 +301,46 @@ impl Vm {
         Ok(())
     }
 
-    /// Lets every vCPU run.
+    /// Lets every vCPU run (once no [`Paused`] proof is held).
     pub fn resume(&self) {
+        let _gate = self
+            .resume_gate
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         for v in &self.vcpus {
             v.resume();
         }
     }
 
-    /// Pauses every vCPU; returns when all are parked, with the time it took.
-    pub fn pause(&self) -> Duration {
+    /// Pauses every vCPU; returns when all are parked, with the proof (which says how long
+    /// it took).
+    pub fn pause(&self) -> Paused<'_> {
         let t = Instant::now();
-        for v in &self.vcpus {
-            v.request_pause();
+        loop {
+            for v in &self.vcpus {
+                v.request_pause();
+            }
+            for v in &self.vcpus {
+                v.wait_paused();
+            }
+            // A resume from another thread may come between the wait and the proof: again.
+            if let Some(p) = Paused::of(self, t.elapsed()) {
+                return p;
+            }
         }
-        for v in &self.vcpus {
-            v.wait_paused();
-        }
-        t.elapsed()
     }
 
-    /// Saves vCPU and device state; the VM must be paused.
-    pub fn save(&self) -> Result<MachineState, VmError> {
+    /// The proof that the VM is paused, if every vCPU is (a VM paused earlier).
+    pub fn paused(&self) -> Option<Paused<'_>> {
+        Paused::of(self, Duration::ZERO)
+    }
+
+    fn all_paused(&self) -> bool {
+        self.vcpus.iter().all(Vcpu::is_held)
+    }
+
+    /// Saves vCPU and device state; the VM must not run ([`Paused::save`], [`Vm::read_back`]).
+    fn save_state(&self) -> Result<MachineState, VmError> {
         let mut vcpus = Vec::new();
         for v in &self.vcpus {
             let fd = v.shared.fd.lock().expect("vcpu fd");
@@ -347,7 +371,7 @@ impl Vm {
 
     /// Reads back the vCPU state (for the round-trip check after a restore).
     pub fn read_back(&self) -> Result<MachineState, VmError> {
-        self.save()
+        self.save_state()
     }
 
     /// Counters.
@@ -538,8 +562,9 @@ mod tests {
         a.boot("a").unwrap();
         a.resume();
         wait_for("counter", || a.stats().counter_reports >= 2);
-        a.pause();
-        let st = a.save().unwrap();
+        assert!(a.paused().is_none(), "no proof of a pause while it runs");
+        let st = a.pause().save().unwrap();
+        assert!(a.paused().is_some());
         let b = Vm::create(&s, "b", Box::new(std::io::sink())).unwrap();
         b.restore(&st, Box::new(std::io::sink())).unwrap();
         let back = b.read_back().unwrap();

@@ -130,6 +130,12 @@ impl Vcpu {
         self.shared.ctl.lock().expect("vcpu ctl").phase.clone()
     }
 
+    /// Whether the vCPU is held out of the guest: asked not to run, and not running.
+    pub fn is_held(&self) -> bool {
+        let c = self.shared.ctl.lock().expect("vcpu ctl");
+        c.want != Want::Run && c.phase != Phase::Running
+    }
+
     fn set_want(&self, want: Want) {
         let mut c = self.shared.ctl.lock().expect("vcpu ctl");
         if c.want != Want::Stop {

@@ -126,8 +126,10 @@ pub(super) fn run(
     // SAFETY: guest memory is one private anonymous mapping owned by `ram`, which the VM (kept
     // alive below for as long as `mem`) holds; the stale pages were just dropped with
     // MADV_DONTNEED and the VM has not run since, so every page not in `known` is missing.
-    let mem = unsafe { PostcopyMemory::register(ram.page_ptr(0), ram.size() as usize, &known) }
-        .map_err(|e| MigrateError::Postcopy(e.to_string()))?;
+    let mem = unsafe {
+        PostcopyMemory::register(ram.host_base() as *mut u8, ram.size() as usize, &known)
+    }
+    .map_err(|e| MigrateError::Postcopy(e.to_string()))?;
     let handler = mem
         .start(Arc::new(NetSource::default()))
         .map_err(|e| MigrateError::Postcopy(e.to_string()))?;

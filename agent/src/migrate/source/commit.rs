@@ -9,6 +9,7 @@ use super::precopy::Precopied;
 use super::stop_and_copy::Paused;
 use super::{finished, resume, Outcome, Run};
 use crate::guest::layout::PAGE_SIZE;
+use crate::migrate::report::{IoUsed, Mode};
 use crate::migrate::{MigrateError, Phase, Report};
 use crate::wire::messages as msg;
 
@@ -58,22 +59,20 @@ pub(super) fn go(
         memory_bytes: vm.ram().size(),
         memory_touched_bytes: pre.touched * PAGE_SIZE,
         io_path: if run.link.writer.uses_uring() {
-            "io_uring"
+            IoUsed::IoUring
         } else {
-            "plain"
-        }
-        .into(),
-        dirty_tracking: vm.dirty().mode().to_string(),
+            IoUsed::Plain
+        },
+        dirty_tracking: vm.dirty().mode().into(),
         ring_entries: entries1 - entries0,
         ring_full_exits: full1 - full0,
         counter_at_pause: paused.counter_at_pause,
         verification: paused.verification,
         mode: if paused.session.is_some() {
-            "post-copy"
+            Mode::PostCopy
         } else {
-            "pre-copy"
-        }
-        .into(),
+            Mode::PreCopy
+        },
         postcopy_policy: run.opts.postcopy.to_string(),
         decisions: pre.decisions,
         kernel_rates_off: pre.kernel_rates_off,

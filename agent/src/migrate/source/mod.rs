@@ -30,6 +30,7 @@ use std::time::Instant;
 use super::link::Link;
 use super::{Cancel, MigrateError, MigrateOptions, Phase, Progress, Report};
 use crate::inventory::VmDef;
+use crate::migrate::report::ProgressPhase;
 use crate::vm::Vm;
 use crate::wire::messages as msg;
 
@@ -83,7 +84,7 @@ pub fn migrate(
     progress: &dyn Fn(Progress),
 ) -> Result<Outcome, MigrateError> {
     let t0 = Instant::now();
-    progress(Progress::new("connecting", 0, 0, 0));
+    progress(Progress::new(ProgressPhase::Connecting, 0, 0, 0));
     #[allow(unused_mut)]
     let mut link = Link::connect(dest, opts)?;
     #[cfg(any(test, feature = "fault-injection"))]

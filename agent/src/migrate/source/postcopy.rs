@@ -12,6 +12,7 @@ use super::stop_and_copy::{self, Paused};
 use super::stream::{self, Batch};
 use super::Run;
 use crate::migrate::link::Link;
+use crate::migrate::report::ProgressPhase;
 use crate::migrate::{
     Cancel, MigrateError, MigrateOptions, PageSum, PostcopyStats, Progress, RoundStats,
     Verification,
@@ -60,7 +61,7 @@ fn send_switch(
     pending.sort_unstable();
     pending.dedup();
     let dirty = Bitmap::of(vm.ram().pages(), pending.iter().copied());
-    let mut ev = Progress::new("post-copy", round, 0, pending.len() as u64);
+    let mut ev = Progress::new(ProgressPhase::PostCopy, round, 0, pending.len() as u64);
     ev.remaining = pending.len() as u64;
     ev.decision = Some(format!("switch to post-copy: {why}"));
     progress(ev);
@@ -385,7 +386,7 @@ fn push_and_answer(
             let dt = last_progress.elapsed().as_secs_f64();
             last_progress = Instant::now();
             let mut ev = Progress::new(
-                "post-copy",
+                ProgressPhase::PostCopy,
                 0,
                 (stale.len() - unsent) as u64,
                 stale.len() as u64,
@@ -408,7 +409,12 @@ fn push_and_answer(
         stats.source_demand_sent,
         stats.source_pushed,
     ) = src;
-    let mut ev = Progress::new("post-copy", 0, stale.len() as u64, stale.len() as u64);
+    let mut ev = Progress::new(
+        ProgressPhase::PostCopy,
+        0,
+        stale.len() as u64,
+        stale.len() as u64,
+    );
     ev.decision = Some("post-copy complete".into());
     progress(ev);
     Ok((stats, done))

@@ -9,6 +9,7 @@ use super::Run;
 use crate::migrate::controller::{Controller, Decision};
 use crate::migrate::holdback::Holdback;
 use crate::migrate::probe::RoundProbes;
+use crate::migrate::report::ProgressPhase;
 use crate::migrate::{MigrateError, Progress, RoundStats};
 use crate::wire::messages as msg;
 use crate::wire::pages::PageFrameKind;
@@ -111,7 +112,7 @@ pub(super) fn rounds(run: &mut Run<'_>, rtt: Duration) -> Result<Precopied, Migr
             decisions.push(format!("after round {round}: {}", decision.describe()));
         }
         rounds.push(stats.clone());
-        let mut ev = Progress::new("pre-copy", round, stats.pages, stats.pages);
+        let mut ev = Progress::new(ProgressPhase::PreCopy, round, stats.pages, stats.pages);
         ev.last = Some(stats);
         ev.decision = changed.then(|| decision.describe());
         (run.progress)(ev);

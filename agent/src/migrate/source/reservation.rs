@@ -3,6 +3,7 @@
 
 use super::{stream, Run};
 use crate::inventory;
+use crate::migrate::report::ProgressPhase;
 use crate::migrate::{MigrateError, Progress};
 use crate::wire::messages as msg;
 
@@ -15,7 +16,7 @@ pub(super) fn reserve(run: &mut Run<'_>) -> Result<(), MigrateError> {
         definition: out.def.to_toml(),
     })?;
     let _: msg::Reserved = run.link.recv()?;
-    (run.progress)(Progress::new("reserved", 0, 0, 0));
+    (run.progress)(Progress::new(ProgressPhase::Reserved, 0, 0, 0));
     for name in [inventory::DEFINITION, inventory::NVRAM, inventory::DISK] {
         stream::send_file(&mut run.link, out.dir, name)?;
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::{finished, handshake, postcopy, Outcome, Outgoing, Run};
 use crate::migrate::link::Link;
+use crate::migrate::report::ProgressPhase;
 use crate::migrate::{Cancel, MigrateError, MigrateOptions, Phase, Progress, Report, Verification};
 use crate::wire::messages as msg;
 
@@ -72,7 +73,7 @@ pub fn resume(
     progress: &dyn Fn(Progress),
 ) -> Result<Outcome, MigrateError> {
     cancel.enter(Phase::Postcopy)?;
-    progress(Progress::new("connecting", 0, 0, 0));
+    progress(Progress::new(ProgressPhase::Connecting, 0, 0, 0));
     Ok(finish(out, parked, None, progress))
 }
 
@@ -178,7 +179,7 @@ fn reconnect(
         waiting_faults = r.waiting,
         "the destination resumes post-copy"
     );
-    let mut ev = Progress::new("post-copy", 0, 0, missing.len() as u64);
+    let mut ev = Progress::new(ProgressPhase::PostCopy, 0, 0, missing.len() as u64);
     ev.remaining = missing.len() as u64;
     ev.decision = Some(format!(
         "resumed: {} pages still missing, {} faults waiting",

@@ -9,8 +9,9 @@ use super::stream::{self, Batch};
 use super::{Outgoing, Run};
 use crate::inventory;
 use crate::migrate::link::Link;
+use crate::migrate::report::ProgressPhase;
 use crate::migrate::{MigrateError, MigrateOptions, Progress, RoundStats, Verification};
-use crate::vm::Vm;
+use crate::vm::{self, Vm};
 use crate::wire::messages as msg;
 use crate::wire::pages::PageFrameKind;
 
@@ -37,10 +38,16 @@ pub(super) struct Pause {
     pub(super) counter_at_pause: u64,
 }
 
+/// The proof that the VM is paused (it is, from the pause to the end of the migration).
+pub(super) fn held(vm: &Vm) -> Result<vm::Paused<'_>, MigrateError> {
+    vm.paused()
+        .ok_or_else(|| vm::VmError::Invalid("the VM runs: its state cannot be sent".into()).into())
+}
+
 /// Pauses the VM's vCPUs.
 pub(super) fn pause(vm: &Vm) -> Pause {
     let t_pause = Instant::now();
-    let pause = vm.pause();
+    let pause = vm.pause().took();
     vm.set_throttle(0);
     Pause {
         t_pause,
@@ -79,7 +86,7 @@ fn last_pages(
     pending.sort_unstable();
     pending.dedup();
     progress(Progress::new(
-        "stop-and-copy",
+        ProgressPhase::StopAndCopy,
         round,
         0,
         pending.len() as u64,
@@ -141,7 +148,7 @@ pub(super) fn send_state(
         .devices()
         .log_line(&format!("paused for migration: {phase}"));
     stream::send_file(link, out.dir, inventory::LOG)?;
-    let machine = out.vm.save()?;
+    let machine = held(out.vm)?.save()?;
     let digest = machine.vcpu_digest();
     link.send(&msg::State {
         machine: (&machine).into(),

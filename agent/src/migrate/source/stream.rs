@@ -5,9 +5,11 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::guest::layout::PAGE_SIZE;
+use super::stop_and_copy;
 use crate::migrate::link::Link;
+use crate::migrate::report::ProgressPhase;
 use crate::migrate::{Cancel, MigrateError, Progress, RoundStats};
+use crate::vm::memory::PageRef;
 use crate::vm::Vm;
 use crate::wire;
 use crate::wire::messages as msg;
@@ -50,42 +52,47 @@ pub(super) fn send_pages(
         round,
         ..Default::default()
     };
+    // Data checksummed only with the vCPUs held paused, the proof kept for the whole list.
+    let held = if paused {
+        Some(stop_and_copy::held(vm)?)
+    } else {
+        None
+    };
     let mut frame = PageFrameBuilder::new(kind);
-    let mut ptrs: Vec<*const u8> = Vec::with_capacity(pages::MAX_PAGES);
+    let mut data: Vec<PageRef<'_>> = Vec::with_capacity(pages::MAX_PAGES);
     let mut last_progress = Instant::now();
     for chunk in list.chunks(pages::MAX_PAGES) {
         if cancel.is_cancelled() {
             return Err(MigrateError::Cancelled);
         }
-        ptrs.clear();
+        data.clear();
         for &p in chunk {
-            let zero = populated.is_some_and(|pop| !pop[p as usize]) || ram.is_zero_page(p);
+            let page = ram.page(p)?;
+            let zero = populated.is_some_and(|pop| !pop[p as usize]) || page.is_zero();
             frame.push(p, zero);
             if !zero {
-                ptrs.push(ram.page_ptr(p));
+                data.push(page);
             }
         }
-        let head = if paused {
-            // SAFETY: the vCPUs are paused, so nothing writes these guest pages while they
-            // are read as slices; each pointer is a whole page inside guest memory.
-            let slices = ptrs
-                .iter()
-                .map(|&p| unsafe { std::slice::from_raw_parts(p, PAGE_SIZE as usize) });
-            frame.head_checked(slices)
-        } else {
-            frame.head()
+        let head = match &held {
+            Some(held) => frame.head_checked(data.iter().map(|&p| held.page(p))),
+            None => frame.head(),
         };
         // A vCPU waits for demand pages: no wait for the bandwidth limit.
         let urgent = kind == PageFrameKind::Demand;
-        // SAFETY: every pointer is a page of guest memory, which lives as long as the VM;
-        // the VM outlives this migration (the caller holds it).
-        unsafe { link.send_pages(head, chunk.len(), &ptrs, urgent) }?;
+        // SAFETY: the pages are guest memory of `vm`, which the caller holds for the whole
+        // migration, past the flush below.
+        unsafe { link.send_pages(head, chunk.len(), &data, urgent) }?;
         stats.pages += chunk.len() as u64;
-        stats.zero_pages += (chunk.len() - ptrs.len()) as u64;
+        stats.zero_pages += (chunk.len() - data.len()) as u64;
         if last_progress.elapsed() > Duration::from_millis(100) {
             last_progress = Instant::now();
             progress(Progress::new(
-                if paused { "stop-and-copy" } else { "pre-copy" },
+                if paused {
+                    ProgressPhase::StopAndCopy
+                } else {
+                    ProgressPhase::PreCopy
+                },
                 round,
                 stats.pages,
                 list.len() as u64,
