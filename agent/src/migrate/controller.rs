@@ -17,6 +17,7 @@
 
 use std::time::Duration;
 
+use super::report::{Cause, StopReason};
 use super::{MigrateOptions, NoConverge, PostcopyPolicy, RoundStats};
 use crate::guest::layout::PAGE_SIZE;
 
@@ -32,13 +33,13 @@ pub enum Decision {
     /// Another pre-copy round.
     Continue,
     /// Another pre-copy round with the vCPUs throttled to this percent.
-    Throttle(u32, String),
+    Throttle(u32, StopReason),
     /// Pause and send the rest; the reason goes into the report.
-    StopAndCopy(String),
+    StopAndCopy(StopReason),
     /// Pause, send the state, run on the destination and fetch the rest on demand.
-    Postcopy(String),
+    Postcopy(StopReason),
     /// Give up; the VM stays on the source.
-    Abort(String),
+    Abort(StopReason),
 }
 
 impl Decision {
@@ -130,7 +131,7 @@ impl Controller {
     /// `min_rounds` rounds ran (and 2 since the last throttle change) and either the dirty ratio
     /// stayed at or above the threshold for the last 2 rounds, or the dirty set did not shrink
     /// by 10 % over the last 2 rounds.
-    fn hopeless(&self) -> Option<String> {
+    fn hopeless(&self) -> Option<StopReason> {
         let n = self.history.len();
         let last = self.history.last()?;
         if last.round < self.opts.min_rounds.max(1) || n < 3 {
@@ -142,23 +143,23 @@ impl Controller {
         let (a, b) = (&self.history[n - 2], &self.history[n - 1]);
         let r = self.opts.converge_threshold;
         if a.dirty_ratio >= r && b.dirty_ratio >= r {
-            return Some(format!(
+            return Some(StopReason::new(Cause::DirtyRatio, format!(
                 "dirty ratio {:.2} and {:.2} >= threshold {r} in rounds {} and {} ({:.0} pages/s dirtied vs {:.1} MiB/s)",
                 a.dirty_ratio, b.dirty_ratio, a.round, b.round, b.dirty_rate, b.bandwidth / 1048576.0
-            ));
+            )));
         }
         let before = &self.history[n - 3];
         if b.dirty_pages as f64 > 0.9 * before.dirty_pages as f64 {
-            return Some(format!(
+            return Some(StopReason::new(Cause::NoShrink, format!(
                 "dirty set did not shrink by 10 % over 2 rounds: {} pages after round {}, {} after round {}",
                 before.dirty_pages, before.round, b.dirty_pages, b.round
-            ));
+            )));
         }
         None
     }
 
     /// What to do when pre-copy cannot go on (`why`), per policy.
-    fn give_up(&mut self, why: String, round: u32) -> Decision {
+    fn give_up(&mut self, why: StopReason, round: u32) -> Decision {
         match (self.opts.postcopy, self.opts.on_no_converge) {
             (PostcopyPolicy::Auto | PostcopyPolicy::Always, _) => Decision::Postcopy(why),
             (PostcopyPolicy::Never, NoConverge::Force) => Decision::StopAndCopy(why),
@@ -169,9 +170,12 @@ impl Controller {
                     self.throttle_round = round;
                     Decision::Throttle(self.throttle_pct(), why)
                 } else {
-                    Decision::StopAndCopy(format!(
-                        "{why}; throttle already at {} %: forcing stop-and-copy",
-                        self.throttle_pct()
+                    Decision::StopAndCopy(StopReason::new(
+                        Cause::ThrottleExhausted,
+                        format!(
+                            "{why}; throttle already at {} %: forcing stop-and-copy",
+                            self.throttle_pct()
+                        ),
                     ))
                 }
             }
@@ -199,9 +203,12 @@ impl Controller {
 
     fn decide_inner(&mut self, r: &RoundStats, elapsed: Duration) -> Decision {
         if elapsed.as_secs() >= self.opts.timeout_s {
-            let why = format!(
-                "timeout of {} s reached in round {}",
-                self.opts.timeout_s, r.round
+            let why = StopReason::new(
+                Cause::Timeout,
+                format!(
+                    "timeout of {} s reached in round {}",
+                    self.opts.timeout_s, r.round
+                ),
             );
             return match self.opts.postcopy {
                 PostcopyPolicy::Never => Decision::Abort(why),
@@ -209,39 +216,51 @@ impl Controller {
             };
         }
         if self.opts.postcopy == PostcopyPolicy::Always {
-            return Decision::Postcopy(format!(
-                "policy always: post-copy after round {} (predicted downtime {:.2} ms)",
-                r.round, r.predicted_downtime_ms
+            return Decision::Postcopy(StopReason::new(
+                Cause::PolicyAlways,
+                format!(
+                    "policy always: post-copy after round {} (predicted downtime {:.2} ms)",
+                    r.round, r.predicted_downtime_ms
+                ),
             ));
         }
         if r.predicted_downtime_ms <= self.opts.max_downtime_ms {
-            return Decision::StopAndCopy(format!(
-                "converged: predicted downtime {:.2} ms <= {} ms with {} dirty pages at {:.0} MiB/s",
-                r.predicted_downtime_ms,
-                self.opts.max_downtime_ms,
-                r.dirty_pages,
-                r.bandwidth / 1048576.0
+            return Decision::StopAndCopy(StopReason::new(
+                Cause::Converged,
+                format!(
+                    "converged: predicted downtime {:.2} ms <= {} ms with {} dirty pages at {:.0} MiB/s",
+                    r.predicted_downtime_ms,
+                    self.opts.max_downtime_ms,
+                    r.dirty_pages,
+                    r.bandwidth / 1048576.0
+                ),
             ));
         }
         if r.round >= self.opts.max_rounds {
-            let why = format!(
-                "max rounds ({}) reached with predicted downtime {:.2} ms",
-                self.opts.max_rounds, r.predicted_downtime_ms
+            let why = StopReason::new(
+                Cause::MaxRounds,
+                format!(
+                    "max rounds ({}) reached with predicted downtime {:.2} ms",
+                    self.opts.max_rounds, r.predicted_downtime_ms
+                ),
             );
             return match (self.opts.postcopy, self.opts.on_no_converge) {
                 (PostcopyPolicy::Never, NoConverge::Abort) => Decision::Abort(why),
-                (PostcopyPolicy::Never, _) => Decision::StopAndCopy(format!(
-                    "max rounds ({}) reached: forcing stop-and-copy with predicted downtime {:.2} ms",
-                    self.opts.max_rounds, r.predicted_downtime_ms
+                (PostcopyPolicy::Never, _) => Decision::StopAndCopy(StopReason::new(
+                    Cause::MaxRounds,
+                    format!(
+                        "max rounds ({}) reached: forcing stop-and-copy with predicted downtime {:.2} ms",
+                        self.opts.max_rounds, r.predicted_downtime_ms
+                    ),
                 )),
                 _ => Decision::Postcopy(why),
             };
         }
         if self.sendable == Some(0) && r.held_pages > 0 {
-            let why = format!(
+            let why = StopReason::new(Cause::NothingLeft, format!(
                 "hot-page holdback: all {} pending pages are held back until the end, pre-copy has nothing left to send (predicted downtime {:.2} ms)",
                 r.held_pages, r.predicted_downtime_ms
-            );
+            ));
             return self.give_up(why, r.round);
         }
         if let Some(why) = self.hopeless() {
@@ -276,10 +295,10 @@ mod tests {
         let d = Duration::from_secs(1);
         assert_eq!(c.decide(&round(1, 80.0), d), Decision::Continue);
         assert!(
-            matches!(c.decide(&round(2, 20.0), d), Decision::StopAndCopy(r) if r.starts_with("converged"))
+            matches!(c.decide(&round(2, 20.0), d), Decision::StopAndCopy(r) if r.cause == Cause::Converged)
         );
         assert!(
-            matches!(c.decide(&round(5, 80.0), d), Decision::StopAndCopy(r) if r.starts_with("max rounds"))
+            matches!(c.decide(&round(5, 80.0), d), Decision::StopAndCopy(r) if r.cause == Cause::MaxRounds)
         );
         assert!(matches!(
             c.decide(&round(2, 80.0), Duration::from_secs(10)),
@@ -344,7 +363,7 @@ mod tests {
         c.assess(&mut r, 4096, 0);
         assert!(matches!(
             c.decide(&r, Duration::from_secs(1)),
-            Decision::StopAndCopy(w) if w.contains("nothing left to send")
+            Decision::StopAndCopy(w) if w.cause == Cause::NothingLeft
         ));
     }
 
@@ -376,9 +395,9 @@ mod tests {
         let auto = run_policy(PostcopyPolicy::Auto, NoConverge::Force);
         assert_eq!(auto[0], Decision::Continue);
         assert_eq!(auto[1], Decision::Continue);
-        assert!(matches!(&auto[2], Decision::Postcopy(w) if w.contains("threshold")));
+        assert!(matches!(&auto[2], Decision::Postcopy(w) if w.cause == Cause::DirtyRatio));
         let always = run_policy(PostcopyPolicy::Always, NoConverge::Force);
-        assert!(matches!(&always[0], Decision::Postcopy(w) if w.contains("always")));
+        assert!(matches!(&always[0], Decision::Postcopy(w) if w.cause == Cause::PolicyAlways));
         let force = run_policy(PostcopyPolicy::Never, NoConverge::Force);
         assert!(matches!(&force[2], Decision::StopAndCopy(_)));
         let abort = run_policy(PostcopyPolicy::Never, NoConverge::Abort);
@@ -406,7 +425,7 @@ mod tests {
         // Stalls: 1200 -> 1150 -> 1100 is less than 10 % over 2 rounds.
         assert_eq!(c.decide(&hot(5, 1150, 0.5), d), Decision::Continue);
         assert!(
-            matches!(c.decide(&hot(6, 1100, 0.5), d), Decision::Postcopy(w) if w.contains("shrink"))
+            matches!(c.decide(&hot(6, 1100, 0.5), d), Decision::Postcopy(w) if w.cause == Cause::NoShrink)
         );
     }
 }

@@ -60,6 +60,61 @@ impl From<crate::dirty::DirtyMode> for TrackingUsed {
     }
 }
 
+/// Why pre-copy ended (or the controller stepped in), by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cause {
+    /// The predicted downtime is within `--max-downtime`.
+    #[default]
+    Converged,
+    /// `--max-rounds` rounds ran.
+    MaxRounds,
+    /// `--timeout` passed.
+    Timeout,
+    /// `--postcopy always`: post-copy after the first round.
+    PolicyAlways,
+    /// The dirty ratio stayed at or above `--converge-threshold`.
+    DirtyRatio,
+    /// The dirty set stopped shrinking.
+    NoShrink,
+    /// The hot-page holdback holds every pending page: nothing left to send.
+    NothingLeft,
+    /// Auto-converge reached its last throttle step.
+    ThrottleExhausted,
+}
+named!(Cause {
+    Converged => "converged",
+    MaxRounds => "max-rounds",
+    Timeout => "timeout",
+    PolicyAlways => "policy-always",
+    DirtyRatio => "dirty-ratio",
+    NoShrink => "no-shrink",
+    NothingLeft => "nothing-left",
+    ThrottleExhausted => "throttle-exhausted",
+});
+
+/// Why pre-copy ended: its cause, and the figures behind it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StopReason {
+    /// What kind of reason.
+    pub cause: Cause,
+    /// The controller's words, with its figures.
+    pub detail: String,
+}
+
+impl StopReason {
+    /// A reason of `cause`.
+    pub fn new(cause: Cause, detail: String) -> Self {
+        Self { cause, detail }
+    }
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
 /// Where a migration is, as its progress events say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -262,7 +317,7 @@ pub struct Report {
     /// Rounds, the stop-and-copy pass last.
     pub rounds: Vec<RoundStats>,
     /// Why pre-copy stopped.
-    pub stop_reason: String,
+    pub stop_reason: StopReason,
     /// Bytes on the wire in all.
     pub bytes_sent: u64,
     /// Pages sent (zero pages included).

@@ -438,7 +438,10 @@ fn line(name: &str, r: &Value, tcp: f64) {
         f("achieved_mibs") * MIB / tcp,
         r["zero_pages"]
     );
-    println!("  stop: {}", r["stop_reason"].as_str().unwrap_or(""));
+    println!(
+        "  stop: {}",
+        r["stop_reason"]["detail"].as_str().unwrap_or("")
+    );
 }
 
 /// The median of `values`, each counted `weights` times (the value at half the total weight).

@@ -120,7 +120,7 @@ impl Run<'_> {
         self.cancel.enter(Phase::StopAndCopy)?;
         let paused = match pre.end.clone() {
             precopy::End::StopAndCopy(_) => stop_and_copy::run(self, &mut pre)?,
-            precopy::End::Postcopy(why) => postcopy::switch(self, &mut pre, &why)?,
+            precopy::End::Postcopy(why) => postcopy::switch(self, &mut pre, &why.to_string())?,
         };
         // 5. Commitment: from `Go` on the destination owns the VM.
         self.cancel.enter(Phase::Commit)?;

@@ -10,6 +10,7 @@ use crate::migrate::controller::{Controller, Decision};
 use crate::migrate::holdback::Holdback;
 use crate::migrate::probe::RoundProbes;
 use crate::migrate::report::ProgressPhase;
+use crate::migrate::report::StopReason;
 use crate::migrate::{MigrateError, Progress, RoundStats};
 use crate::wire::messages as msg;
 use crate::wire::pages::PageFrameKind;
@@ -18,9 +19,9 @@ use crate::wire::pages::PageFrameKind;
 #[derive(Debug, Clone)]
 pub(super) enum End {
     /// Stop and copy, and why.
-    StopAndCopy(String),
+    StopAndCopy(StopReason),
     /// Switch to post-copy, and why.
-    Postcopy(String),
+    Postcopy(StopReason),
 }
 
 /// What pre-copy leaves to the pause and the commitment.
@@ -129,7 +130,7 @@ pub(super) fn rounds(run: &mut Run<'_>, rtt: Duration) -> Result<Precopied, Migr
                 if run.t0.elapsed().as_secs() >= opts.timeout_s {
                     return Err(MigrateError::Timeout(opts.timeout_s));
                 }
-                return Err(MigrateError::NoConvergence(why));
+                return Err(MigrateError::NoConvergence(why.to_string()));
             }
         }
     };
