@@ -1,4 +1,5 @@
-//! A fixed-size bitmap with one bit per guest page, safe to share between threads.
+//! A fixed-size bitmap with one bit per guest page, safe to share between threads: the one
+//! page bitmap of the workspace (the agent's dirty tracking and post-copy use it too).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -50,6 +51,45 @@ impl PageBitmap {
         assert!(index < self.pages, "page {index} past {}", self.pages);
         let (word, bit) = Self::position(index);
         self.words[word].fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+
+    /// Sets page `index` if it is inside the bitmap; says whether it is. For indices from an
+    /// untrusted source (a kernel ring entry): a page past the end is ignored.
+    pub fn set_within(&self, index: u64) -> bool {
+        if index >= self.pages {
+            return false;
+        }
+        self.set(index);
+        true
+    }
+
+    /// ORs in a KVM-style bitmap (bit i of word j is page 64 j + i); bits past the last page
+    /// are dropped.
+    pub fn or_words(&self, words: &[u64]) {
+        let last = self.words.len().saturating_sub(1);
+        let tail = match self.pages % 64 {
+            0 => u64::MAX,
+            n => (1u64 << n) - 1,
+        };
+        for (j, (w, &v)) in self.words.iter().zip(words).enumerate() {
+            let v = if j == last { v & tail } else { v };
+            if v != 0 {
+                w.fetch_or(v, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Takes every set page, in ascending order, clearing them.
+    pub fn take(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (j, w) in self.words.iter().enumerate() {
+            let mut v = w.swap(0, Ordering::AcqRel);
+            while v != 0 {
+                out.push(j as u64 * 64 + u64::from(v.trailing_zeros()));
+                v &= v - 1;
+            }
+        }
+        out
     }
 
     /// Number of pages set.
@@ -124,6 +164,24 @@ mod tests {
         assert!(map.get(70));
         assert!(!map.get(69));
         assert_eq!(map.count_set(), 1);
+    }
+
+    /// Moved from the agent's former `dirty::bitmap` (its dirty-log use).
+    #[test]
+    fn set_take_and_bounds() {
+        let b = PageBitmap::new(130);
+        assert!(b.set_within(0));
+        assert!(b.set_within(64));
+        assert!(b.set_within(129));
+        assert!(!b.set_within(130));
+        assert!(b.get(64) && !b.get(63));
+        assert_eq!(b.count_set(), 3);
+        assert_eq!(b.take(), vec![0, 64, 129]);
+        assert_eq!(b.count_set(), 0);
+        b.or_words(&[0b101, 0, 1]);
+        assert_eq!(b.take(), vec![0, 2, 128]);
+        b.or_words(&[0, 0, 1 << 2]);
+        assert!(b.take().is_empty(), "a bit past the last page is dropped");
     }
 
     #[test]

@@ -5,7 +5,6 @@
 //! built ([`DirtyMode::choose`]); logging itself is switched on only while a migration runs
 //! (the memory slot's `KVM_MEM_LOG_DIRTY_PAGES` flag).
 
-mod bitmap;
 mod ring;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,8 +14,8 @@ use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MEM_LOG_DIRT
 use kvm_ioctls::{Cap, VmFd};
 use serde::{Deserialize, Serialize};
 
-pub use bitmap::PageBitmap;
 pub use ring::DirtyRing;
+pub use vmig_uffd::PageBitmap;
 
 /// Bytes of one dirty-ring entry (`struct kvm_dirty_gfn`).
 const RING_ENTRY_BYTES: u32 = 16;

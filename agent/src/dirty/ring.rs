@@ -78,7 +78,7 @@ impl DirtyRing {
             // SAFETY: the entry is published (DIRTY seen with acquire); `offset` is the u64 at
             // byte 8 of the same entry.
             let offset = unsafe { std::ptr::read_volatile((entry + 8) as *const u64) };
-            out.set(slot_base / PAGE_SIZE + offset);
+            out.set_within(slot_base / PAGE_SIZE + offset);
             flags.store(GFN_RESET, Ordering::Release);
             *fetch = fetch.wrapping_add(1) % self.entries;
             n += 1;

@@ -16,6 +16,7 @@ use vmig_uffd::{FaultHandler, PageSource, PageSourceError, Placement, PostcopyMe
 use super::precopy::{Loaded, Switch};
 use super::reservation::Arrival;
 use super::{commit, Destination};
+use crate::dirty::PageBitmap;
 use crate::guest::layout::PAGE_SIZE;
 use crate::migrate::link::{not_allowed, Link};
 use crate::migrate::registry::{Migration, Registry};
@@ -99,14 +100,14 @@ pub(super) fn run(
     let ram = vm.ram().clone();
     let pages = ram.pages();
     let stale = pc.stale;
-    let stale_set = vmig_uffd::PageBitmap::new(pages);
+    let stale_set = PageBitmap::new(pages);
     for &i in &stale {
         stale_set.set(i);
     }
     let is_stale = |i: u64| stale_set.get(i);
     // Stale copies must go: userfaultfd only fills missing pages.
     ram.discard_pages(&stale)?;
-    let known = vmig_uffd::PageBitmap::new(pages);
+    let known = PageBitmap::new(pages);
     for i in (0..pages).filter(|&i| !is_stale(i)) {
         known.set(i);
     }
@@ -217,8 +218,9 @@ pub(super) enum SessionStart {
     Continue(String),
 }
 
-/// Serves a session over one connection: page requests go out through a writer thread, pages
-/// are placed as they arrive, until none is missing. `start` queues the opening frame.
+/// Serves a session over one connection: the fault handler writes page requests onto the
+/// uplink itself, pages are placed as they arrive, until none is missing. `start` queues the
+/// opening frame.
 pub(super) fn serve_session(
     link: &mut Link,
     s: &mut Session,
