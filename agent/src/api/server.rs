@@ -270,10 +270,14 @@ fn handle(agent: &Agent, req: Request) -> Reply {
             }),
         Request::Cancel { name } => {
             return match agent.migrations.lock().expect("migrations").get(&name) {
-                Some(c) => {
-                    c.cancel();
-                    ok(format!("cancelling the migration of {name}"))
+                Some(c) if c.cancel() => {
+                    ok(format!(
+                        "cancelling the migration of {name}: the VM stays on this host"
+                    ))
                 }
+                Some(_) => Reply::Error(format!(
+                    "the migration of {name} is past its commit point (the VM runs on the destination, in post-copy): it cannot be cancelled; it completes, or parks if the connection is lost (then `vmig migrate --rollback {name}` gives it up)"
+                )),
                 None => Reply::Error(format!("no migration of {name:?} in progress")),
             }
         }
@@ -353,13 +357,17 @@ async fn migrate_out(
     // What the worker runs: a fresh migration (with the destination's address), or a parked
     // post-copy.
     let start = match job {
-        Job::Migrate { dest, opts } => resolve(&agent, &dest).and_then(|addr| {
-            let (def, vm) = agent
-                .inv
-                .begin_migration(&name)
-                .map_err(|e| e.to_string())?;
-            Ok((def, vm, Work::Migrate { addr, dest, opts }))
-        }),
+        Job::Migrate { dest, opts } => opts
+            .validate()
+            .map_err(|e| e.to_string())
+            .and_then(|_| resolve(&agent, &dest))
+            .and_then(|addr| {
+                let (def, vm) = agent
+                    .inv
+                    .begin_migration(&name)
+                    .map_err(|e| e.to_string())?;
+                Ok((def, vm, Work::Migrate { addr, dest, opts }))
+            }),
         Job::Resume(window) => {
             let mut parked_map = agent.parked.lock().expect("parked");
             match parked_map.remove(&name) {
@@ -411,12 +419,20 @@ async fn migrate_out(
         let progress = move |p| {
             let _ = ptx.send(Reply::Progress(Box::new(p)));
         };
-        let result = match work {
+        // `migrate` turns its own panics into errors; this catches what escapes a resume (past
+        // Go: the VM stays paused here, never resumed) so the registry is still cleaned up.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match work {
             Work::Migrate { addr, dest, opts } => {
                 migrate::source::migrate(&out, addr, &dest, &opts, &c, &progress)
             }
             Work::Resume(parked) => migrate::source::resume(&out, parked, &progress),
-        };
+        }))
+        .unwrap_or_else(|p| {
+            Err(migrate::MigrateError::CommitUnknown(format!(
+                "internal error: {}",
+                migrate::source::panic_message(&p)
+            )))
+        });
         drop(vm);
         let reply = match result {
             Ok(report) => {

@@ -15,7 +15,7 @@ use vmig::api::client::{call, Call};
 use vmig::api::{self, Reply, Request};
 use vmig::dirty::DirtyTracking;
 use vmig::inventory::{VmDef, VmInfo};
-use vmig::migrate::{Fault, MigrateOptions, NoConverge, PostcopyPolicy, Report};
+use vmig::migrate::{validate, Fault, MigrateOptions, NoConverge, PostcopyPolicy, Report};
 use vmig::transport::IoPath;
 
 /// vmig: live migration of KVM virtual machines between host agents.
@@ -149,19 +149,19 @@ struct MigrateArgs {
     /// Seconds to keep reconnecting when the connection drops during post-copy, before the
     /// migration is parked for --resume (0: park at once) [default: 30; with --resume: as the
     /// migration was started].
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     resume_window: Option<u64>,
     /// Largest acceptable downtime, ms.
-    #[arg(long, default_value_t = 50.0)]
+    #[arg(long, default_value_t = 50.0, value_parser = validate::parse::max_downtime)]
     max_downtime: f64,
     /// Most pre-copy rounds before stop-and-copy is forced.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_rounds: u32,
     /// Bandwidth cap, MiB/s.
-    #[arg(long)]
+    #[arg(long, value_parser = validate::parse::bandwidth)]
     bandwidth: Option<f64>,
     /// Whole-migration timeout, seconds.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     timeout: u64,
     /// Dirty tracking: ring, bitmap, or auto (what the VM was built with).
     #[arg(long, value_enum, default_value_t = DirtyTracking::Auto)]
@@ -188,14 +188,14 @@ struct MigrateArgs {
     on_no_converge: NoConverge,
     /// Pre-copy is hopeless when dirty rate × page size / bandwidth stays at or above this
     /// for 2 rounds (or the dirty set stops shrinking by 10 % over 2 rounds).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_parser = validate::parse::converge_threshold)]
     converge_threshold: f64,
     /// Rounds before the convergence judgement starts.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     min_rounds: u32,
     /// Hot-page holdback: a page dirty again within this many rounds is held back until
     /// stop-and-copy instead of being sent again (0: off).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
     holdback_rounds: u32,
 }
 
@@ -488,9 +488,17 @@ pub async fn run_migration(a: &Path, name: &str, req: Request, bar: bool) -> Res
         let reply = tokio::select! {
             r = c.next() => r?,
             _ = tokio::signal::ctrl_c(), if !cancelled => {
-                cancelled = true;
-                pb.println("Ctrl-C: cancelling the migration (the VM stays on the source)");
-                let _ = call(a, &Request::Cancel { name: name.into() }).await;
+                // The agent says what a cancel can do now: before commitment the VM stays
+                // here; in post-copy it already runs on the destination and cannot come back.
+                match call(a, &Request::Cancel { name: name.into() }).await {
+                    Ok(Reply::Ok(v)) => {
+                        cancelled = true;
+                        pb.println(format!("Ctrl-C: {}", v.as_str().unwrap_or("cancelling")));
+                    }
+                    Ok(Reply::Error(e)) => pb.println(format!("Ctrl-C: {e}")),
+                    Ok(other) => pb.println(format!("Ctrl-C: unexpected reply {other:?}")),
+                    Err(e) => pb.println(format!("Ctrl-C: cannot reach the agent: {e}")),
+                }
                 continue;
             }
         };

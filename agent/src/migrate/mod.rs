@@ -15,6 +15,7 @@ pub mod report;
 pub mod source;
 #[cfg(test)]
 mod tests;
+pub mod validate;
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -205,6 +206,12 @@ pub enum MigrateError {
     /// Inventory.
     #[error(transparent)]
     Inventory(#[from] InventoryError),
+    /// A knob outside its range.
+    #[error(transparent)]
+    Invalid(#[from] validate::InvalidOption),
+    /// A bug: the migration thread panicked. Before commitment the VM runs on the source.
+    #[error("internal error (please report it): {0}; the VM keeps running on the source")]
+    Internal(String),
     /// Verification failed before commitment.
     #[error("verification failed: {0}")]
     Verify(String),
@@ -233,16 +240,23 @@ pub enum MigrateError {
 #[derive(Debug, Default)]
 pub struct Cancel {
     flag: AtomicBool,
+    committed: AtomicBool,
     sock: Mutex<Option<TcpStream>>,
 }
 
 impl Cancel {
-    /// Requests cancellation.
-    pub fn cancel(&self) {
+    /// Requests cancellation; false (and nothing happens) once the migration has reached
+    /// commitment, where a cancel could only leave two copies or none.
+    pub fn cancel(&self) -> bool {
+        let sock = self.sock.lock().expect("cancel socket");
+        if self.committed.load(Ordering::SeqCst) {
+            return false;
+        }
         self.flag.store(true, Ordering::SeqCst);
-        if let Some(s) = self.sock.lock().expect("cancel socket").as_ref() {
+        if let Some(s) = sock.as_ref() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
+        true
     }
 
     /// Whether cancellation was requested.
@@ -250,9 +264,43 @@ impl Cancel {
         self.flag.load(Ordering::SeqCst)
     }
 
+    /// The migration reaches commitment (`Go`): cancelling is no longer allowed. False if a
+    /// cancel came first (the caller must not send `Go` then).
+    pub fn commit(&self) -> bool {
+        let mut sock = self.sock.lock().expect("cancel socket");
+        if self.flag.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.committed.store(true, Ordering::SeqCst);
+        *sock = None;
+        true
+    }
+
+    /// Whether the migration reached commitment.
+    pub fn is_committed(&self) -> bool {
+        self.committed.load(Ordering::SeqCst)
+    }
+
     /// Registers the socket to shut down (None once cancelling is no longer allowed).
     pub fn set_socket(&self, s: Option<TcpStream>) {
         *self.sock.lock().expect("cancel socket") = s;
+    }
+}
+
+#[cfg(test)]
+mod cancel_tests {
+    use super::Cancel;
+
+    #[test]
+    fn a_cancel_after_commit_is_refused_and_a_commit_after_cancel_too() {
+        let c = Cancel::default();
+        assert!(c.commit());
+        assert!(!c.cancel(), "cancel after Go must be refused");
+        assert!(!c.is_cancelled());
+        let c = Cancel::default();
+        assert!(c.cancel());
+        assert!(!c.commit(), "Go after a cancel must not be sent");
+        assert!(!c.is_committed());
     }
 }
 

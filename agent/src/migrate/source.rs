@@ -90,6 +90,15 @@ impl Link {
     }
 }
 
+/// The text of a caught panic.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// Migrates `out.vm` to the agent at `dest`. On error the VM is running on the source as
 /// before (unless the error is [`MigrateError::CommitUnknown`]).
 pub fn migrate(
@@ -101,12 +110,26 @@ pub fn migrate(
     progress: &dyn Fn(Progress),
 ) -> Result<Report, MigrateError> {
     let t0 = Instant::now();
+    opts.validate()?;
     progress(Progress::new("connecting", 0, 0, 0));
     let mut link = Link::connect(dest, opts)?;
     link.inject = opts.inject;
     cancel.set_socket(Some(link.writer.socket().try_clone()?));
     let vm = out.vm;
-    let result = run(out, &mut link, dest_name, opts, cancel, progress, t0);
+    // A panic (a bug) must not strand the VM: before Go it is an error like any other, and the
+    // VM runs on here again; after Go the outcome is unknown and the VM stays paused.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run(out, &mut link, dest_name, opts, cancel, progress, t0)
+    }))
+    .unwrap_or_else(|panic| {
+        let what = panic_message(&panic);
+        tracing::error!(panic = %what, "the migration thread panicked");
+        Err(if cancel.is_committed() {
+            MigrateError::CommitUnknown(format!("internal error after Go: {what}"))
+        } else {
+            MigrateError::Internal(what)
+        })
+    });
     cancel.set_socket(None);
     match result {
         Ok(report) => Ok(report),
@@ -294,7 +317,9 @@ fn run(
     };
     rounds.push(last);
     // 5. Commitment: from Go on the destination owns the VM.
-    cancel.set_socket(None);
+    if !cancel.commit() {
+        return Err(MigrateError::Cancelled);
+    }
     link.send(Kind::Go, &msg::Go {})?;
     let running = link
         .recv()
