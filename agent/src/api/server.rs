@@ -39,6 +39,16 @@ pub enum AgentError {
     /// The datastore.
     #[error(transparent)]
     Inventory(#[from] crate::inventory::InventoryError),
+    /// Another agent runs with this name or on this datastore.
+    #[error("cannot lock {what} ({path}): {cause}")]
+    Locked {
+        /// What the lock protects.
+        what: &'static str,
+        /// Lock file.
+        path: PathBuf,
+        /// Why it could not be taken (the holder's pid).
+        cause: String,
+    },
 }
 
 /// How an agent is set up.
@@ -70,16 +80,109 @@ struct Agent {
     parked: Mutex<HashMap<String, Box<migrate::source::Parked>>>,
 }
 
-/// Reads a hosts file: `hostB = "127.0.0.1:7402"` lines (TOML).
+/// Reads a hosts file: `hostB = "127.0.0.1:7402"` lines (TOML). Every entry must be an
+/// address with a port: a mistake is reported now, not at the first migration.
 pub fn read_hosts(path: &Path) -> Result<HashMap<String, String>, AgentError> {
-    let text = std::fs::read_to_string(path).map_err(|e| AgentError::Hosts {
+    let err = |cause: String| AgentError::Hosts {
         path: path.into(),
-        cause: e.to_string(),
-    })?;
-    toml::from_str(&text).map_err(|e| AgentError::Hosts {
+        cause,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let hosts: HashMap<String, String> = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+    for (name, addr) in &hosts {
+        check_host_entry(name, addr).map_err(err)?;
+    }
+    Ok(hosts)
+}
+
+/// One hosts-file entry: a host name, and `ADDRESS:PORT` (`[v6]:PORT` for IPv6).
+fn check_host_entry(name: &str, addr: &str) -> Result<(), String> {
+    let name_ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !name_ok {
+        return Err(format!(
+            "host name {name:?}: use letters, digits, '-', '_' or '.'"
+        ));
+    }
+    let bad = |why: &str| {
+        format!("{name} = {addr:?}: {why} (write \"ADDRESS:PORT\", e.g. \"10.0.0.2:7401\")")
+    };
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return match a.port() {
+            0 => Err(bad("the port must be a number from 1 to 65535")),
+            _ => Ok(()),
+        };
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(bad("no port"));
+    };
+    if host.is_empty() || host.contains(':') {
+        return Err(bad("not an address with a port"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(bad("the port must be a number from 1 to 65535")),
+    }
+}
+
+/// Files an agent holds locked while it runs, so that a second agent with the same name or
+/// the same datastore refuses to start instead of taking the first one's VMs over.
+struct AgentLocks {
+    _files: Vec<std::fs::File>,
+}
+
+impl AgentLocks {
+    fn take(cfg: &AgentConfig) -> Result<Self, AgentError> {
+        let mut control_lock = cfg.control.clone().into_os_string();
+        control_lock.push(".lock");
+        let files = [
+            (
+                PathBuf::from(control_lock),
+                "the agent name (control socket)",
+            ),
+            (cfg.datastore.join(".agent.lock"), "the datastore"),
+        ]
+        .into_iter()
+        .map(|(path, what)| lock_file(&path, what))
+        .collect::<Result<_, _>>()?;
+        Ok(Self { _files: files })
+    }
+}
+
+fn lock_file(path: &Path, what: &'static str) -> Result<std::fs::File, AgentError> {
+    use std::io::{Read, Seek, Write};
+    let fail = |cause: String| AgentError::Locked {
+        what,
         path: path.into(),
-        cause: e.to_string(),
-    })
+        cause,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| fail(e.to_string()))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            return Err(fail(format!("held by another agent ({})", holder.trim())));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(fail(e.to_string())),
+    }
+    let me = format!("pid {}", std::process::id());
+    f.set_len(0)
+        .and_then(|_| f.rewind())
+        .and_then(|_| f.write_all(me.as_bytes()))
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(f)
 }
 
 fn mem_available() -> u64 {
@@ -101,14 +204,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         .memory_mib
         .map(|m| m << 20)
         .unwrap_or_else(mem_available);
-    let inv = Inventory::open(&cfg.datastore, capacity)?;
-    // Computed now, not inside the first migration's round-trip measurement.
-    let cpu = migrate::cpu_digest();
-    tracing::debug!(%cpu, "CPU feature digest");
     let hosts = match &cfg.hosts {
         Some(p) => read_hosts(p)?,
         None => HashMap::new(),
     };
+    let _locks = AgentLocks::take(&cfg)?;
+    let inv = Inventory::open(&cfg.datastore, capacity)?;
+    // Computed now, not inside the first migration's round-trip measurement.
+    let cpu = migrate::cpu_digest();
+    tracing::debug!(%cpu, "CPU feature digest");
     let tcp = TcpListener::bind(cfg.listen)
         .await
         .map_err(|cause| AgentError::Bind {
@@ -440,23 +544,22 @@ async fn migrate_out(
                 info!(vm = %n, downtime_ms = report.downtime_ms, total_ms = report.total_ms, "migrated");
                 Reply::Report(Box::new(report))
             }
-            Err(e @ migrate::MigrateError::PostcopyInterrupted { .. }) => {
-                let why = e.to_string();
-                warn!(vm = %n, cause = %why, "post-copy parked");
-                if let migrate::MigrateError::PostcopyInterrupted { parked, .. } = e {
+            Err(e) => match e.take_parked() {
+                Ok((why, parked)) => {
+                    warn!(vm = %n, cause = %why, "post-copy parked");
                     // The VM stays paused and migrating here until resumed or rolled back.
                     a.parked.lock().expect("parked").insert(n.clone(), parked);
+                    Reply::Error(why)
                 }
-                Reply::Error(why)
-            }
-            Err(e) => {
+                Err(e) => {
                 let unknown = matches!(e, migrate::MigrateError::CommitUnknown(_));
                 if !unknown {
                     a.inv.end_migration(&n, false);
                 }
                 warn!(vm = %n, cause = %e, "migration failed");
                 Reply::Error(e.to_string())
-            }
+                }
+            },
         };
         a.migrations.lock().expect("migrations").remove(&n);
         let _ = tx.send(reply);
@@ -492,5 +595,41 @@ async fn migrate_out(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_file_entries_need_an_address_with_a_port() {
+        for ok in ["127.0.0.1:7402", "[::1]:7402", "hostb.example:7401"] {
+            check_host_entry("hostB", ok).unwrap();
+        }
+        for (bad, why) in [
+            ("10.0.0.2", "no port"),
+            ("10.0.0.2:0", "from 1 to 65535"),
+            ("10.0.0.2:http", "from 1 to 65535"),
+            (":7401", "not an address"),
+        ] {
+            let e = check_host_entry("hostB", bad).unwrap_err();
+            assert!(e.contains(why) && e.contains("ADDRESS:PORT"), "{bad}: {e}");
+        }
+        assert!(check_host_entry("host B", "127.0.0.1:1").is_err());
+    }
+
+    #[test]
+    fn a_second_lock_names_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.lock");
+        let _held = lock_file(&p, "the datastore").unwrap();
+        let e = lock_file(&p, "the datastore").unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("pid {}", std::process::id())),
+            "holder not named: {e}"
+        );
+        drop(_held);
+        lock_file(&p, "the datastore").unwrap();
     }
 }

@@ -36,6 +36,8 @@ pub struct Cli {
 enum Cmd {
     /// Run the host agent (the VMM of this host's VMs and its migration endpoint).
     Agent(AgentArgs),
+    /// List the agents running on this machine (their control sockets), and whether they answer.
+    Agents(AgentsArgs),
     /// Manage VMs.
     #[command(subcommand)]
     Vm(VmCmd),
@@ -70,6 +72,18 @@ struct AgentArgs {
     /// I/O path for incoming migrations.
     #[arg(long, value_enum, default_value_t = IoPath::Auto)]
     io: IoPath,
+}
+
+#[derive(Debug, Args)]
+struct AgentsArgs {
+    /// Wait up to this many seconds for every HOST named to answer.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    wait: Option<u64>,
+    /// Hosts that must be running (default: every socket found).
+    hosts: Vec<String>,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -203,6 +217,7 @@ struct MigrateArgs {
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Agent(a) => agent(a).await,
+        Cmd::Agents(a) => agents(a).await,
         Cmd::Vm(v) => vm(cli.agent, cli.host, v).await,
         Cmd::Migrate(m) => migrate(cli.agent, cli.host, m).await,
         Cmd::Demo(d) => demo::run(d).await,
@@ -236,6 +251,70 @@ async fn agent(a: AgentArgs) -> Result<()> {
     Ok(())
 }
 
+async fn agents(a: AgentsArgs) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(a.wait.unwrap_or(0));
+    loop {
+        let socks: Vec<PathBuf> = if a.hosts.is_empty() {
+            local_agents()
+        } else {
+            a.hosts.iter().map(|h| api::socket_of(h)).collect()
+        };
+        let mut rows = Vec::new();
+        for s in &socks {
+            let host = s
+                .file_stem()
+                .map(|x| x.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let info = match call(s, &Request::Ping).await {
+                Ok(Reply::Ok(v)) => {
+                    serde_json::from_value::<api::AgentInfo>(v).map_err(|e| e.to_string())
+                }
+                Ok(other) => Err(format!("unexpected reply {other:?}")),
+                Err(e) => Err(format!("{e:#}")),
+            };
+            rows.push((host, info));
+        }
+        let all_up = !rows.is_empty() && rows.iter().all(|(_, i)| i.is_ok());
+        if all_up || std::time::Instant::now() >= deadline {
+            if a.json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(h, i)| match i {
+                        Ok(info) => serde_json::json!({"host": h, "up": true, "agent": info}),
+                        Err(e) => serde_json::json!({"host": h, "up": false, "error": e}),
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<10} {:<8} {:<22} {:<8} DATASTORE",
+                    "HOST", "PID", "LISTEN", "STATE"
+                );
+                for (h, i) in &rows {
+                    match i {
+                        Ok(info) => println!(
+                            "{:<10} {:<8} {:<22} {:<8} {}",
+                            h, info.pid, info.listen, "up", info.datastore
+                        ),
+                        Err(e) => println!("{h:<10} {:<8} {:<22} {:<8} {e}", "-", "-", "down"),
+                    }
+                }
+            }
+            if rows.is_empty() {
+                bail!(
+                    "no agent is running (no socket in {})",
+                    api::run_dir().display()
+                );
+            }
+            if !all_up {
+                bail!("not every agent answered");
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Every agent socket in the run directory.
 fn local_agents() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(api::run_dir())
@@ -263,10 +342,14 @@ async fn pick_agent(
     }
     let all = local_agents();
     if let Some(name) = vm {
-        for a in &all {
-            if let Ok(Reply::Ok(_)) = call(a, &Request::Show { name: name.into() }).await {
-                return Ok(a.clone());
-            }
+        let owners = owners_of(&all, name).await;
+        match owners.as_slice() {
+            [one] => return Ok(one.clone()),
+            [] => {}
+            many => bail!(
+                "a VM named {name:?} is on several hosts ({}): choose one with --host",
+                names(many)
+            ),
         }
     }
     match all.as_slice() {
@@ -286,6 +369,17 @@ async fn pick_agent(
             ),
         },
     }
+}
+
+/// The agents among `all` that have a VM named `name`.
+async fn owners_of(all: &[PathBuf], name: &str) -> Vec<PathBuf> {
+    let mut owners = Vec::new();
+    for a in all {
+        if let Ok(Reply::Ok(_)) = call(a, &Request::Show { name: name.into() }).await {
+            owners.push(a.clone());
+        }
+    }
+    owners
 }
 
 fn names(socks: &[PathBuf]) -> String {
@@ -308,6 +402,19 @@ async fn vm(agent: Option<PathBuf>, host: Option<String>, cmd: VmCmd) -> Result<
     match cmd {
         VmCmd::Create(c) => {
             let a = pick_agent(agent, host, None).await?;
+            // A VM name is unique across the hosts here: `vm start NAME` must not have to guess.
+            let elsewhere: Vec<PathBuf> = owners_of(&local_agents(), &c.name)
+                .await
+                .into_iter()
+                .filter(|o| *o != a)
+                .collect();
+            if !elsewhere.is_empty() {
+                bail!(
+                    "a VM named {:?} already exists on {}: VM names are unique across hosts",
+                    c.name,
+                    names(&elsewhere)
+                );
+            }
             let def = VmDef {
                 name: c.name.clone(),
                 memory_mib: c.memory_mib,
@@ -351,16 +458,32 @@ async fn vm(agent: Option<PathBuf>, host: Option<String>, cmd: VmCmd) -> Result<
                 (None, None) => local_agents(),
                 (a, h) => vec![pick_agent(a, h, None).await?],
             };
+            if agents.is_empty() {
+                bail!(
+                    "no agent is running (no socket in {}); start one with `vmig agent`",
+                    api::run_dir().display()
+                );
+            }
+            // Every agent that answers is listed; those that do not are named on stderr.
             let mut all = Vec::new();
-            for a in agents {
-                let v = expect_ok(&a, Request::List).await?;
+            let mut silent = Vec::new();
+            for a in &agents {
                 let host = a
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                for i in serde_json::from_value::<Vec<VmInfo>>(v)? {
-                    all.push((host.clone(), i));
+                match expect_ok(a, Request::List).await.and_then(|v| {
+                    serde_json::from_value::<Vec<VmInfo>>(v).map_err(anyhow::Error::from)
+                }) {
+                    Ok(vms) => all.extend(vms.into_iter().map(|i| (host.clone(), i))),
+                    Err(e) => silent.push(format!("{host} ({}): {e:#}", a.display())),
                 }
+            }
+            for s in &silent {
+                eprintln!("warning: no answer from agent {s}");
+            }
+            if silent.len() == agents.len() {
+                bail!("no agent answered");
             }
             if json {
                 let v: Vec<_> = all

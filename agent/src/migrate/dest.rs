@@ -237,6 +237,15 @@ fn run(
     reader.set_timeout(Duration::from_secs(10))?;
     match verified(reader).and_then(|f| Ok(f.expect::<msg::Released>(Kind::Released)?)) {
         Ok(_) => tracing::info!(vm = %name, "source released the VM"),
+        Err(MigrateError::Peer(why)) => {
+            // The source refused this copy (its verification failed) and keeps its own: this
+            // one must not run on beside it.
+            vm.pause();
+            tracing::error!(vm = %name, cause = %why, "the source refused the VM after post-copy: paused here");
+            vm.devices().log_line(&format!(
+                "the source refused this copy after post-copy ({why}): paused; stop it with `vmig vm stop {name}`"
+            ));
+        }
         Err(e) => {
             tracing::warn!(vm = %name, cause = %e, "no release from the source (the VM runs here regardless)")
         }
@@ -566,6 +575,7 @@ fn end_session(
     result: Result<msg::PostcopyDone, MigrateError>,
 ) -> Result<String, MigrateError> {
     let name = key.1.clone();
+    let vm = s.vm.clone();
     match result {
         Ok(done) => {
             // Kept: if the source never reads this `PostcopyDone` (the connection fails just
@@ -601,6 +611,15 @@ fn end_session(
     reader.set_timeout(Duration::from_secs(10))?;
     match verified(reader).and_then(|f| Ok(f.expect::<msg::Released>(Kind::Released)?)) {
         Ok(_) => tracing::info!(vm = %name, "source released the VM"),
+        Err(MigrateError::Peer(why)) => {
+            // The source refused this copy (its verification failed) and keeps its own: this
+            // one must not run on beside it.
+            vm.pause();
+            tracing::error!(vm = %name, cause = %why, "the source refused the VM after post-copy: paused here");
+            vm.devices().log_line(&format!(
+                "the source refused this copy after post-copy ({why}): paused; stop it with `vmig vm stop {name}`"
+            ));
+        }
         Err(e) => {
             tracing::warn!(vm = %name, cause = %e, "no release from the source (the VM runs here regardless)")
         }

@@ -233,6 +233,37 @@ pub enum MigrateError {
         /// What the source keeps to finish it.
         parked: Box<source::Parked>,
     },
+    /// Post-copy completed but `--verify` found the destination's memory differs: the VM is
+    /// not released; the destination paused its copy; the source keeps its own.
+    #[error("post-copy to {dest} failed verification ({reason}): the VM was not released; {dest} paused its copy; {vm} is paused here with its memory as of the switch: `vmig migrate --rollback {vm}` runs it here again (what it did on {dest} is lost), then `vmig vm stop {vm}` on {dest} removes the bad copy")]
+    PostcopyVerifyFailed {
+        /// VM.
+        vm: String,
+        /// Destination agent.
+        dest: String,
+        /// The mismatch.
+        reason: String,
+        /// What the source keeps.
+        parked: Box<source::Parked>,
+    },
+}
+
+impl MigrateError {
+    /// The parked post-copy this error carries (the VM paused here with its memory), if any.
+    pub fn take_parked(self) -> Result<(String, Box<source::Parked>), MigrateError> {
+        match self {
+            e @ (MigrateError::PostcopyInterrupted { .. }
+            | MigrateError::PostcopyVerifyFailed { .. }) => {
+                let why = e.to_string();
+                match e {
+                    MigrateError::PostcopyInterrupted { parked, .. }
+                    | MigrateError::PostcopyVerifyFailed { parked, .. } => Ok((why, parked)),
+                    _ => unreachable!("matched above"),
+                }
+            }
+            e => Err(e),
+        }
+    }
 }
 
 /// Cancels a migration from another thread: sets a flag and shuts the socket down so a

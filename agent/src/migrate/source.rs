@@ -141,7 +141,9 @@ pub fn migrate(
             };
             if matches!(
                 e,
-                MigrateError::CommitUnknown(_) | MigrateError::PostcopyInterrupted { .. }
+                MigrateError::CommitUnknown(_)
+                    | MigrateError::PostcopyInterrupted { .. }
+                    | MigrateError::PostcopyVerifyFailed { .. }
             ) {
                 // Past Go: the destination may run the VM; it must never run here too.
                 return Err(e);
@@ -484,6 +486,7 @@ fn finish_postcopy(
     let mut failure = match first {
         Some(link) => match serve_link(out, link, &mut parked, progress) {
             Ok(r) => return Ok(r),
+            Err(MigrateError::Verify(why)) => return Err(refused_copy(out, parked, why)),
             Err(e) => Some(e),
         },
         None => None,
@@ -505,6 +508,7 @@ fn finish_postcopy(
             .and_then(|mut link| serve_link(out, &mut link, &mut parked, progress));
         match attempt {
             Ok(r) => return Ok(r),
+            Err(MigrateError::Verify(why)) => return Err(refused_copy(out, parked, why)),
             Err(e) => failure = Some(e),
         }
     }
@@ -521,6 +525,22 @@ fn finish_postcopy(
         reason: e.to_string(),
         parked,
     })
+}
+
+/// Post-copy completed but verification failed: the VM stays paused here with its memory as
+/// of the switch (parked, for `--rollback`), the destination's copy is fenced.
+fn refused_copy(out: &Outgoing<'_>, parked: Box<Parked>, why: String) -> MigrateError {
+    tracing::error!(cause = %why, "post-copy verification failed: the VM is not released");
+    out.vm.devices().log_line(&format!(
+        "post-copy to {} failed verification ({why}): paused here with all its memory",
+        parked.dest_name
+    ));
+    MigrateError::PostcopyVerifyFailed {
+        vm: out.def.name.clone(),
+        dest: parked.dest_name.clone(),
+        reason: why,
+        parked,
+    }
 }
 
 /// Reconnects to the destination of `parked` and asks it to resume; learns which pages it
@@ -585,6 +605,15 @@ fn serve_link(
 ) -> Result<Report, MigrateError> {
     let served = serve_postcopy(out.vm, link, &parked.opts, &parked.stale, progress);
     parked.bytes += link.writer.bytes_sent();
+    if let Err(MigrateError::Verify(why)) = &served {
+        // Not released: the destination fences (pauses) its copy on this Abort.
+        let _ = link.send(
+            Kind::Abort,
+            &msg::Abort {
+                reason: format!("verification failed: {why}"),
+            },
+        );
+    }
     let (mut stats, v) = served?;
     stats.interruptions = parked.interruptions;
     let _ = link.send(Kind::Released, &msg::Released {});
@@ -816,22 +845,24 @@ fn serve_postcopy(
         ),
         None => None,
     };
+    // As in pre-copy, a mismatch fails the migration before the source lets the VM go.
     let verification = match (source_sum, done.memory_digest) {
+        (Some(sm), Some(dm)) if sm == dm => Some(Verification {
+            memory_equal: true,
+            source_memory: sm,
+            dest_memory: dm,
+            ..Default::default()
+        }),
         (Some(sm), Some(dm)) => {
-            let equal = sm == dm;
-            if !equal {
-                tracing::error!(source = %sm, dest = %dm, "post-copy memory digests differ");
-            }
-            Some(Verification {
-                memory_equal: equal,
-                source_memory: sm,
-                dest_memory: dm,
-                ..Default::default()
-            })
+            tracing::error!(source = %sm, dest = %dm, "post-copy memory digests differ");
+            return Err(MigrateError::Verify(format!(
+                "post-copy memory digests differ (source {sm}, destination {dm})"
+            )));
         }
         (Some(_), None) => {
-            tracing::error!("the destination sent no post-copy memory digest");
-            None
+            return Err(MigrateError::Verify(
+                "the destination sent no post-copy memory digest".into(),
+            ))
         }
         _ => None,
     };
