@@ -22,7 +22,8 @@ fn main() {
                  \n  bench          migration benchmarks (release), ratios against loopback TCP,\
                  \n                 then the probe overhead and hot-page holdback experiments\
                  \n  bench probes   only the BPF probe overhead (guest dirtying rate with/without)\
-                 \n  bench holdback only the hot-page holdback experiment (bytes sent, downtime)"
+                 \n  bench holdback only the hot-page holdback experiment (bytes sent, downtime)\
+                 \n  bench qemu     vmig against QEMU (installed if missing) on the same guest work"
             );
             task == "help"
         }
@@ -145,16 +146,26 @@ fn bench(rest: &[String]) -> bool {
     let only = rest
         .first()
         .map(String::as_str)
-        .filter(|a| matches!(*a, "probes" | "holdback"));
+        .filter(|a| matches!(*a, "probes" | "holdback" | "qemu"));
     if let Some(bin) = only {
+        if bin == "qemu" && !build_release_vmig() {
+            return false;
+        }
         return bench_bin(bin, &rest[1..]);
     }
-    let mut b = cargo();
-    b.args(["build", "--release", "-p", "vmig", "--bin", "vmig"]);
-    if !sh(b) {
+    if !build_release_vmig() {
         return false;
     }
-    bench_bin("migration", rest) && bench_bin("probes", &[]) && bench_bin("holdback", &[])
+    bench_bin("migration", rest)
+        && bench_bin("probes", &[])
+        && bench_bin("holdback", &[])
+        && bench_bin("qemu", &[])
+}
+
+fn build_release_vmig() -> bool {
+    let mut b = cargo();
+    b.args(["build", "--release", "-p", "vmig", "--bin", "vmig"]);
+    sh(b)
 }
 
 fn bench_bin(bin: &str, rest: &[String]) -> bool {

@@ -90,6 +90,35 @@ impl Link {
     }
 }
 
+/// The downtime from each side's own events: the source's pause to its Go (`stop_to_go`,
+/// source clock), the destination's Go to its vCPUs running (`resume`, destination clock),
+/// and Go's transit, half of what the Go/Running exchange (`exchange`, source clock) took
+/// beyond the destination's own time. Every term is at least zero.
+fn downtime_of(stop_to_go: Duration, exchange: Duration, resume: Duration) -> Duration {
+    stop_to_go + exchange.saturating_sub(resume) / 2 + resume
+}
+
+#[cfg(test)]
+mod downtime_tests {
+    use super::downtime_of;
+    use std::time::Duration;
+
+    #[test]
+    fn downtime_adds_each_sides_own_interval_and_is_never_negative() {
+        let ms = Duration::from_millis;
+        // 10 ms paused before Go, a 4 ms exchange of which the destination took 2 ms to run
+        // the vCPUs: 1 ms each way on the wire.
+        assert_eq!(downtime_of(ms(10), ms(4), ms(2)), ms(13));
+        // A destination whose clock says it took longer than the whole exchange: no negative
+        // transit.
+        assert_eq!(downtime_of(ms(1), ms(2), ms(5)), ms(6));
+        assert_eq!(
+            downtime_of(Duration::ZERO, Duration::ZERO, Duration::ZERO),
+            Duration::ZERO
+        );
+    }
+}
+
 /// The text of a caught panic.
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
@@ -323,12 +352,23 @@ fn run(
         return Err(MigrateError::Cancelled);
     }
     link.send(Kind::Go, &msg::Go {})?;
+    let t_go = Instant::now();
     let running = link
         .recv()
         .and_then(|f| Ok(f.expect::<msg::Running>(Kind::Running)?));
     let t_run = Instant::now();
     let running = running.map_err(|e| MigrateError::CommitUnknown(e.to_string()))?;
-    let downtime = (t_run - t_pause).as_secs_f64() - rtt.as_secs_f64() / 2.0;
+    let downtime = downtime_of(
+        t_go - t_pause,
+        t_run - t_go,
+        Duration::from_micros(running.resume_us),
+    );
+    // The verification inside the pause: the longer of the two sides' digests (they run
+    // side by side).
+    let verify_at_pause = verification.as_ref().map_or(0.0, |v| {
+        (v.dest_verify_ms.max(v.source_verify_ms) / 1e3).min(downtime.as_secs_f64())
+    });
+    let downtime = downtime.as_secs_f64();
     let t_detach = Instant::now();
     drop(probes);
     tracing::debug!(
@@ -347,6 +387,8 @@ fn run(
         from: out.agent.into(),
         to: dest_name.into(),
         downtime_ms: downtime * 1e3,
+        verify_at_pause_ms: verify_at_pause * 1e3,
+        downtime_without_verify_ms: (downtime - verify_at_pause) * 1e3,
         pause_ms: pause.as_secs_f64() * 1e3,
         rtt_us: rtt.as_secs_f64() * 1e6,
         pages_sent: rounds.iter().map(|r| r.pages).sum(),
@@ -691,12 +733,24 @@ fn stop_and_copy(
     let source_vcpus = send_state(out, link, opts, "stop-and-copy")?;
     stats.secs = t.elapsed().as_secs_f64();
     stats.bandwidth = stats.bytes as f64 / stats.secs;
-    let source_memory = if opts.verify {
-        Some(vm.ram().digest()?)
-    } else {
-        None
-    };
+    // The source hashes its paused memory while the destination hashes its own.
+    let source_digest = opts.verify.then(|| {
+        let ram = vm.ram().clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            ram.digest().map(|d| (d, t.elapsed().as_secs_f64() * 1e3))
+        })
+    });
     let ready: msg::Ready = link.recv()?.expect(Kind::Ready)?;
+    let (source_memory, source_verify_ms) = match source_digest {
+        Some(h) => {
+            let (d, ms) = h
+                .join()
+                .map_err(|_| MigrateError::Verify("the digest thread panicked".into()))??;
+            (Some(d), ms)
+        }
+        None => (None, 0.0),
+    };
     let verification = match (source_memory, &ready.memory_digest, &ready.vcpu_digest) {
         (Some(sm), Some(dm), Some(dv)) => {
             let v = Verification {
@@ -707,6 +761,7 @@ fn stop_and_copy(
                 source_vcpus,
                 dest_vcpus: dv.clone(),
                 dest_verify_ms: ready.verify_ms,
+                source_verify_ms,
             };
             if !v.memory_equal || !v.vcpus_equal {
                 return Err(MigrateError::Verify(format!(
