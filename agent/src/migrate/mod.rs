@@ -209,6 +209,15 @@ pub enum MigrateError {
     /// A knob outside its range.
     #[error(transparent)]
     Invalid(#[from] validate::InvalidOption),
+    /// The peer stopped answering: the kernel gave up on the connection (a cut link, a dead
+    /// host) or no frame came within the read timeout (a hung agent).
+    #[error("{peer} stopped answering {cause}")]
+    PeerSilent {
+        /// The peer agent.
+        peer: String,
+        /// What was seen.
+        cause: String,
+    },
     /// A bug: the migration thread panicked. Before commitment the VM runs on the source.
     #[error("internal error (please report it): {0}; the VM keeps running on the source")]
     Internal(String),
@@ -249,6 +258,38 @@ pub enum MigrateError {
 }
 
 impl MigrateError {
+    /// Names the peer when this error says it went silent (see [`MigrateError::PeerSilent`]).
+    pub fn name_silent_peer(self, peer: &str) -> MigrateError {
+        let io = match &self {
+            MigrateError::Io(e) | MigrateError::Recv(RecvError::Io(e)) => e,
+            _ => return self,
+        };
+        let cause = if matches!(
+            io.raw_os_error(),
+            Some(libc::EPIPE) | Some(libc::ECONNRESET)
+        ) {
+            // The kernel's verdict (a timeout, or a reset) went to another call on the socket;
+            // this one only sees that the connection is gone.
+            format!("or closed the connection: {io}")
+        } else if crate::transport::is_peer_silent(io) {
+            format!(
+                "(no acknowledgement within {} s: {io})",
+                crate::transport::PEER_TIMEOUT.as_secs()
+            )
+        } else if matches!(
+            io.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            "(no message within the read timeout)".to_string()
+        } else {
+            return self;
+        };
+        MigrateError::PeerSilent {
+            peer: peer.to_string(),
+            cause,
+        }
+    }
+
     /// The parked post-copy this error carries (the VM paused here with its memory), if any.
     pub fn take_parked(self) -> Result<(String, Box<source::Parked>), MigrateError> {
         match self {

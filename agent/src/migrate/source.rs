@@ -166,7 +166,7 @@ pub fn migrate(
             let e = if cancel.is_cancelled() {
                 MigrateError::Cancelled
             } else {
-                link.explain(e)
+                link.explain(e).name_silent_peer(dest_name)
             };
             if matches!(
                 e,
@@ -554,7 +554,9 @@ fn finish_postcopy(
             Err(e) => failure = Some(e),
         }
     }
-    let e = failure.expect("the loop ends after a failure");
+    let e = failure
+        .expect("the loop ends after a failure")
+        .name_silent_peer(&parked.dest_name);
     tracing::error!(cause = %e, missing = parked.stale.len(), "post-copy interrupted: the VM stays paused on the source with all its memory");
     out.vm.devices().log_line(&format!(
         "post-copy to {} interrupted ({e}): paused here with all its memory",
