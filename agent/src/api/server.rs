@@ -78,6 +78,8 @@ struct Agent {
     /// Post-copy migrations out that lost their connection: the VM is paused here with its
     /// memory until `migrate --resume` (or `--rollback`).
     parked: Mutex<HashMap<String, Box<migrate::source::Parked>>>,
+    /// The live status of each VM's migration out, kept after it ends (`migrate --status`).
+    status: Mutex<HashMap<String, Arc<Mutex<migrate::status::Tracker>>>>,
 }
 
 /// Reads a hosts file: `hostB = "127.0.0.1:7402"` lines (TOML). Every entry must be an
@@ -234,6 +236,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         hosts,
         migrations: Mutex::new(HashMap::new()),
         parked: Mutex::new(HashMap::new()),
+        status: Mutex::new(HashMap::new()),
     });
     loop {
         tokio::select! {
@@ -372,6 +375,14 @@ fn handle(agent: &Agent, req: Request) -> Reply {
                     Err(e) => Reply::Error(e.to_string()),
                 }
             }),
+        Request::Status { name } => {
+            return match agent.status.lock().expect("status").get(&name) {
+                Some(t) => ok(t.lock().expect("tracker").snapshot()),
+                None => Reply::Error(format!(
+                    "no migration of {name:?} from this host since the agent started"
+                )),
+            }
+        }
         Request::Cancel { name } => {
             return match agent.migrations.lock().expect("migrations").get(&name) {
                 Some(c) if c.cancel() => {
@@ -501,6 +512,20 @@ async fn migrate_out(
             return;
         }
     };
+    let dest_name = match &work {
+        Work::Migrate { dest, .. } => dest.clone(),
+        Work::Resume(p) => p.dest_name().to_string(),
+    };
+    let tracker = Arc::new(Mutex::new(migrate::status::Tracker::new(
+        &name,
+        &dest_name,
+        vm.ram().size(),
+    )));
+    agent
+        .status
+        .lock()
+        .expect("status")
+        .insert(name.clone(), tracker.clone());
     let cancel = Arc::new(Cancel::default());
     agent
         .migrations
@@ -520,7 +545,9 @@ async fn migrate_out(
             agent: &a.cfg.name,
         };
         let ptx = tx.clone();
-        let progress = move |p| {
+        let t = tracker.clone();
+        let progress = move |p: migrate::Progress| {
+            t.lock().expect("tracker").update(&p);
             let _ = ptx.send(Reply::Progress(Box::new(p)));
         };
         // `migrate` turns its own panics into errors; this catches what escapes a resume (past
@@ -538,6 +565,10 @@ async fn migrate_out(
             )))
         });
         drop(vm);
+        match &result {
+            Ok(r) => tracker.lock().expect("tracker").complete(r),
+            Err(e) => tracker.lock().expect("tracker").fail(&e.to_string()),
+        }
         let reply = match result {
             Ok(report) => {
                 a.inv.end_migration(&n, true);

@@ -147,8 +147,12 @@ struct MigrateArgs {
     /// VM to move.
     name: String,
     /// Destination host (a name from the hosts file, or ADDR:PORT).
-    #[arg(required_unless_present_any = ["cancel", "resume", "rollback"])]
+    #[arg(required_unless_present_any = ["cancel", "resume", "rollback", "status"])]
     dest: Option<String>,
+    /// Show the live state of NAME's migration (phase, round, elapsed, remaining, dirty rate,
+    /// bandwidth, expected downtime, ETA); with --json, the fields of QEMU's query-migrate.
+    #[arg(long, conflicts_with_all = ["cancel", "resume", "rollback", "dest"])]
+    status: bool,
     /// Cancel the migration of NAME in progress.
     #[arg(long)]
     cancel: bool,
@@ -540,6 +544,51 @@ async fn vm(agent: Option<PathBuf>, host: Option<String>, cmd: VmCmd) -> Result<
 }
 
 async fn migrate(agent: Option<PathBuf>, host: Option<String>, m: MigrateArgs) -> Result<()> {
+    let json = m.json;
+    let r = migrate_inner(agent, host, m).await;
+    if json {
+        if let Err(e) = &r {
+            // A failure is a JSON object too, for scripts; the exit status still says it.
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({"error": format!("{e:#}")}))?
+            );
+        }
+    }
+    r
+}
+
+async fn migrate_inner(agent: Option<PathBuf>, host: Option<String>, m: MigrateArgs) -> Result<()> {
+    if m.status {
+        // The source of the migration: --host, else every local agent that tracks one.
+        let candidates = match (agent, host) {
+            (None, None) => local_agents(),
+            (a, h) => vec![pick_agent(a, h, None).await?],
+        };
+        let mut last_err = None;
+        for a in candidates {
+            match expect_ok(
+                &a,
+                Request::Status {
+                    name: m.name.clone(),
+                },
+            )
+            .await
+            {
+                Ok(v) => {
+                    if m.json {
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    } else {
+                        let st: vmig::migrate::status::MigrationStatus = serde_json::from_value(v)?;
+                        print!("{}", st.render());
+                    }
+                    return Ok(());
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        return Err(last_err.unwrap_or_else(|| anyhow!("no agent is running")));
+    }
     let a = pick_agent(agent, host, Some(&m.name)).await?;
     if m.cancel {
         let v = expect_ok(&a, Request::Cancel { name: m.name }).await?;
@@ -601,9 +650,11 @@ pub async fn run_migration(a: &Path, name: &str, req: Request, bar: bool) -> Res
         ProgressBar::hidden()
     };
     pb.set_style(
-        ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} pages {msg}")
-            .expect("template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix:>18} [{bar:30}] {pos}/{len} pages, {elapsed} elapsed, pass ETA {eta} {msg}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
     );
     pb.enable_steady_tick(Duration::from_millis(200));
     let mut cancelled = false;

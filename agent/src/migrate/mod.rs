@@ -13,6 +13,7 @@ pub mod probe;
 mod probe_tests;
 pub mod report;
 pub mod source;
+pub mod status;
 #[cfg(test)]
 mod tests;
 pub mod validate;
