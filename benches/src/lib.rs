@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use vmig::api::local::{self, LocalAgent};
 
+pub mod qemu;
+
 /// Where a benchmark writes its JSON results: `$CARGO_TARGET_DIR` (or the workspace's
 /// `target/`), created if missing.
 pub fn results_path(file: &str) -> PathBuf {

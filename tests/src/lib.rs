@@ -50,6 +50,98 @@ pub struct AgentOpts {
     /// A fault every outgoing migration of the agent injects (`cut-postcopy`, ...): the
     /// `VMIG_INJECT_FAULT` environment variable of a binary built with `fault-injection`.
     pub fault: Option<String>,
+    /// Run the agent inside this network namespace, listening on its address there.
+    pub netns: Option<NetnsAddr>,
+}
+
+/// A network namespace and the agent's address inside it.
+#[derive(Debug, Clone)]
+pub struct NetnsAddr {
+    /// `ip netns` name.
+    pub ns: String,
+    /// Address the agent listens on.
+    pub ip: String,
+}
+
+/// Two network namespaces joined by a veth pair (`10.199.N.1` and `10.199.N.2`), removed on
+/// drop: two hosts with a link that can be cut.
+#[derive(Debug)]
+pub struct NetnsPair {
+    /// The two ends: namespace, interface and address.
+    pub ends: [(String, String, String); 2],
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let o = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {args:?}: {e}"))?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ))
+    }
+}
+
+impl NetnsPair {
+    /// Creates the pair, or says why this machine cannot (the caller skips loudly).
+    pub fn new() -> Result<Self, String> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let id = (std::process::id() * 4 + n) % 250;
+        let _ = fs::create_dir_all("/run/netns");
+        let ends = [0, 1].map(|i| {
+            (
+                format!("vmig{id}{}", ["a", "b"][i]),
+                format!("vm{id}{}", ["a", "b"][i]),
+                format!("10.199.{id}.{}", i + 1),
+            )
+        });
+        let pair = NetnsPair { ends };
+        for (ns, _, _) in &pair.ends {
+            let _ = ip(&["netns", "del", ns]);
+            ip(&["netns", "add", ns])?;
+        }
+        let [(na, ia, aa), (nb, ib, ab)] = &pair.ends;
+        ip(&[
+            "link", "add", ia, "netns", na, "type", "veth", "peer", "name", ib, "netns", nb,
+        ])?;
+        for (ns, dev, addr) in [(na, ia, aa), (nb, ib, ab)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(pair)
+    }
+
+    /// The agent options of end `i` (0 or 1).
+    pub fn agent(&self, i: usize) -> AgentOpts {
+        AgentOpts {
+            netns: Some(NetnsAddr {
+                ns: self.ends[i].0.clone(),
+                ip: self.ends[i].2.clone(),
+            }),
+            ..AgentOpts::default()
+        }
+    }
+
+    /// Cuts the link: both ends down, packets are lost without a reset.
+    pub fn cut(&self) {
+        for (ns, dev, _) in &self.ends {
+            ip(&["-n", ns, "link", "set", dev, "down"]).expect("cut the link");
+        }
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for (ns, _, _) in &self.ends {
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
 }
 
 impl AgentOpts {
@@ -351,8 +443,14 @@ impl Cluster {
             })
             .collect();
         let hosts_file = dir.path().join("hosts.toml");
-        let ports: Vec<(&str, u16)> = agents.iter().map(|a| (a.name.as_str(), a.port)).collect();
-        fs::write(&hosts_file, local::hosts_text(&ports)).expect("hosts file");
+        let hosts_text: String = agents
+            .iter()
+            .map(|a| {
+                let ip = a.opts.netns.as_ref().map_or("127.0.0.1", |n| n.ip.as_str());
+                format!("{} = \"{ip}:{}\"\n", a.name, a.port)
+            })
+            .collect();
+        fs::write(&hosts_file, hosts_text).expect("hosts file");
         for a in &mut agents {
             spawn_agent(bin, a, &run_dir, &hosts_file);
         }
@@ -584,6 +682,33 @@ fn spawn_agent(bin: &Path, a: &mut Agent, run_dir: &Path, hosts: &Path) {
         Some(f) => c.env("VMIG_INJECT_FAULT", f),
         None => c.env_remove("VMIG_INJECT_FAULT"),
     };
+    if let Some(n) = &a.opts.netns {
+        // The same command line inside the namespace, listening on its address there.
+        let local = format!("127.0.0.1:{}", a.port);
+        let mut inner = Command::new("ip");
+        inner.args(["netns", "exec", &n.ns]).arg(c.get_program());
+        for arg in c.get_args() {
+            if arg == local.as_str() {
+                inner.arg(format!("{}:{}", n.ip, a.port));
+            } else {
+                inner.arg(arg);
+            }
+        }
+        for (k, v) in c.get_envs() {
+            if let Some(v) = v {
+                inner.env(k, v);
+            }
+        }
+        let log = File::options()
+            .append(true)
+            .open(&a.log)
+            .expect("agent log");
+        inner
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        c = inner;
+    }
     a.child = Some(c.spawn().expect("spawn vmig agent"));
 }
 

@@ -5,10 +5,7 @@ use std::process::{exit, Command};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (task, rest) = args
-        .split_first()
-        .map(|(t, r)| (t.as_str(), r))
-        .unwrap_or(("help", &[]));
+    let (task, rest) = split_task(&args);
     let ok = match task {
         "setup" => setup(),
         "build" => build(rest),
@@ -25,12 +22,26 @@ fn main() {
                  \n  bench          migration benchmarks (release), ratios against loopback TCP,\
                  \n                 then the probe overhead and hot-page holdback experiments\
                  \n  bench probes   only the BPF probe overhead (guest dirtying rate with/without)\
-                 \n  bench holdback only the hot-page holdback experiment (bytes sent, downtime)"
+                 \n  bench holdback only the hot-page holdback experiment (bytes sent, downtime)\
+                 \n  bench qemu     vmig against QEMU (installed if missing) on the same guest work"
             );
             task == "help"
         }
     };
     exit(if ok { 0 } else { 1 });
+}
+
+/// Splits `cargo xtask TASK [--] ARGS` into the task and its arguments. The `--` that
+/// `cargo xtask run -- migrate vm1 hostB` needs (so cargo does not read `migrate`'s flags) is
+/// the separator of the task's own arguments, not one of them.
+fn split_task(args: &[String]) -> (&str, &[String]) {
+    match args.split_first() {
+        None => ("help", &[]),
+        Some((task, rest)) => match rest.split_first() {
+            Some((sep, after)) if sep == "--" => (task.as_str(), after),
+            _ => (task.as_str(), rest),
+        },
+    }
 }
 
 fn root() -> PathBuf {
@@ -74,12 +85,16 @@ fn setup() -> bool {
 }
 
 fn build(rest: &[String]) -> bool {
+    setup();
     let mut c = cargo();
     c.args(["build", "--release", "--workspace"]).args(rest);
     sh(c)
 }
 
 fn run(rest: &[String]) -> bool {
+    // The build needs libclang (bindgen, for userfaultfd) and clang (the BPF programs): a
+    // fresh machine gets them here, not only through `cargo xtask test`.
+    setup();
     let args: Vec<String> = if rest.is_empty() {
         vec!["demo".into()]
     } else {
@@ -131,16 +146,26 @@ fn bench(rest: &[String]) -> bool {
     let only = rest
         .first()
         .map(String::as_str)
-        .filter(|a| matches!(*a, "probes" | "holdback"));
+        .filter(|a| matches!(*a, "probes" | "holdback" | "qemu"));
     if let Some(bin) = only {
+        if bin == "qemu" && !build_release_vmig() {
+            return false;
+        }
         return bench_bin(bin, &rest[1..]);
     }
-    let mut b = cargo();
-    b.args(["build", "--release", "-p", "vmig", "--bin", "vmig"]);
-    if !sh(b) {
+    if !build_release_vmig() {
         return false;
     }
-    bench_bin("migration", rest) && bench_bin("probes", &[]) && bench_bin("holdback", &[])
+    bench_bin("migration", rest)
+        && bench_bin("probes", &[])
+        && bench_bin("holdback", &[])
+        && bench_bin("qemu", &[])
+}
+
+fn build_release_vmig() -> bool {
+    let mut b = cargo();
+    b.args(["build", "--release", "-p", "vmig", "--bin", "vmig"]);
+    sh(b)
 }
 
 fn bench_bin(bin: &str, rest: &[String]) -> bool {
@@ -148,4 +173,41 @@ fn bench_bin(bin: &str, rest: &[String]) -> bool {
     c.args(["run", "--release", "-p", "vmig-benches", "--bin", bin, "--"])
         .args(rest);
     sh(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_task;
+
+    fn v(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn separator_after_the_task_is_not_an_argument() {
+        let a = v(&[
+            "run",
+            "--",
+            "migrate",
+            "vm1",
+            "hostB",
+            "--max-downtime",
+            "50",
+        ]);
+        let (task, rest) = split_task(&a);
+        assert_eq!(task, "run");
+        assert_eq!(
+            rest,
+            &v(&["migrate", "vm1", "hostB", "--max-downtime", "50"])[..]
+        );
+    }
+
+    #[test]
+    fn arguments_without_separator_pass_unchanged() {
+        let a = v(&["run", "trace", "vm1"]);
+        assert_eq!(split_task(&a), ("run", &v(&["trace", "vm1"])[..]));
+        let a = v(&["test", "--", "--", "--nocapture"]);
+        assert_eq!(split_task(&a), ("test", &v(&["--", "--nocapture"])[..]));
+        assert_eq!(split_task(&[]).0, "help");
+    }
 }

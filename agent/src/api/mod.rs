@@ -71,6 +71,11 @@ pub enum Request {
         /// VM.
         name: String,
     },
+    /// The live state of the VM's migration (or the last one's outcome).
+    Status {
+        /// VM.
+        name: String,
+    },
     /// Cancel a migration in progress.
     Cancel {
         /// VM.

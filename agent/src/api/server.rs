@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
@@ -14,7 +14,7 @@ use tracing::{info, instrument, warn};
 
 use super::{AgentInfo, DigestInfo, Reply, Request};
 use crate::inventory::Inventory;
-use crate::migrate::registry::Registry;
+use crate::migrate::registry::{Registry, RegistryError};
 use crate::migrate::source::Outcome;
 use crate::migrate::{self, MigrateOptions};
 use crate::transport::IoPath;
@@ -41,6 +41,16 @@ pub enum AgentError {
     /// The datastore.
     #[error(transparent)]
     Inventory(#[from] crate::inventory::InventoryError),
+    /// Another agent runs with this name or on this datastore.
+    #[error("cannot lock {what} ({path}): {cause}")]
+    Locked {
+        /// What the lock protects.
+        what: &'static str,
+        /// Lock file.
+        path: PathBuf,
+        /// Why it could not be taken (the holder's pid).
+        cause: String,
+    },
 }
 
 /// How an agent is set up.
@@ -68,18 +78,113 @@ struct Agent {
     hosts: HashMap<String, String>,
     /// Every migration of this agent, in and out.
     migrations: Registry,
+    /// The live status of each VM's migration out, kept after it ends (`migrate --status`).
+    status: Mutex<HashMap<String, Arc<Mutex<migrate::status::Tracker>>>>,
 }
 
-/// Reads a hosts file: `hostB = "127.0.0.1:7402"` lines (TOML).
+/// Reads a hosts file: `hostB = "127.0.0.1:7402"` lines (TOML). Every entry must be an
+/// address with a port: a mistake is reported now, not at the first migration.
 pub fn read_hosts(path: &Path) -> Result<HashMap<String, String>, AgentError> {
-    let text = std::fs::read_to_string(path).map_err(|e| AgentError::Hosts {
+    let err = |cause: String| AgentError::Hosts {
         path: path.into(),
-        cause: e.to_string(),
-    })?;
-    toml::from_str(&text).map_err(|e| AgentError::Hosts {
+        cause,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let hosts: HashMap<String, String> = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+    for (name, addr) in &hosts {
+        check_host_entry(name, addr).map_err(err)?;
+    }
+    Ok(hosts)
+}
+
+/// One hosts-file entry: a host name, and `ADDRESS:PORT` (`[v6]:PORT` for IPv6).
+fn check_host_entry(name: &str, addr: &str) -> Result<(), String> {
+    let name_ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !name_ok {
+        return Err(format!(
+            "host name {name:?}: use letters, digits, '-', '_' or '.'"
+        ));
+    }
+    let bad = |why: &str| {
+        format!("{name} = {addr:?}: {why} (write \"ADDRESS:PORT\", e.g. \"10.0.0.2:7401\")")
+    };
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return match a.port() {
+            0 => Err(bad("the port must be a number from 1 to 65535")),
+            _ => Ok(()),
+        };
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(bad("no port"));
+    };
+    if host.is_empty() || host.contains(':') {
+        return Err(bad("not an address with a port"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(bad("the port must be a number from 1 to 65535")),
+    }
+}
+
+/// Files an agent holds locked while it runs, so that a second agent with the same name or
+/// the same datastore refuses to start instead of taking the first one's VMs over.
+struct AgentLocks {
+    _files: Vec<std::fs::File>,
+}
+
+impl AgentLocks {
+    fn take(cfg: &AgentConfig) -> Result<Self, AgentError> {
+        let mut control_lock = cfg.control.clone().into_os_string();
+        control_lock.push(".lock");
+        let files = [
+            (
+                PathBuf::from(control_lock),
+                "the agent name (control socket)",
+            ),
+            (cfg.datastore.join(".agent.lock"), "the datastore"),
+        ]
+        .into_iter()
+        .map(|(path, what)| lock_file(&path, what))
+        .collect::<Result<_, _>>()?;
+        Ok(Self { _files: files })
+    }
+}
+
+fn lock_file(path: &Path, what: &'static str) -> Result<std::fs::File, AgentError> {
+    use std::io::{Read, Seek, Write};
+    let fail = |cause: String| AgentError::Locked {
+        what,
         path: path.into(),
-        cause: e.to_string(),
-    })
+        cause,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| fail(e.to_string()))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            return Err(fail(format!("held by another agent ({})", holder.trim())));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(fail(e.to_string())),
+    }
+    let me = format!("pid {}", std::process::id());
+    f.set_len(0)
+        .and_then(|_| f.rewind())
+        .and_then(|_| f.write_all(me.as_bytes()))
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(f)
 }
 
 fn mem_available() -> u64 {
@@ -101,14 +206,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         .memory_mib
         .map(|m| m << 20)
         .unwrap_or_else(mem_available);
-    let inv = Inventory::open(&cfg.datastore, capacity)?;
-    // Computed now, not inside the first migration's round-trip measurement.
-    let cpu = migrate::cpu_digest();
-    tracing::debug!(%cpu, "CPU feature digest");
     let hosts = match &cfg.hosts {
         Some(p) => read_hosts(p)?,
         None => HashMap::new(),
     };
+    let _locks = AgentLocks::take(&cfg)?;
+    let inv = Inventory::open(&cfg.datastore, capacity)?;
+    // Computed now, not inside the first migration's round-trip measurement.
+    let cpu = migrate::cpu_digest();
+    tracing::debug!(%cpu, "CPU feature digest");
     let tcp = TcpListener::bind(cfg.listen)
         .await
         .map_err(|cause| AgentError::Bind {
@@ -129,6 +235,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         inv,
         hosts,
         migrations: Registry::default(),
+        status: Mutex::new(HashMap::new()),
     });
     loop {
         tokio::select! {
@@ -273,9 +380,24 @@ fn handle(agent: &Agent, req: Request) -> Reply {
                     Err(e) => Reply::Error(e.to_string()),
                 }
             }),
+        Request::Status { name } => {
+            return match agent.status.lock().expect("status").get(&name) {
+                Some(t) => ok(t.lock().expect("tracker").snapshot()),
+                None => Reply::Error(format!(
+                    "no migration of {name:?} from this host since the agent started"
+                )),
+            }
+        }
         Request::Cancel { name } => {
             return match agent.migrations.cancel(&name) {
-                Ok(()) => ok(format!("cancelling the migration of {name}")),
+                Ok(()) => ok(format!(
+                    "cancelling the migration of {name}: the VM stays on this host"
+                )),
+                Err(RegistryError::Cancel(migrate::MigrateError::NotAllowed { .. })) => {
+                    Reply::Error(format!(
+                        "the migration of {name} is past its commit point (the VM runs on the destination, in post-copy): it cannot be cancelled; it completes, or parks if the connection is lost (then `vmig migrate --rollback {name}` gives it up)"
+                    ))
+                }
                 Err(e) => Reply::Error(e.to_string()),
             }
         }
@@ -377,10 +499,14 @@ async fn migrate_out(
     // What the worker runs: a fresh migration (with the destination's address), or a parked
     // post-copy.
     let start = match job {
-        Job::Migrate { dest, opts } => resolve(&agent, &dest).and_then(|addr| {
-            let (def, vm, cancel) = begin_outgoing(&agent, &name)?;
-            Ok((def, vm, cancel, Work::Migrate { addr, dest, opts }))
-        }),
+        Job::Migrate { dest, opts } => opts
+            .validate()
+            .map_err(|e| e.to_string())
+            .and_then(|_| resolve(&agent, &dest))
+            .and_then(|addr| {
+                let (def, vm, cancel) = begin_outgoing(&agent, &name)?;
+                Ok((def, vm, cancel, Work::Migrate { addr, dest, opts }))
+            }),
         Job::Resume(window) => match agent.migrations.resume_parked(&name) {
             Err(e) => Err(e.to_string()),
             Ok((mut parked, cancel)) => match agent.inv.running(&name) {
@@ -405,6 +531,20 @@ async fn migrate_out(
             return;
         }
     };
+    let dest_name = match &work {
+        Work::Migrate { dest, .. } => dest.clone(),
+        Work::Resume(p) => p.dest_name().to_string(),
+    };
+    let tracker = Arc::new(Mutex::new(migrate::status::Tracker::new(
+        &name,
+        &dest_name,
+        vm.ram().size(),
+    )));
+    agent
+        .status
+        .lock()
+        .expect("status")
+        .insert(name.clone(), tracker.clone());
     let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
     let a = agent.clone();
     let c = cancel.clone();
@@ -418,16 +558,31 @@ async fn migrate_out(
             agent: &a.cfg.name,
         };
         let ptx = tx.clone();
-        let progress = move |p| {
+        let t = tracker.clone();
+        let progress = move |p: migrate::Progress| {
+            t.lock().expect("tracker").update(&p);
             let _ = ptx.send(Reply::Progress(Box::new(p)));
         };
-        let result = match work {
+        // `migrate` turns its own panics into errors; this catches what escapes a resume (past
+        // Go: the VM stays paused here, never resumed) so the registry is still cleaned up.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match work {
             Work::Migrate { addr, dest, opts } => {
                 migrate::source::migrate(&out, addr, &dest, &opts, &c, &progress)
             }
             Work::Resume(parked) => migrate::source::resume(&out, parked, &c, &progress),
-        };
+        }))
+        .unwrap_or_else(|p| {
+            Err(migrate::MigrateError::CommitUnknown(format!(
+                "internal error: {}",
+                migrate::source::panic_message(&p)
+            )))
+        });
         drop(vm);
+        match &result {
+            Ok(Outcome::Committed(r)) => tracker.lock().expect("tracker").complete(r),
+            Ok(Outcome::Parked(p)) => tracker.lock().expect("tracker").fail(&p.to_string()),
+            Err(e) => tracker.lock().expect("tracker").fail(&e.to_string()),
+        }
         let reply = match result {
             Ok(Outcome::Committed(report)) => {
                 a.migrations.end_outgoing(&n);
@@ -492,5 +647,41 @@ async fn migrate_out(
 fn cancel_on_disconnect(name: &str, cancel: &migrate::Cancel) {
     if let Err(e) = cancel.cancel() {
         info!(vm = %name, reason = %e, "the migration goes on");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_file_entries_need_an_address_with_a_port() {
+        for ok in ["127.0.0.1:7402", "[::1]:7402", "hostb.example:7401"] {
+            check_host_entry("hostB", ok).unwrap();
+        }
+        for (bad, why) in [
+            ("10.0.0.2", "no port"),
+            ("10.0.0.2:0", "from 1 to 65535"),
+            ("10.0.0.2:http", "from 1 to 65535"),
+            (":7401", "not an address"),
+        ] {
+            let e = check_host_entry("hostB", bad).unwrap_err();
+            assert!(e.contains(why) && e.contains("ADDRESS:PORT"), "{bad}: {e}");
+        }
+        assert!(check_host_entry("host B", "127.0.0.1:1").is_err());
+    }
+
+    #[test]
+    fn a_second_lock_names_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.lock");
+        let _held = lock_file(&p, "the datastore").unwrap();
+        let e = lock_file(&p, "the datastore").unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("pid {}", std::process::id())),
+            "holder not named: {e}"
+        );
+        drop(_held);
+        lock_file(&p, "the datastore").unwrap();
     }
 }

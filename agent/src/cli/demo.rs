@@ -31,7 +31,8 @@ pub struct DemoArgs {
     /// Keep the demo's folder (agents' datastores and logs) instead of deleting it.
     #[arg(long)]
     keep: bool,
-    /// Print the report as JSON.
+    /// Print the report and the proof as one JSON object on stdout (the narration goes to
+    /// stderr).
     #[arg(long)]
     json: bool,
 }
@@ -110,10 +111,19 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let (sa, sb) = (api::socket_of("hostA"), api::socket_of("hostB"));
     wait_for_agent(&sa).await?;
     wait_for_agent(&sb).await?;
-    println!(
+    // Narration: stdout for people, stderr when stdout carries the JSON.
+    let json = a.json;
+    let say = |line: String| {
+        if json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
+    say(format!(
         "agents: hostA (127.0.0.1:{pa}) and hostB (127.0.0.1:{pb}), folder {}",
         dir.display()
-    );
+    ));
 
     let def = VmDef {
         name: "vm1".into(),
@@ -127,7 +137,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     };
     super::expect_ok(&sa, Request::Create { def }).await?;
     super::expect_ok(&sa, Request::Start { name: "vm1".into() }).await?;
-    println!(
+    say(format!(
         "vm1 on hostA: {} MiB, vCPU0 dirty ({} MiB working set, {}), vCPU1 counter",
         a.memory_mib,
         a.dirty_mib,
@@ -136,14 +146,14 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         } else {
             format!("{} pages/s", a.dirty_rate)
         }
-    );
+    ));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = super::show(&sa, "vm1").await?;
     let s = before.stats.clone().unwrap_or_default();
-    println!(
+    say(format!(
         "before: counter {} , {} pages written by the guest",
         s.counter, s.dirty_pages_written
-    );
+    ));
 
     let opts = MigrateOptions {
         max_downtime_ms: a.max_downtime,
@@ -161,9 +171,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         !a.json,
     )
     .await?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    if !json {
         print!("{}", report.render());
     }
 
@@ -177,19 +185,37 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after2 = super::show(&sb, "vm1").await?.stats.unwrap_or_default();
     let gone = super::show(&sa, "vm1").await.is_err();
-    println!("proof:");
-    println!("  memory digest equal at the pause: {}", v.memory_equal);
-    println!("  vCPU state equal after restore:   {}", v.vcpus_equal);
-    println!("  vm1 released by hostA:            {gone}");
-    println!(
-        "  counter: {} at the pause, {} then {} on hostB, {} failed self-checks",
-        report.counter_at_pause, after1.counter, after2.counter, after2.counter_failures
-    );
     let counting = after2.counter > after1.counter && after1.counter >= report.counter_at_pause;
-    println!("  counter continues on hostB:       {counting}");
-    if !(v.memory_equal && v.vcpus_equal && gone && counting && after2.counter_failures == 0) {
+    let ok = v.memory_equal && v.vcpus_equal && gone && counting && after2.counter_failures == 0;
+    if json {
+        let out = serde_json::json!({
+            "report": report,
+            "proof": {
+                "memory_digest_equal": v.memory_equal,
+                "vcpu_state_equal": v.vcpus_equal,
+                "released_by_source": gone,
+                "counter_at_pause": report.counter_at_pause,
+                "counter_on_destination": [after1.counter, after2.counter],
+                "counter_continues": counting,
+                "self_check_failures": after2.counter_failures,
+                "ok": ok,
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("proof:");
+        println!("  memory digest equal at the pause: {}", v.memory_equal);
+        println!("  vCPU state equal after restore:   {}", v.vcpus_equal);
+        println!("  vm1 released by hostA:            {gone}");
+        println!(
+            "  counter: {} at the pause, {} then {} on hostB, {} failed self-checks",
+            report.counter_at_pause, after1.counter, after2.counter, after2.counter_failures
+        );
+        println!("  counter continues on hostB:       {counting}");
+    }
+    if !ok {
         bail!("the proof failed");
     }
-    println!("demo OK");
+    say("demo OK".into());
     Ok(())
 }

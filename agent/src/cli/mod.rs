@@ -15,7 +15,7 @@ use vmig::api::client::{call, Call};
 use vmig::api::{self, Reply, Request};
 use vmig::dirty::DirtyTracking;
 use vmig::inventory::{VmDef, VmInfo};
-use vmig::migrate::{MigrateOptions, NoConverge, PostcopyPolicy, ProgressPhase, Report};
+use vmig::migrate::{validate, MigrateOptions, NoConverge, PostcopyPolicy, ProgressPhase, Report};
 use vmig::transport::IoPath;
 
 /// vmig: live migration of KVM virtual machines between host agents.
@@ -36,6 +36,8 @@ pub struct Cli {
 enum Cmd {
     /// Run the host agent (the VMM of this host's VMs and its migration endpoint).
     Agent(AgentArgs),
+    /// List the agents running on this machine (their control sockets), and whether they answer.
+    Agents(AgentsArgs),
     /// Manage VMs.
     #[command(subcommand)]
     Vm(VmCmd),
@@ -70,6 +72,18 @@ struct AgentArgs {
     /// I/O path for incoming migrations.
     #[arg(long, value_enum, default_value_t = IoPath::Auto)]
     io: IoPath,
+}
+
+#[derive(Debug, Args)]
+struct AgentsArgs {
+    /// Wait up to this many seconds for every HOST named to answer.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    wait: Option<u64>,
+    /// Hosts that must be running (default: every socket found).
+    hosts: Vec<String>,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,8 +147,12 @@ struct MigrateArgs {
     /// VM to move.
     name: String,
     /// Destination host (a name from the hosts file, or ADDR:PORT).
-    #[arg(required_unless_present_any = ["cancel", "resume", "rollback"])]
+    #[arg(required_unless_present_any = ["cancel", "resume", "rollback", "status"])]
     dest: Option<String>,
+    /// Show the live state of NAME's migration (phase, round, elapsed, remaining, dirty rate,
+    /// bandwidth, expected downtime, ETA); with --json, the fields of QEMU's query-migrate.
+    #[arg(long, conflicts_with_all = ["cancel", "resume", "rollback", "dest"])]
+    status: bool,
     /// Cancel the migration of NAME in progress.
     #[arg(long)]
     cancel: bool,
@@ -149,19 +167,19 @@ struct MigrateArgs {
     /// Seconds to keep reconnecting when the connection drops during post-copy, before the
     /// migration is parked for --resume (0: park at once) [default: 30; with --resume: as the
     /// migration was started].
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     resume_window: Option<u64>,
     /// Largest acceptable downtime, ms.
-    #[arg(long, default_value_t = 50.0)]
+    #[arg(long, default_value_t = 50.0, value_parser = validate::parse::max_downtime)]
     max_downtime: f64,
     /// Most pre-copy rounds before stop-and-copy is forced.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_rounds: u32,
     /// Bandwidth cap, MiB/s.
-    #[arg(long)]
+    #[arg(long, value_parser = validate::parse::bandwidth)]
     bandwidth: Option<f64>,
     /// Whole-migration timeout, seconds.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     timeout: u64,
     /// Dirty tracking: ring, bitmap, or auto (what the VM was built with).
     #[arg(long, value_enum, default_value_t = DirtyTracking::Auto)]
@@ -185,14 +203,14 @@ struct MigrateArgs {
     on_no_converge: NoConverge,
     /// Pre-copy is hopeless when dirty rate × page size / bandwidth stays at or above this
     /// for 2 rounds (or the dirty set stops shrinking by 10 % over 2 rounds).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_parser = validate::parse::converge_threshold)]
     converge_threshold: f64,
     /// Rounds before the convergence judgement starts.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     min_rounds: u32,
     /// Hot-page holdback: a page dirty again within this many rounds is held back until
     /// stop-and-copy instead of being sent again (0: off).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
     holdback_rounds: u32,
 }
 
@@ -200,6 +218,7 @@ struct MigrateArgs {
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Agent(a) => agent(a).await,
+        Cmd::Agents(a) => agents(a).await,
         Cmd::Vm(v) => vm(cli.agent, cli.host, v).await,
         Cmd::Migrate(m) => migrate(cli.agent, cli.host, m).await,
         Cmd::Demo(d) => demo::run(d).await,
@@ -233,6 +252,70 @@ async fn agent(a: AgentArgs) -> Result<()> {
     Ok(())
 }
 
+async fn agents(a: AgentsArgs) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(a.wait.unwrap_or(0));
+    loop {
+        let socks: Vec<PathBuf> = if a.hosts.is_empty() {
+            local_agents()
+        } else {
+            a.hosts.iter().map(|h| api::socket_of(h)).collect()
+        };
+        let mut rows = Vec::new();
+        for s in &socks {
+            let host = s
+                .file_stem()
+                .map(|x| x.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let info = match call(s, &Request::Ping).await {
+                Ok(Reply::Ok(v)) => {
+                    serde_json::from_value::<api::AgentInfo>(v).map_err(|e| e.to_string())
+                }
+                Ok(other) => Err(format!("unexpected reply {other:?}")),
+                Err(e) => Err(format!("{e:#}")),
+            };
+            rows.push((host, info));
+        }
+        let all_up = !rows.is_empty() && rows.iter().all(|(_, i)| i.is_ok());
+        if all_up || std::time::Instant::now() >= deadline {
+            if a.json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(h, i)| match i {
+                        Ok(info) => serde_json::json!({"host": h, "up": true, "agent": info}),
+                        Err(e) => serde_json::json!({"host": h, "up": false, "error": e}),
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<10} {:<8} {:<22} {:<8} DATASTORE",
+                    "HOST", "PID", "LISTEN", "STATE"
+                );
+                for (h, i) in &rows {
+                    match i {
+                        Ok(info) => println!(
+                            "{:<10} {:<8} {:<22} {:<8} {}",
+                            h, info.pid, info.listen, "up", info.datastore
+                        ),
+                        Err(e) => println!("{h:<10} {:<8} {:<22} {:<8} {e}", "-", "-", "down"),
+                    }
+                }
+            }
+            if rows.is_empty() {
+                bail!(
+                    "no agent is running (no socket in {})",
+                    api::run_dir().display()
+                );
+            }
+            if !all_up {
+                bail!("not every agent answered");
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Every agent socket in the run directory.
 fn local_agents() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(api::run_dir())
@@ -260,10 +343,14 @@ async fn pick_agent(
     }
     let all = local_agents();
     if let Some(name) = vm {
-        for a in &all {
-            if let Ok(Reply::Ok(_)) = call(a, &Request::Show { name: name.into() }).await {
-                return Ok(a.clone());
-            }
+        let owners = owners_of(&all, name).await;
+        match owners.as_slice() {
+            [one] => return Ok(one.clone()),
+            [] => {}
+            many => bail!(
+                "a VM named {name:?} is on several hosts ({}): choose one with --host",
+                names(many)
+            ),
         }
     }
     match all.as_slice() {
@@ -283,6 +370,17 @@ async fn pick_agent(
             ),
         },
     }
+}
+
+/// The agents among `all` that have a VM named `name`.
+async fn owners_of(all: &[PathBuf], name: &str) -> Vec<PathBuf> {
+    let mut owners = Vec::new();
+    for a in all {
+        if let Ok(Reply::Ok(_)) = call(a, &Request::Show { name: name.into() }).await {
+            owners.push(a.clone());
+        }
+    }
+    owners
 }
 
 fn names(socks: &[PathBuf]) -> String {
@@ -305,6 +403,19 @@ async fn vm(agent: Option<PathBuf>, host: Option<String>, cmd: VmCmd) -> Result<
     match cmd {
         VmCmd::Create(c) => {
             let a = pick_agent(agent, host, None).await?;
+            // A VM name is unique across the hosts here: `vm start NAME` must not have to guess.
+            let elsewhere: Vec<PathBuf> = owners_of(&local_agents(), &c.name)
+                .await
+                .into_iter()
+                .filter(|o| *o != a)
+                .collect();
+            if !elsewhere.is_empty() {
+                bail!(
+                    "a VM named {:?} already exists on {}: VM names are unique across hosts",
+                    c.name,
+                    names(&elsewhere)
+                );
+            }
             let def = VmDef {
                 name: c.name.clone(),
                 memory_mib: c.memory_mib,
@@ -348,16 +459,32 @@ async fn vm(agent: Option<PathBuf>, host: Option<String>, cmd: VmCmd) -> Result<
                 (None, None) => local_agents(),
                 (a, h) => vec![pick_agent(a, h, None).await?],
             };
+            if agents.is_empty() {
+                bail!(
+                    "no agent is running (no socket in {}); start one with `vmig agent`",
+                    api::run_dir().display()
+                );
+            }
+            // Every agent that answers is listed; those that do not are named on stderr.
             let mut all = Vec::new();
-            for a in agents {
-                let v = expect_ok(&a, Request::List).await?;
+            let mut silent = Vec::new();
+            for a in &agents {
                 let host = a
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                for i in serde_json::from_value::<Vec<VmInfo>>(v)? {
-                    all.push((host.clone(), i));
+                match expect_ok(a, Request::List).await.and_then(|v| {
+                    serde_json::from_value::<Vec<VmInfo>>(v).map_err(anyhow::Error::from)
+                }) {
+                    Ok(vms) => all.extend(vms.into_iter().map(|i| (host.clone(), i))),
+                    Err(e) => silent.push(format!("{host} ({}): {e:#}", a.display())),
                 }
+            }
+            for s in &silent {
+                eprintln!("warning: no answer from agent {s}");
+            }
+            if silent.len() == agents.len() {
+                bail!("no agent answered");
             }
             if json {
                 let v: Vec<_> = all
@@ -414,6 +541,51 @@ async fn vm(agent: Option<PathBuf>, host: Option<String>, cmd: VmCmd) -> Result<
 }
 
 async fn migrate(agent: Option<PathBuf>, host: Option<String>, m: MigrateArgs) -> Result<()> {
+    let json = m.json;
+    let r = migrate_inner(agent, host, m).await;
+    if json {
+        if let Err(e) = &r {
+            // A failure is a JSON object too, for scripts; the exit status still says it.
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({"error": format!("{e:#}")}))?
+            );
+        }
+    }
+    r
+}
+
+async fn migrate_inner(agent: Option<PathBuf>, host: Option<String>, m: MigrateArgs) -> Result<()> {
+    if m.status {
+        // The source of the migration: --host, else every local agent that tracks one.
+        let candidates = match (agent, host) {
+            (None, None) => local_agents(),
+            (a, h) => vec![pick_agent(a, h, None).await?],
+        };
+        let mut last_err = None;
+        for a in candidates {
+            match expect_ok(
+                &a,
+                Request::Status {
+                    name: m.name.clone(),
+                },
+            )
+            .await
+            {
+                Ok(v) => {
+                    if m.json {
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    } else {
+                        let st: vmig::migrate::status::MigrationStatus = serde_json::from_value(v)?;
+                        print!("{}", st.render());
+                    }
+                    return Ok(());
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        return Err(last_err.unwrap_or_else(|| anyhow!("no agent is running")));
+    }
     let a = pick_agent(agent, host, Some(&m.name)).await?;
     if m.cancel {
         let v = expect_ok(&a, Request::Cancel { name: m.name }).await?;
@@ -474,9 +646,11 @@ pub async fn run_migration(a: &Path, name: &str, req: Request, bar: bool) -> Res
         ProgressBar::hidden()
     };
     pb.set_style(
-        ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} pages {msg}")
-            .expect("template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix:>18} [{bar:30}] {pos}/{len} pages, {elapsed} elapsed, pass ETA {eta} {msg}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
     );
     pb.enable_steady_tick(Duration::from_millis(200));
     let mut cancelled = false;
@@ -484,9 +658,17 @@ pub async fn run_migration(a: &Path, name: &str, req: Request, bar: bool) -> Res
         let reply = tokio::select! {
             r = c.next() => r?,
             _ = tokio::signal::ctrl_c(), if !cancelled => {
-                cancelled = true;
-                pb.println("Ctrl-C: cancelling the migration (the VM stays on the source)");
-                let _ = call(a, &Request::Cancel { name: name.into() }).await;
+                // The agent says what a cancel can do now: before commitment the VM stays
+                // here; in post-copy it already runs on the destination and cannot come back.
+                match call(a, &Request::Cancel { name: name.into() }).await {
+                    Ok(Reply::Ok(v)) => {
+                        cancelled = true;
+                        pb.println(format!("Ctrl-C: {}", v.as_str().unwrap_or("cancelling")));
+                    }
+                    Ok(Reply::Error(e)) => pb.println(format!("Ctrl-C: {e}")),
+                    Ok(other) => pb.println(format!("Ctrl-C: unexpected reply {other:?}")),
+                    Err(e) => pb.println(format!("Ctrl-C: cannot reach the agent: {e}")),
+                }
                 continue;
             }
         };

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::InventoryError;
 use crate::dirty::DirtyTracking;
-use crate::guest::Program;
+use crate::guest::{layout, Program};
 use crate::vm::VmSpec;
 
 /// What a VM is: the contents of its `vm.toml`.
@@ -104,14 +104,14 @@ impl VmDef {
     pub fn validate(&self) -> Result<(), InventoryError> {
         let ok_name = !self.name.is_empty()
             && self.name.len() <= 64
-            && !self.name.starts_with('.')
+            && self.name.starts_with(|c: char| c.is_ascii_alphanumeric())
             && self
                 .name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !ok_name {
             return Err(InventoryError::Invalid(format!(
-                "name {:?}: use 1-64 letters, digits, '-' or '_'",
+                "name {:?}: use 1-64 letters, digits, '-' or '_', starting with a letter or digit",
                 self.name
             )));
         }
@@ -121,8 +121,18 @@ impl VmDef {
                 self.memory_mib
             )));
         }
-        if self.disk_mib > 1 << 20 {
-            return Err(InventoryError::Invalid("disk larger than 1 TiB".into()));
+        if !(1..=1 << 20).contains(&self.disk_mib) {
+            return Err(InventoryError::Invalid(format!(
+                "disk {} MiB: use 1 to 1048576 MiB (1 TiB)",
+                self.disk_mib
+            )));
+        }
+        if !(1..=layout::MAX_VCPUS).contains(&self.vcpus) {
+            return Err(InventoryError::Invalid(format!(
+                "{} vCPUs: use 1 to {}",
+                self.vcpus,
+                layout::MAX_VCPUS
+            )));
         }
         self.programs()?;
         self.spec()
@@ -166,7 +176,16 @@ mod tests {
                 "name",
             ),
             (Box::new(|d: &mut VmDef| d.memory_mib = 15), "memory"),
-            (Box::new(|d: &mut VmDef| d.vcpus = 9), "vCPUs"),
+            (Box::new(|d: &mut VmDef| d.vcpus = 9), "vCPUs: use 1 to"),
+            (Box::new(|d: &mut VmDef| d.vcpus = 0), "0 vCPUs: use 1 to"),
+            (
+                Box::new(|d: &mut VmDef| d.disk_mib = 0),
+                "disk 0 MiB: use 1 to",
+            ),
+            (
+                Box::new(|d: &mut VmDef| d.name = "-vm".into()),
+                "starting with a letter or digit",
+            ),
             (
                 Box::new(|d: &mut VmDef| d.workload = vec!["mine".into()]),
                 "unknown workload",

@@ -70,7 +70,16 @@ pub struct Controller {
     throttle_round: u32,
     /// Pending pages the next round would send (all but those held back), from `assess`.
     sendable: Option<u64>,
+    /// The link's rate, bytes/s, from the last round that sent enough to measure it.
+    link_rate: Option<f64>,
 }
+
+/// A round that sent less than this measures nothing about the link (a few headers in a
+/// fraction of a millisecond): the prediction keeps the rate measured before.
+const MIN_MEASURED_BYTES: u64 = 256 << 10;
+/// The rate assumed before any round measured one, bytes/s, when no `--bandwidth` cap says
+/// better (loopback and 10 GbE are faster; the first real round replaces it).
+const PRIOR_RATE: f64 = 100.0 * 1048576.0;
 
 impl Controller {
     /// A controller for these options.
@@ -83,7 +92,19 @@ impl Controller {
             throttle_step: 0,
             throttle_round: 0,
             sendable: None,
+            link_rate: None,
         }
+    }
+
+    /// The link rate the prediction uses after round `r`: its own if it sent enough to
+    /// measure one, else the last measured, else the `--bandwidth` cap, else [`PRIOR_RATE`].
+    fn link_rate(&mut self, r: &RoundStats) -> f64 {
+        if r.bytes >= MIN_MEASURED_BYTES && r.bandwidth.is_finite() && r.bandwidth > 0.0 {
+            self.link_rate = Some(r.bandwidth);
+        }
+        self.link_rate
+            .or(self.opts.bandwidth_mibs.map(|m| m * 1048576.0))
+            .unwrap_or(PRIOR_RATE)
     }
 
     /// Predicted downtime of stopping now: remaining bytes over the measured bandwidth, plus
@@ -110,8 +131,9 @@ impl Controller {
         };
         r.estimate_from = from.into();
         r.dirty_rate = dirty as f64 / r.secs.max(1e-9);
-        r.predicted_downtime_ms = self.predict_ms(dirty + held_extra, r.bandwidth);
-        r.dirty_ratio = Self::dirty_ratio(r.dirty_rate, r.bandwidth);
+        let rate = self.link_rate(r);
+        r.predicted_downtime_ms = self.predict_ms(dirty + held_extra, rate);
+        r.dirty_ratio = Self::dirty_ratio(r.dirty_rate, rate);
     }
 
     /// dirty rate × page bytes / bandwidth: the fraction of the link the guest's writes eat.
@@ -315,10 +337,43 @@ mod tests {
     }
 
     #[test]
+    fn a_round_that_sent_nothing_keeps_the_measured_link_rate() {
+        let opts = MigrateOptions {
+            bandwidth_mibs: Some(10.0),
+            ..Default::default()
+        };
+        let mut c = Controller::new(&opts, 16_384, Duration::ZERO);
+        // Before any measurement: the cap (10 MiB/s), never 1 byte/s.
+        let mut idle = RoundStats {
+            secs: 0.001,
+            ..Default::default()
+        };
+        c.assess(&mut idle, 0, 0);
+        let want = c.predict_ms(0, 10.0 * 1048576.0);
+        assert_eq!(idle.predicted_downtime_ms, want);
+        assert!(want < 5.0, "{want} ms for 16 KiB of state");
+        // A real round measures 100 MiB/s; an empty one after it keeps that rate.
+        let mut busy = RoundStats {
+            secs: 0.1,
+            bytes: 10 << 20,
+            bandwidth: 100.0 * 1048576.0,
+            dirty_pages: 1000,
+            ..Default::default()
+        };
+        c.assess(&mut busy, 1000, 1000);
+        c.assess(&mut idle, 0, 0);
+        assert_eq!(
+            idle.predicted_downtime_ms,
+            c.predict_ms(0, 100.0 * 1048576.0)
+        );
+    }
+
+    #[test]
     fn the_larger_of_log_and_kernel_counts_wins() {
         let mut c = Controller::new(&MigrateOptions::default(), 0, Duration::ZERO);
         let mut r = RoundStats {
             secs: 0.5,
+            bytes: 1 << 20,
             bandwidth: 1048576.0,
             dirty_pages: 100,
             ..Default::default()

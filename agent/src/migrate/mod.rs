@@ -19,8 +19,10 @@ mod probe_tests;
 pub mod registry;
 pub mod report;
 pub mod source;
+pub mod status;
 #[cfg(test)]
 mod tests;
+pub mod validate;
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -198,6 +200,21 @@ pub enum MigrateError {
     /// Inventory.
     #[error(transparent)]
     Inventory(#[from] InventoryError),
+    /// A knob outside its range.
+    #[error(transparent)]
+    Invalid(#[from] validate::InvalidOption),
+    /// The peer stopped answering: the kernel gave up on the connection (a cut link, a dead
+    /// host) or no frame came within the read timeout (a hung agent).
+    #[error("{peer} stopped answering {cause}")]
+    PeerSilent {
+        /// The peer agent.
+        peer: String,
+        /// What was seen.
+        cause: String,
+    },
+    /// A bug: the migration thread panicked. Before commitment the VM runs on the source.
+    #[error("internal error (please report it): {0}; the VM keeps running on the source")]
+    Internal(String),
     /// Verification failed before commitment.
     #[error("verification failed: {0}")]
     Verify(String),
@@ -212,6 +229,40 @@ pub enum MigrateError {
     /// The destination did not confirm after Go: the outcome is unknown.
     #[error("commit outcome unknown (no confirmation after Go: {0}); the VM stays paused on the source: check the destination")]
     CommitUnknown(String),
+}
+
+impl MigrateError {
+    /// Names the peer when this error says it went silent (see [`MigrateError::PeerSilent`]).
+    pub fn name_silent_peer(self, peer: &str) -> MigrateError {
+        let io = match &self {
+            MigrateError::Io(e) | MigrateError::Recv(RecvError::Io(e)) => e,
+            _ => return self,
+        };
+        let cause = if matches!(
+            io.raw_os_error(),
+            Some(libc::EPIPE) | Some(libc::ECONNRESET)
+        ) {
+            // The kernel's verdict (a timeout, or a reset) went to another call on the socket;
+            // this one only sees that the connection is gone.
+            format!("or closed the connection: {io}")
+        } else if crate::transport::is_peer_silent(io) {
+            format!(
+                "(no acknowledgement within {} s: {io})",
+                crate::transport::PEER_TIMEOUT.as_secs()
+            )
+        } else if matches!(
+            io.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            "(no message within the read timeout)".to_string()
+        } else {
+            return self;
+        };
+        MigrateError::PeerSilent {
+            peer: peer.to_string(),
+            cause,
+        }
+    }
 }
 
 /// Cancels a migration from another thread, and knows which phase the migration is in: until
@@ -292,9 +343,43 @@ impl Cancel {
         Ok(())
     }
 
+    /// Moves straight to commitment (`Go`): false if a cancel came first (the caller must not
+    /// send `Go` then).
+    pub fn commit(&self) -> bool {
+        let mut gate = self.gate();
+        if self.is_cancelled() {
+            return false;
+        }
+        gate.sock = None;
+        gate.phase = Phase::Commit;
+        true
+    }
+
+    /// Whether the migration reached commitment (a cancel is refused from then on).
+    pub fn is_committed(&self) -> bool {
+        !self.phase().source_owns()
+    }
+
     /// Registers the socket to shut down on a cancel.
     pub fn set_socket(&self, s: Option<TcpStream>) {
         self.gate().sock = s;
+    }
+}
+
+#[cfg(test)]
+mod cancel_tests {
+    use super::Cancel;
+
+    #[test]
+    fn a_cancel_after_commit_is_refused_and_a_commit_after_cancel_too() {
+        let c = Cancel::default();
+        assert!(c.commit());
+        assert!(c.cancel().is_err(), "cancel after Go must be refused");
+        assert!(!c.is_cancelled());
+        let c = Cancel::default();
+        assert!(c.cancel().is_ok());
+        assert!(!c.commit(), "Go after a cancel must not be sent");
+        assert!(!c.is_committed());
     }
 }
 

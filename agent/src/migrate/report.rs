@@ -295,6 +295,10 @@ pub struct Verification {
     pub vcpus_equal: bool,
     /// ms the destination spent computing its digests (inside the downtime).
     pub dest_verify_ms: f64,
+    /// ms the source spent computing its digest (inside the downtime, alongside the
+    /// destination's).
+    #[serde(default)]
+    pub source_verify_ms: f64,
 }
 
 /// The final report of a successful migration.
@@ -308,8 +312,17 @@ pub struct Report {
     pub to: String,
     /// Whole migration, ms.
     pub total_ms: f64,
-    /// From vCPU pause on the source to vCPU run on the destination, ms.
+    /// From vCPU pause on the source to vCPU run on the destination, ms: the source's pause
+    /// to Go (its clock), Go's transit (half of the Go/Running exchange less the
+    /// destination's own time), Go to run (the destination's clock). Never negative.
     pub downtime_ms: f64,
+    /// Of the downtime, the time spent verifying digests at the pause (`--verify`), ms.
+    #[serde(default)]
+    pub verify_at_pause_ms: f64,
+    /// The downtime without that verification, ms (what a migration without `--verify`
+    /// would have paused for).
+    #[serde(default)]
+    pub downtime_without_verify_ms: f64,
     /// Time to pause the source vCPUs, ms.
     pub pause_ms: f64,
     /// Round trip measured at the start, µs.
@@ -371,6 +384,13 @@ impl Report {
             "  downtime        {:>10.2} ms (pause {:.2} ms, rtt {:.0} µs)",
             self.downtime_ms, self.pause_ms, self.rtt_us
         );
+        if self.verify_at_pause_ms > 0.0 {
+            let _ = writeln!(
+                s,
+                "  without verify  {:>10.2} ms ({:.2} ms of the downtime verified digests)",
+                self.downtime_without_verify_ms, self.verify_at_pause_ms
+            );
+        }
         let _ = writeln!(
             s,
             "  rounds          {:>10} ({})",

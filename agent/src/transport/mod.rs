@@ -25,26 +25,63 @@ pub enum IoPath {
     Plain,
 }
 
-/// Sets the socket options a migration stream wants.
+/// How long a peer may stay silent before the connection is declared dead: data unacknowledged
+/// this long (`TCP_USER_TIMEOUT`), or an idle connection whose keepalive probes go unanswered
+/// (one per second after one idle second, [`KEEPALIVE_PROBES`] of them). A cut link or a dead
+/// host is noticed within seconds in every phase, not after the minute-long read timeouts.
+pub const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Unanswered keepalive probes before an idle connection is dead.
+pub const KEEPALIVE_PROBES: libc::c_int = 4;
+
+fn setsockopt(
+    s: &std::net::TcpStream,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: setsockopt on a live socket fd with a pointer to a c_int and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            level,
+            opt,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the socket options a migration stream wants: no Nagle, 8 MiB buffers, and dead-peer
+/// detection within [`PEER_TIMEOUT`].
 pub fn tune_socket(s: &std::net::TcpStream) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let size: libc::c_int = 8 << 20;
     for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: setsockopt on a live socket fd with a pointer to a c_int and its size.
-        let r = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(s),
-                libc::SOL_SOCKET,
-                opt,
-                &size as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        setsockopt(s, libc::SOL_SOCKET, opt, size)?;
     }
+    setsockopt(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    setsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1)?;
+    setsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1)?;
+    setsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES)?;
+    setsockopt(
+        s,
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        PEER_TIMEOUT.as_millis() as libc::c_int,
+    )?;
     Ok(())
+}
+
+/// Whether `e` says the peer stopped answering (the kernel gave up on it).
+pub fn is_peer_silent(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ETIMEDOUT) | Some(libc::EHOSTUNREACH)
+    )
 }
 
 #[cfg(test)]

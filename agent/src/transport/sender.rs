@@ -43,8 +43,12 @@ impl std::fmt::Debug for FrameWriter {
 }
 
 impl FrameWriter {
-    /// A sender on `sock`; `bandwidth` caps it in bytes per second.
+    /// A sender on `sock`; `bandwidth` caps it in bytes per second (positive and finite).
     pub fn new(sock: TcpStream, path: IoPath, bandwidth: Option<f64>) -> std::io::Result<Self> {
+        let pacer = bandwidth
+            .map(Pacer::new)
+            .transpose()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let path = match path {
             IoPath::Plain => Path::Plain,
             IoPath::Uring => Path::Uring(Box::new(IoUring::new(8)?)),
@@ -60,7 +64,7 @@ impl FrameWriter {
             sock,
             path,
             inflight: None,
-            pacer: bandwidth.map(Pacer::new),
+            pacer,
             sent: 0,
         })
     }
@@ -101,11 +105,12 @@ impl FrameWriter {
         pages: &[PageRef<'_>],
     ) -> std::io::Result<()> {
         // SAFETY: the caller's contract is this function's.
-        unsafe { self.send_frame(head, pages, false) }
+        unsafe { self.send_frame(head, pages) }
     }
 
     /// Like [`FrameWriter::send_pages`], for a frame someone waits for (a post-copy answer):
-    /// it goes without waiting for the bandwidth limit, which the frames after it make up for.
+    /// the caller sends it before any queued push frame, and it waits for the bandwidth limit
+    /// like every frame, so `--bandwidth` is a cap in post-copy too.
     ///
     /// # Safety
     /// As [`FrameWriter::send_pages`].
@@ -115,7 +120,7 @@ impl FrameWriter {
         pages: &[PageRef<'_>],
     ) -> std::io::Result<()> {
         // SAFETY: the caller's contract is this function's.
-        unsafe { self.send_frame(head, pages, true) }
+        unsafe { self.send_frame(head, pages) }
     }
 
     /// How long until the bandwidth limit lets the next frame go (zero without a limit).
@@ -127,20 +132,11 @@ impl FrameWriter {
 
     /// # Safety
     /// As [`FrameWriter::send_pages`].
-    unsafe fn send_frame(
-        &mut self,
-        head: Vec<u8>,
-        pages: &[PageRef<'_>],
-        urgent: bool,
-    ) -> std::io::Result<()> {
+    unsafe fn send_frame(&mut self, head: Vec<u8>, pages: &[PageRef<'_>]) -> std::io::Result<()> {
         self.flush()?;
         let total = head.len() + pages.len() * PAGE_SIZE as usize;
         if let Some(p) = &mut self.pacer {
-            if urgent {
-                p.charge(total as u64);
-            } else {
-                p.wait(total as u64);
-            }
+            p.wait(total as u64);
         }
         let mut iov = Vec::with_capacity(pages.len() + 1);
         iov.push(libc::iovec {

@@ -48,15 +48,24 @@ pub(super) fn run(
         to.agent
     ));
     let _ = link.send(&msg::Running { resume_us });
-    released(link, &name)?;
+    released(link, &name, &vm)?;
     Ok(name)
 }
 
 /// Waits a little for the source's `Released`.
-pub(super) fn released(link: &mut Link, name: &str) -> Result<(), MigrateError> {
+pub(super) fn released(link: &mut Link, name: &str, vm: &Vm) -> Result<(), MigrateError> {
     link.reader.set_timeout(Duration::from_secs(10))?;
     match link.recv_in::<msg::Released>(Phase::Commit) {
         Ok(_) => tracing::info!(vm = %name, "source released the VM"),
+        Err(MigrateError::Peer(why)) => {
+            // The source refused this copy (its verification failed) and keeps its own: this
+            // one must not run on beside it.
+            vm.pause();
+            tracing::error!(vm = %name, cause = %why, "the source refused the VM after post-copy: paused here");
+            vm.devices().log_line(&format!(
+                "the source refused this copy after post-copy ({why}): paused; stop it with `vmig vm stop {name}`"
+            ));
+        }
         Err(e) => {
             tracing::warn!(vm = %name, cause = %e, "no release from the source (the VM runs here regardless)")
         }

@@ -346,7 +346,8 @@ pub(super) fn end_session(
             return Err(e);
         }
     }
-    commit::released(link, name)?;
+    let vm = s.vm.clone();
+    commit::released(link, name, &vm)?;
     Ok(name.to_string())
 }
 

@@ -3,7 +3,7 @@
 //! the VM (`Released`), or, after a post-copy switch, first serves the pages the destination
 //! still lacks (it keeps every page until the destination holds them all).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::precopy::Precopied;
 use super::stop_and_copy::Paused;
@@ -20,13 +20,24 @@ pub(super) fn go(
     paused: Paused,
 ) -> Result<Outcome, MigrateError> {
     let (out, vm) = (run.out, run.out.vm);
+    let t_go = Instant::now();
     let running = run
         .link
         .send(&msg::Go {})
         .and_then(|()| run.link.recv::<msg::Running>());
     let t_run = Instant::now();
     let running = running.map_err(|e| MigrateError::CommitUnknown(e.to_string()))?;
-    let downtime = (t_run - paused.t_pause).as_secs_f64() - pre.rtt.as_secs_f64() / 2.0;
+    let downtime = downtime_of(
+        t_go - paused.t_pause,
+        t_run - t_go,
+        Duration::from_micros(running.resume_us),
+    );
+    // The verification inside the pause: the longer of the two sides' digests (they run
+    // side by side).
+    let verify_at_pause = paused.verification.as_ref().map_or(0.0, |v| {
+        (v.dest_verify_ms.max(v.source_verify_ms) / 1e3).min(downtime.as_secs_f64())
+    });
+    let downtime = downtime.as_secs_f64();
     let t_detach = Instant::now();
     drop(pre.probes);
     tracing::debug!(
@@ -50,6 +61,8 @@ pub(super) fn go(
         from: out.agent.into(),
         to: run.dest_name.into(),
         downtime_ms: downtime * 1e3,
+        verify_at_pause_ms: verify_at_pause * 1e3,
+        downtime_without_verify_ms: (downtime - verify_at_pause) * 1e3,
         pause_ms: paused.pause.as_secs_f64() * 1e3,
         rtt_us: pre.rtt.as_secs_f64() * 1e6,
         pages_sent: rounds.iter().map(|r| r.pages).sum(),
@@ -99,4 +112,33 @@ pub(super) fn go(
         Some(&mut run.link),
         run.progress,
     ))
+}
+
+/// The downtime from each side's own events: the source's pause to its Go (`stop_to_go`,
+/// source clock), the destination's Go to its vCPUs running (`resume`, destination clock),
+/// and Go's transit, half of what the Go/Running exchange (`exchange`, source clock) took
+/// beyond the destination's own time. Every term is at least zero.
+fn downtime_of(stop_to_go: Duration, exchange: Duration, resume: Duration) -> Duration {
+    stop_to_go + exchange.saturating_sub(resume) / 2 + resume
+}
+
+#[cfg(test)]
+mod downtime_tests {
+    use super::downtime_of;
+    use std::time::Duration;
+
+    #[test]
+    fn downtime_adds_each_sides_own_interval_and_is_never_negative() {
+        let ms = Duration::from_millis;
+        // 10 ms paused before Go, a 4 ms exchange of which the destination took 2 ms to run
+        // the vCPUs: 1 ms each way on the wire.
+        assert_eq!(downtime_of(ms(10), ms(4), ms(2)), ms(13));
+        // A destination whose clock says it took longer than the whole exchange: no negative
+        // transit.
+        assert_eq!(downtime_of(ms(1), ms(2), ms(5)), ms(6));
+        assert_eq!(
+            downtime_of(Duration::ZERO, Duration::ZERO, Duration::ZERO),
+            Duration::ZERO
+        );
+    }
 }

@@ -35,7 +35,7 @@ use crate::vm::Vm;
 use crate::wire::messages as msg;
 
 pub(super) use postcopy::PUSH_WINDOW;
-pub use resume::{resume, rollback, Parked};
+pub use resume::{resume, rollback, Parked, ParkedWhy};
 
 /// What the source needs to know about the VM.
 #[derive(Debug)]
@@ -84,6 +84,7 @@ pub fn migrate(
     progress: &dyn Fn(Progress),
 ) -> Result<Outcome, MigrateError> {
     let t0 = Instant::now();
+    opts.validate()?;
     progress(Progress::new(ProgressPhase::Connecting, 0, 0, 0));
     #[allow(unused_mut)]
     let mut link = Link::connect(dest, opts)?;
@@ -100,9 +101,29 @@ pub fn migrate(
         progress,
         t0,
     };
-    let result = run.stages();
+    // A panic (a bug) must not strand the VM: before Go it is an error like any other, and the
+    // VM runs on here again; after Go the outcome is unknown and the VM stays paused.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.stages()))
+        .unwrap_or_else(|panic| {
+            let what = panic_message(&panic);
+            tracing::error!(panic = %what, "the migration thread panicked");
+            Err(if cancel.is_committed() {
+                MigrateError::CommitUnknown(format!("internal error after Go: {what}"))
+            } else {
+                MigrateError::Internal(what)
+            })
+        });
     cancel.set_socket(None);
     result.map_err(|e| run.fail(e))
+}
+
+/// The text of a caught panic.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 impl Run<'_> {
@@ -134,7 +155,7 @@ impl Run<'_> {
         let e = if self.cancel.is_cancelled() && owned {
             MigrateError::Cancelled
         } else {
-            self.link.explain(e)
+            self.link.explain(e).name_silent_peer(self.dest_name)
         };
         if !owned {
             return match e {

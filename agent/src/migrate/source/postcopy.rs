@@ -166,22 +166,24 @@ pub(super) fn serve(
         ),
         None => None,
     };
+    // As in pre-copy, a mismatch fails the migration before the source lets the VM go.
     let verification = match (source_sum, done.memory_digest) {
+        (Some(sm), Some(dm)) if sm == dm => Some(Verification {
+            memory_equal: true,
+            source_memory: sm,
+            dest_memory: dm,
+            ..Default::default()
+        }),
         (Some(sm), Some(dm)) => {
-            let equal = sm == dm;
-            if !equal {
-                tracing::error!(source = %sm, dest = %dm, "post-copy memory digests differ");
-            }
-            Some(Verification {
-                memory_equal: equal,
-                source_memory: sm,
-                dest_memory: dm,
-                ..Default::default()
-            })
+            tracing::error!(source = %sm, dest = %dm, "post-copy memory digests differ");
+            return Err(MigrateError::Verify(format!(
+                "post-copy memory digests differ (source {sm}, destination {dm})"
+            )));
         }
         (Some(_), None) => {
-            tracing::error!("the destination sent no post-copy memory digest");
-            None
+            return Err(MigrateError::Verify(
+                "the destination sent no post-copy memory digest".into(),
+            ))
         }
         _ => None,
     };

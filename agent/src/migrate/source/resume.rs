@@ -30,14 +30,31 @@ pub struct Parked {
     bytes: u64,
     /// Connections lost during post-copy.
     interruptions: u32,
-    /// Why the last connection failed.
+    /// Why the last connection failed (or what verification found).
     reason: String,
+    /// Why it is parked.
+    why: ParkedWhy,
+}
+
+/// Why a post-copy out is parked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParkedWhy {
+    /// Its connection was lost and reconnecting failed within the resume window.
+    Interrupted,
+    /// Every page arrived but `--verify` found the destination's memory differs: the VM was
+    /// not released; the destination paused its copy.
+    VerifyFailed,
 }
 
 impl Parked {
     /// The destination agent's name.
     pub fn dest_name(&self) -> &str {
         &self.dest_name
+    }
+
+    /// Why it is parked.
+    pub fn why(&self) -> ParkedWhy {
+        self.why
     }
 
     /// Pages the destination lacked at the last contact.
@@ -54,6 +71,13 @@ impl Parked {
 impl std::fmt::Display for Parked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (vm, dest) = (&self.vm, &self.dest_name);
+        if self.why == ParkedWhy::VerifyFailed {
+            return write!(
+                f,
+                "post-copy to {dest} failed verification ({}): the VM was not released; {dest} paused its copy; {vm} is paused here with its memory as of the switch: `vmig migrate --rollback {vm}` runs it here again (what it did on {dest} is lost), then `vmig vm stop {vm}` on {dest} removes the bad copy",
+                self.reason
+            );
+        }
         write!(
             f,
             "post-copy to {dest} interrupted ({}); the VM runs on {dest} and waits for pages held here ({} missing at the last contact): run `vmig migrate --resume {vm}` once {dest} is reachable (or `vmig migrate --rollback {vm}` if {dest} is lost)",
@@ -92,6 +116,7 @@ pub(super) fn park(run: &Run<'_>, session: u64, stale: Vec<u64>, report: Report)
         bytes: 0,
         interruptions: 0,
         reason: String::new(),
+        why: ParkedWhy::Interrupted,
     })
 }
 
@@ -119,6 +144,7 @@ pub(super) fn finish(
     let mut failure = match first {
         Some(link) => match serve_link(out, link, &mut parked, progress) {
             Ok(r) => return Outcome::Committed(Box::new(r)),
+            Err(MigrateError::Verify(why)) => return refused_copy(out, parked, why),
             Err(e) => Some(e),
         },
         None => None,
@@ -140,16 +166,32 @@ pub(super) fn finish(
             .and_then(|mut link| serve_link(out, &mut link, &mut parked, progress));
         match attempt {
             Ok(r) => return Outcome::Committed(Box::new(r)),
+            Err(MigrateError::Verify(why)) => return refused_copy(out, parked, why),
             Err(e) => failure = Some(e),
         }
     }
-    let e = failure.expect("the loop ends after a failure");
+    let e = failure
+        .expect("the loop ends after a failure")
+        .name_silent_peer(&parked.dest_name);
     tracing::error!(cause = %e, missing = parked.stale.len(), "post-copy interrupted: the VM stays paused on the source with all its memory");
     out.vm.devices().log_line(&format!(
         "post-copy to {} interrupted ({e}): paused here with all its memory",
         parked.dest_name
     ));
     parked.reason = e.to_string();
+    Outcome::Parked(parked)
+}
+
+/// Post-copy completed but verification failed: the VM stays paused here with its memory as
+/// of the switch (parked, for `--rollback`), the destination's copy is fenced.
+fn refused_copy(out: &Outgoing<'_>, mut parked: Box<Parked>, why: String) -> Outcome {
+    tracing::error!(cause = %why, "post-copy verification failed: the VM is not released");
+    out.vm.devices().log_line(&format!(
+        "post-copy to {} failed verification ({why}): paused here with all its memory",
+        parked.dest_name
+    ));
+    parked.why = ParkedWhy::VerifyFailed;
+    parked.reason = why;
     Outcome::Parked(parked)
 }
 
@@ -201,6 +243,12 @@ fn serve_link(
 ) -> Result<Report, MigrateError> {
     let served = postcopy::serve(out.vm, link, &parked.opts, &parked.stale, progress);
     parked.bytes += link.writer.bytes_sent();
+    if let Err(MigrateError::Verify(why)) = &served {
+        // Not released: the destination fences (pauses) its copy on this Abort.
+        let _ = link.send(&msg::Abort {
+            reason: format!("verification failed: {why}"),
+        });
+    }
     let (mut stats, v) = served?;
     stats.interruptions = parked.interruptions;
     let _ = link.send(&msg::Released {});

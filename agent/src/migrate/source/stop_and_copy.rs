@@ -101,12 +101,24 @@ fn last_pages(
     let source_vcpus = send_state(run.out, link, opts, "stop-and-copy")?;
     stats.secs = t.elapsed().as_secs_f64();
     stats.bandwidth = stats.bytes as f64 / stats.secs;
-    let source_memory = if opts.verify {
-        Some(vm.ram().digest()?)
-    } else {
-        None
-    };
+    // The source hashes its paused memory while the destination hashes its own.
+    let source_digest = opts.verify.then(|| {
+        let ram = vm.ram().clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            ram.digest().map(|d| (d, t.elapsed().as_secs_f64() * 1e3))
+        })
+    });
     let ready: msg::Ready = link.recv()?;
+    let (source_memory, source_verify_ms) = match source_digest {
+        Some(h) => {
+            let (d, ms) = h
+                .join()
+                .map_err(|_| MigrateError::Verify("the digest thread panicked".into()))??;
+            (Some(d), ms)
+        }
+        None => (None, 0.0),
+    };
     let verification = match (source_memory, &ready.memory_digest, &ready.vcpu_digest) {
         (Some(sm), Some(dm), Some(dv)) => {
             let v = Verification {
@@ -117,6 +129,7 @@ fn last_pages(
                 source_vcpus,
                 dest_vcpus: dv.clone(),
                 dest_verify_ms: ready.verify_ms,
+                source_verify_ms,
             };
             if !v.memory_equal || !v.vcpus_equal {
                 return Err(MigrateError::Verify(format!(
