@@ -5,6 +5,7 @@
 //! ([`wire`], [`transport`], [`migrate`]).
 
 pub mod api;
+pub mod certs;
 pub mod dirty;
 pub mod guest;
 pub mod inventory;

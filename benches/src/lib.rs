@@ -39,6 +39,8 @@ impl Cluster {
         let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
         let agents: Vec<(&str, u16)> = names.iter().copied().zip(ports.iter().copied()).collect();
         std::fs::write(dir.join("hosts.toml"), local::hosts_text(&agents)).expect("hosts file");
+        let pki = dir.join("pki");
+        vmig::certs::cluster(&pki, names).expect("the cluster's certificates");
         let mut c = Cluster {
             dir: dir.clone(),
             exe: exe.to_path_buf(),
@@ -52,6 +54,7 @@ impl Cluster {
                 datastore: dir.join(n),
                 hosts: dir.join("hosts.toml"),
                 run_dir: dir.join("run"),
+                pki_dir: Some(pki.clone()),
             }
             .command(exe)
             .env("VMIG_LOG", "warn")

@@ -18,6 +18,12 @@ pub enum ClientError {
         /// Cause.
         cause: std::io::Error,
     },
+    /// The agent's socket refused this user (file mode or credentials check).
+    #[error("permission denied on the agent's control socket {path}: only root (or the agent's --control-group) may drive it")]
+    Denied {
+        /// Socket.
+        path: PathBuf,
+    },
     /// I/O on the socket.
     #[error("agent connection: {0}")]
     Io(#[from] std::io::Error),
@@ -41,9 +47,14 @@ impl Call {
     pub async fn start(path: &Path, req: &Request) -> Result<Call, ClientError> {
         let s = UnixStream::connect(path)
             .await
-            .map_err(|cause| ClientError::Connect {
-                path: path.to_path_buf(),
-                cause,
+            .map_err(|cause| match cause.kind() {
+                std::io::ErrorKind::PermissionDenied => ClientError::Denied {
+                    path: path.to_path_buf(),
+                },
+                _ => ClientError::Connect {
+                    path: path.to_path_buf(),
+                    cause,
+                },
             })?;
         let (r, mut w) = s.into_split();
         let mut line = serde_json::to_vec(req)?;

@@ -15,24 +15,25 @@ use super::{cpu_digest, MigrateError, PageSum, PostcopyStats};
 use crate::dirty::PageBitmap;
 use crate::guest::layout::PAGE_SIZE;
 use crate::inventory::{self, Inventory, Reservation, VmDef};
-use crate::transport::{tune_socket, FrameReader, FrameWriter, IoPath};
+use crate::transport::{tune_socket, Channel, FrameReader, FrameSink, FrameWriter, IoPath};
 use crate::vm::Vm;
 use crate::wire::{self, messages as msg, pages, Frame, Kind, WireError};
 
 /// How long the destination waits for the next frame before giving up.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Receives one incoming migration on `sock`. On any failure nothing stays registered and
-/// the staged files are removed (the reservation's drop).
+/// Receives one incoming migration on `ch` (secured by the caller). On any failure nothing
+/// stays registered and the staged files are removed (the reservation's drop).
 pub fn receive(
-    sock: TcpStream,
+    ch: Channel,
     inv: Arc<Inventory>,
     agent: &str,
     io: IoPath,
 ) -> Result<String, MigrateError> {
-    tune_socket(&sock)?;
-    let mut reader = FrameReader::new(sock.try_clone()?, io, IDLE_TIMEOUT)?;
-    let mut writer = FrameWriter::new(sock.try_clone()?, IoPath::Plain, None)?;
+    let sock = ch.socket();
+    tune_socket(sock)?;
+    let mut reader = FrameReader::on(&ch, io, IDLE_TIMEOUT)?;
+    let mut writer = FrameWriter::on(&ch, IoPath::Plain, None)?;
     let result = run(&mut reader, &mut writer, &inv, agent);
     if let Err(e) = &result {
         tracing::warn!(cause = %e, "incoming migration failed; nothing kept");
@@ -48,7 +49,7 @@ pub fn receive(
         // drain what it still sends for a moment (closing with unread data would reset).
         let _ = sock.shutdown(std::net::Shutdown::Write);
         let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
-        let mut s = &sock;
+        let mut s = sock;
         let mut buf = vec![0u8; 1 << 16];
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(2) {
@@ -89,6 +90,12 @@ fn run(
 ) -> Result<String, MigrateError> {
     // 1. Pre-migration checks.
     let hello: msg::Hello = verified(reader)?.expect(Kind::Hello)?;
+    if let Some(peer) = reader.peer().filter(|p| *p != hello.agent) {
+        return Err(MigrateError::Peer(format!(
+            "the source says it is {:?} but its certificate names {peer}",
+            hello.agent
+        )));
+    }
     if hello.version != wire::VERSION {
         return Err(WireError::Version { got: hello.version }.into());
     }
@@ -258,7 +265,7 @@ fn commit(
 /// loop its control frames.
 struct Uplink {
     /// Whole control frames are written with `write_all` under the lock.
-    sock: Mutex<TcpStream>,
+    sock: Mutex<FrameSink>,
     /// The connection failed: faults wait for the next one.
     down: AtomicBool,
 }
@@ -374,6 +381,7 @@ fn run_postcopy(
     let name = def.name.clone();
     commit(inv, reservation, def, vm.clone())?;
     let key = (inv.datastore().to_path_buf(), name.clone());
+    super::owner::record(&key, reader.peer());
     let mut session = Session {
         id: pc.session,
         vm,
@@ -476,7 +484,7 @@ fn serve_session(
 ) -> Result<msg::PostcopyDone, MigrateError> {
     // Every earlier frame was flushed by `send_bytes`: the uplink owns the direction now.
     let up = Arc::new(Uplink {
-        sock: Mutex::new(writer.socket().try_clone()?),
+        sock: Mutex::new(writer.sink()?),
         down: AtomicBool::new(false),
     });
     s.mem.set_source(Arc::new(NetSource {
@@ -621,6 +629,9 @@ fn resume_session(
     let key = (inv.datastore().to_path_buf(), r.name.clone());
     let t = Instant::now();
     let refusal = loop {
+        if let Err(why) = super::owner::check(&key, reader.peer()) {
+            break why;
+        }
         let mut map = sessions();
         match map.remove(&key) {
             Some(Slot::Parked(s)) if s.id == r.session => {

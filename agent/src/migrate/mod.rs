@@ -8,6 +8,7 @@
 pub mod controller;
 pub mod dest;
 pub mod holdback;
+mod owner;
 pub mod probe;
 #[cfg(test)]
 mod probe_tests;
@@ -166,6 +167,9 @@ pub enum MigrateError {
         /// Cause.
         cause: std::io::Error,
     },
+    /// The secure channel to the peer could not be set up (mutual TLS refused or failed).
+    #[error(transparent)]
+    Tls(#[from] crate::transport::tls::TlsError),
     /// Socket failure.
     #[error("connection failed: {0}")]
     Io(#[from] std::io::Error),

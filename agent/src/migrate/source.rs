@@ -15,7 +15,7 @@ use super::{
 };
 use crate::guest::layout::PAGE_SIZE;
 use crate::inventory::{self, VmDef};
-use crate::transport::{tune_socket, FrameReader, FrameWriter, IoPath};
+use crate::transport::{tune_socket, FrameReader, FrameWriter, IoPath, Security};
 use crate::vm::Vm;
 use crate::wire::{self, messages as msg, pages, Frame, Header, Kind};
 
@@ -35,6 +35,8 @@ pub struct Outgoing<'a> {
     pub dir: &'a Path,
     /// This agent's name.
     pub agent: &'a str,
+    /// How to secure the connections to the destination (mutual TLS, or `--insecure`).
+    pub security: &'a Security,
 }
 
 struct Link {
@@ -44,8 +46,13 @@ struct Link {
 }
 
 impl Link {
-    /// Connects to the agent at `dest`.
-    fn connect(dest: SocketAddr, opts: &MigrateOptions) -> Result<Link, MigrateError> {
+    /// Connects to the agent at `dest` (host `dest_name`), through mutual TLS unless insecure.
+    fn connect(
+        security: &Security,
+        dest: SocketAddr,
+        dest_name: &str,
+        opts: &MigrateOptions,
+    ) -> Result<Link, MigrateError> {
         let sock = TcpStream::connect_timeout(&dest, Duration::from_secs(5)).map_err(|cause| {
             MigrateError::Connect {
                 addr: dest.to_string(),
@@ -53,10 +60,11 @@ impl Link {
             }
         })?;
         tune_socket(&sock)?;
+        let ch = security.connect(sock, dest, dest_name)?;
         let bandwidth = opts.bandwidth_mibs.map(|m| m * 1048576.0);
         Ok(Link {
-            writer: FrameWriter::new(sock.try_clone()?, opts.io, bandwidth)?,
-            reader: FrameReader::new(sock, IoPath::Plain, REPLY_TIMEOUT)?,
+            writer: FrameWriter::on(&ch, opts.io, bandwidth)?,
+            reader: FrameReader::on(&ch, IoPath::Plain, REPLY_TIMEOUT)?,
             inject: None,
         })
     }
@@ -102,7 +110,7 @@ pub fn migrate(
 ) -> Result<Report, MigrateError> {
     let t0 = Instant::now();
     progress(Progress::new("connecting", 0, 0, 0));
-    let mut link = Link::connect(dest, opts)?;
+    let mut link = Link::connect(out.security, dest, dest_name, opts)?;
     link.inject = opts.inject;
     cancel.set_socket(Some(link.writer.socket().try_clone()?));
     let vm = out.vm;
@@ -505,7 +513,7 @@ fn reconnect(
     parked: &mut Parked,
     progress: &dyn Fn(Progress),
 ) -> Result<Link, MigrateError> {
-    let mut link = Link::connect(parked.dest, &parked.opts)?;
+    let mut link = Link::connect(out.security, parked.dest, &parked.dest_name, &parked.opts)?;
     link.send(Kind::Hello, &hello(out))?;
     let _: msg::Welcome = link.recv()?.expect(Kind::Welcome)?;
     link.send(
@@ -877,7 +885,7 @@ fn readable(sock: &TcpStream, wait: Duration) -> Result<bool, MigrateError> {
 /// The destination's next post-copy frame, if one arrives within `wait`. Read on the serving
 /// thread itself: a page request is answered with no hand-off between threads.
 fn next_event(link: &mut Link, wait: Duration) -> Result<Option<PcEvent>, MigrateError> {
-    if !readable(link.writer.socket(), wait)? {
+    if !link.reader.buffered() && !readable(link.writer.socket(), wait)? {
         return Ok(None);
     }
     let f = link.reader.read_frame()?;

@@ -104,6 +104,7 @@ pub(super) fn migrate(
         def: &def,
         dir: &dir,
         agent: "src",
+        security: &crate::transport::Security::Insecure,
     };
     let phases = Mutex::new(Vec::<String>::new());
     let progress = |ev: super::Progress| record(&phases, ev);
@@ -157,7 +158,12 @@ impl Incoming {
                         sock.set_nonblocking(false).unwrap();
                         let dst = dst.clone();
                         conns.push(std::thread::spawn(move || {
-                            super::dest::receive(sock, dst, "dst", IoPath::Auto)
+                            super::dest::receive(
+                                crate::transport::Channel::plain(sock),
+                                dst,
+                                "dst",
+                                IoPath::Auto,
+                            )
                         }));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -374,6 +380,7 @@ fn postcopy_link_cut_parks_then_resume_finishes_it() {
         def: &def,
         dir: &dir,
         agent: "src",
+        security: &crate::transport::Security::Insecure,
     };
     let phases = Mutex::new(Vec::<String>::new());
     let progress = |ev: super::Progress| record(&phases, ev);

@@ -74,7 +74,12 @@ fn migrate_once(root: &Path, run: usize, w: &Workload, holdback_rounds: u32) -> 
     let dst2: Arc<Inventory> = dst.clone();
     let receiver = std::thread::spawn(move || {
         let (sock, _) = listener.accept().expect("accept");
-        dest::receive(sock, dst2, "dst", IoPath::Auto)
+        dest::receive(
+            vmig::transport::Channel::plain(sock),
+            dst2,
+            "dst",
+            IoPath::Auto,
+        )
     });
     let (def, vm) = src.begin_migration(w.name).expect("begin");
     let folder = src.dir(w.name);
@@ -83,6 +88,7 @@ fn migrate_once(root: &Path, run: usize, w: &Workload, holdback_rounds: u32) -> 
         def: &def,
         dir: &folder,
         agent: "src",
+        security: &vmig::transport::Security::Insecure,
     };
     let opts = MigrateOptions {
         bandwidth_mibs: Some(40.0),
