@@ -590,6 +590,22 @@ impl Cluster {
         }
     }
 
+    /// Rewrites the hosts file: `name = "127.0.0.1:port"` for each entry. Agents read it at
+    /// their start: [`Cluster::restart`] the ones that must see the change.
+    pub fn write_hosts(&self, entries: &[(&str, u16)]) {
+        fs::write(&self.hosts, local::hosts_text(entries)).expect("hosts file");
+    }
+
+    /// Starts the agent of `host` again with other options (same port and datastore).
+    pub fn restart_with(&mut self, host: &str, opts: AgentOpts) {
+        self.agents
+            .iter_mut()
+            .find(|a| a.name == host)
+            .unwrap_or_else(|| panic!("no agent {host}"))
+            .opts = opts;
+        self.restart(host);
+    }
+
     /// Starts the agent of `host` again (after [`Cluster::kill`]), same port and datastore.
     pub fn restart(&mut self, host: &str) {
         self.kill(host);

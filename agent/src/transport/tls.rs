@@ -519,6 +519,9 @@ fn explain(e: &rustls::Error) -> String {
         E::AlertReceived(AlertDescription::UnknownCA) => {
             "the peer refused this agent's certificate: not signed by the peer's cluster CA"
         }
+        E::AlertReceived(AlertDescription::DecryptError) => {
+            "the peer could not verify this agent's certificate: not signed by the peer's cluster CA?"
+        }
         E::AlertReceived(AlertDescription::BadCertificate) => {
             "the peer refused this agent's certificate"
         }
@@ -526,7 +529,8 @@ fn explain(e: &rustls::Error) -> String {
             "the peer requires a client certificate and got none"
         }
         E::NoCertificatesPresented => "the peer presented no certificate",
-        E::InvalidCertificate(CertificateError::UnknownIssuer) => {
+        #[allow(deprecated)]
+        E::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature) => {
             "the peer's certificate is not signed by this cluster's CA"
         }
         E::InvalidCertificate(
