@@ -24,6 +24,9 @@ pub enum ClientError {
         /// Socket.
         path: PathBuf,
     },
+    /// The agent refused this client before reading its request.
+    #[error("{0}")]
+    Refused(String),
     /// I/O on the socket.
     #[error("agent connection: {0}")]
     Io(#[from] std::io::Error),
@@ -59,11 +62,17 @@ impl Call {
         let (r, mut w) = s.into_split();
         let mut line = serde_json::to_vec(req)?;
         line.push(b'\n');
-        w.write_all(&line).await?;
-        Ok(Call {
-            lines: BufReader::new(r).lines(),
-            _write: w,
-        })
+        let mut lines = BufReader::new(r).lines();
+        if let Err(e) = w.write_all(&line).await {
+            // An agent that refused this client said why before closing: read that.
+            if let Ok(Some(l)) = lines.next_line().await {
+                if let Ok(Reply::Error(why)) = serde_json::from_str::<Reply>(&l) {
+                    return Err(ClientError::Refused(why));
+                }
+            }
+            return Err(e.into());
+        }
+        Ok(Call { lines, _write: w })
     }
 
     /// The next reply line.
