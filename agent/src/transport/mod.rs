@@ -7,6 +7,8 @@ mod pacer;
 mod receiver;
 mod sender;
 pub mod tls;
+#[cfg(test)]
+mod tls_tests;
 
 use serde::{Deserialize, Serialize};
 
