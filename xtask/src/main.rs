@@ -25,7 +25,8 @@ fn main() {
                  \n  bench          migration benchmarks (release), ratios against loopback TCP,\
                  \n                 then the probe overhead and hot-page holdback experiments\
                  \n  bench probes   only the BPF probe overhead (guest dirtying rate with/without)\
-                 \n  bench holdback only the hot-page holdback experiment (bytes sent, downtime)"
+                 \n  bench holdback only the hot-page holdback experiment (bytes sent, downtime)\
+                 \n  bench tls      only the cost of mutual TLS (sender throughput, downtime) vs plaintext"
             );
             task == "help"
         }
@@ -131,7 +132,7 @@ fn bench(rest: &[String]) -> bool {
     let only = rest
         .first()
         .map(String::as_str)
-        .filter(|a| matches!(*a, "probes" | "holdback"));
+        .filter(|a| matches!(*a, "probes" | "holdback" | "tls"));
     if let Some(bin) = only {
         return bench_bin(bin, &rest[1..]);
     }
@@ -140,7 +141,10 @@ fn bench(rest: &[String]) -> bool {
     if !sh(b) {
         return false;
     }
-    bench_bin("migration", rest) && bench_bin("probes", &[]) && bench_bin("holdback", &[])
+    bench_bin("migration", rest)
+        && bench_bin("probes", &[])
+        && bench_bin("holdback", &[])
+        && bench_bin("tls", &[])
 }
 
 fn bench_bin(bin: &str, rest: &[String]) -> bool {
