@@ -349,3 +349,32 @@ fn e2e_tls_replayed_stream_is_refused() {
     );
     c.assert_clean("vm1", "hostC");
 }
+
+/// Both agents `--insecure` (they agree): plaintext over writev one way and io_uring's
+/// zero-copy sender the other, verified.
+#[test]
+fn e2e_insecure_agents_migrate_in_plaintext_over_both_io_paths() {
+    let c = Cluster::new(&[
+        ("hostA", AgentOpts::insecure()),
+        ("hostB", AgentOpts::insecure()),
+    ]);
+    start_vm(&c);
+    let r = c.migrate("hostA", "vm1", "hostB", &["--io", "plain"]);
+    c.assert_migrated(&r, "vm1", "hostA", "hostB");
+    assert_eq!(r["io_path"], "plain", "{r:#}");
+    let back = c.migrate("hostB", "vm1", "hostA", &["--io", "uring"]);
+    c.assert_migrated(&back, "vm1", "hostB", "hostA");
+    assert_eq!(back["io_path"], "io_uring", "{back:#}");
+}
+
+/// `--io uring` over TLS is refused with the reason (it would send guest pages in clear), and
+/// the VM stays.
+#[test]
+fn e2e_tls_refuses_the_plaintext_io_uring_sender() {
+    let c = Cluster::new(&[("hostA", AgentOpts::new()), ("hostB", AgentOpts::new())]);
+    start_vm(&c);
+    let o = c.migrate_raw("hostA", "vm1", "hostB", &["--io", "uring"]);
+    assert!(!o.success(), "{o}");
+    assert!(o.stderr.contains("needs --insecure"), "{o}");
+    c.assert_stayed("vm1", "hostA", Some("hostB"), true);
+}

@@ -194,7 +194,7 @@ pub struct Report {
     pub memory_touched_bytes: u64,
     /// Average bandwidth over the whole migration, MiB/s.
     pub achieved_mibs: f64,
-    /// "io_uring" or "plain".
+    /// "tls" (encrypted, mutual TLS), or under `--insecure` "io_uring" or "plain".
     pub io_path: String,
     /// "ring" or "bitmap".
     pub dirty_tracking: String,

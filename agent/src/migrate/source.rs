@@ -336,7 +336,9 @@ fn run(
         stop_reason,
         memory_bytes: vm.ram().size(),
         memory_touched_bytes: touched * PAGE_SIZE,
-        io_path: if link.writer.uses_uring() {
+        io_path: if link.writer.encrypted() {
+            "tls"
+        } else if link.writer.uses_uring() {
             "io_uring"
         } else {
             "plain"

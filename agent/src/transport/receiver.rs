@@ -11,6 +11,9 @@ use super::tls::{Channel, TlsReader};
 use super::IoPath;
 use crate::wire::{Frame, Header, WireError, HEADER_LEN};
 
+/// A frame's payload buffer grows by at most this much at a time, as its bytes arrive.
+const ALLOC_STEP: usize = 4 << 20;
+
 /// Errors receiving a frame.
 #[derive(Debug, thiserror::Error)]
 pub enum RecvError {
@@ -110,8 +113,15 @@ impl FrameReader {
         let mut h = [0u8; HEADER_LEN];
         let r = self.read_exact(&mut h, deadline).and_then(|_| {
             let header = Header::parse(&h)?;
-            let mut payload = vec![0u8; header.payload_len as usize];
-            self.read_exact(&mut payload, deadline)?;
+            // Memory follows the bytes that arrive: a header announcing 16 MiB does not get
+            // 16 MiB before they come.
+            let len = header.payload_len as usize;
+            let mut payload = Vec::new();
+            while payload.len() < len {
+                let start = payload.len();
+                payload.resize(start + (len - start).min(ALLOC_STEP), 0);
+                self.read_exact(&mut payload[start..], deadline)?;
+            }
             Ok(Frame { header, payload })
         });
         if self.shortened {
