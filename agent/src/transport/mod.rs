@@ -5,6 +5,7 @@
 
 mod pacer;
 mod receiver;
+mod record;
 mod sender;
 pub mod tls;
 #[cfg(test)]

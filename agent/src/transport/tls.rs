@@ -40,6 +40,7 @@ use rustls::{
     SignatureScheme,
 };
 
+use super::record::{Opener, Sealer};
 use crate::certs;
 use crate::wire;
 
@@ -47,8 +48,6 @@ use crate::wire;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The byte the destination sends once it accepted the source's certificate.
 const ACCEPTED: u8 = 0xA5;
-/// Raw bytes read from the socket at a time.
-const RAW_CHUNK: usize = 64 << 10;
 
 /// Errors setting up or running a secure channel.
 #[derive(Debug, thiserror::Error)]
@@ -284,7 +283,7 @@ impl TlsConfig {
             WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
                 .build()
                 .map_err(|e| TlsError::Config(e.to_string()))?;
-        let client = ClientConfig::builder_with_provider(provider.clone())
+        let mut client = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(cfg)?
             .with_webpki_verifier(server_verifier)
@@ -304,6 +303,9 @@ impl TlsConfig {
             .map_err(cfg)?;
         // No resumption: every connection is a full handshake with both certificates.
         server.send_tls13_tickets = 0;
+        // After the handshake the record layer runs on the session keys (`record`).
+        server.enable_secret_extraction = true;
+        client.enable_secret_extraction = true;
         Ok(TlsConfig {
             name: name.into(),
             hosts: hosts.clone(),
@@ -340,125 +342,51 @@ impl TlsConfig {
     }
 }
 
-/// A shared TLS session: the connection state under a lock, and the socket.
-struct Session {
-    conn: Mutex<Connection>,
-    /// Socket writes, in the order their records were made (held across the write).
-    out: Mutex<(TcpStream, Vec<u8>)>,
-    suite: String,
-}
-
-impl Session {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Encrypts `parts` as one run of records and writes them.
-    fn write_parts(&self, parts: &[&[u8]]) -> io::Result<()> {
-        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
-        let (sock, buf) = &mut *out;
-        buf.clear();
-        {
-            let mut c = self.lock();
-            for p in parts {
-                c.writer().write_all(p)?;
-            }
-            while c.wants_write() {
-                c.write_tls(buf)?;
-            }
-        }
-        let r = sock.write_all(buf);
-        if buf.capacity() > 4 << 20 {
-            *buf = Vec::new();
-        }
-        r
-    }
-}
-
-/// The read side of a TLS session, owned by one [`FrameReader`](super::FrameReader).
-pub(crate) struct TlsReader {
-    session: Arc<Session>,
-    sock: TcpStream,
-    raw: Box<[u8]>,
-    pos: usize,
-    len: usize,
-}
+/// The read side of a TLS channel, owned by one [`FrameReader`](super::FrameReader).
+pub(crate) struct TlsReader(Opener);
 
 impl TlsReader {
     /// Reads decrypted bytes; Ok(0) at the end of the stream.
     pub(crate) fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            {
-                let mut c = self.session.lock();
-                match c.reader().read(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
-                    Err(e) => return Err(e),
-                }
-                if self.pos < self.len {
-                    let n = c.read_tls(&mut &self.raw[self.pos..self.len])?;
-                    self.pos += n;
-                    c.process_new_packets()
-                        .map_err(|e| io::Error::other(explain(&e)))?;
-                    continue;
-                }
-            }
-            // Nothing decrypted and nothing pending: wait for the socket (unlocked).
-            let n = match self.sock.read(&mut self.raw) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            if n == 0 {
-                // The peer closed: tell rustls (an empty read marks the end).
-                let mut c = self.session.lock();
-                c.read_tls(&mut &[][..])?;
-                return match c.reader().read(buf) {
-                    Ok(n) => Ok(n),
-                    Err(_) => Ok(0),
-                };
-            }
-            (self.pos, self.len) = (0, n);
-        }
+        self.0.read(buf)
     }
 
     /// Whether bytes are already here (decrypted or not) that the socket will not signal.
     pub(crate) fn buffered(&self) -> bool {
-        if self.pos < self.len {
-            return true;
-        }
-        let mut c = self.session.lock();
-        c.process_new_packets()
-            .map(|s| s.plaintext_bytes_to_read() > 0)
-            .unwrap_or(true)
+        self.0.buffered()
     }
 }
 
-/// A writer of whole frames onto a TLS session (cloneable: the post-copy uplink has one).
+/// The write side of a TLS channel (cloneable: the post-copy uplink has one). Whole frames
+/// are sealed and written under its lock, so frames of several writers never interleave.
 #[derive(Clone)]
-pub(crate) struct TlsWriter(Arc<Session>);
+pub(crate) struct TlsWriter(Arc<Mutex<Sealer>>);
 
 impl TlsWriter {
     /// Encrypts and sends `parts` (one frame).
     pub(crate) fn send(&self, parts: &[&[u8]]) -> io::Result<()> {
-        self.0.write_parts(parts)
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .send(parts)
     }
 }
 
-/// A connection to another agent, after the handshake: plaintext, or a TLS session with the
-/// peer's verified host name.
+/// A connection to another agent, after the handshake: plaintext, or TLS with the peer's
+/// verified host name. Each direction has its own keys (see [`super::record`]).
 pub struct Channel {
     sock: TcpStream,
-    session: Option<Arc<Session>>,
+    tx: Option<TlsWriter>,
+    rx: Mutex<Option<Opener>>,
     peer: Option<String>,
+    suite: Option<String>,
 }
 
 impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Channel")
             .field("peer", &self.peer)
-            .field("tls", &self.session.as_ref().map(|s| s.suite.clone()))
+            .field("tls", &self.suite)
             .finish()
     }
 }
@@ -468,8 +396,10 @@ impl Channel {
     pub fn plain(sock: TcpStream) -> Channel {
         Channel {
             sock,
-            session: None,
+            tx: None,
+            rx: Mutex::new(None),
             peer: None,
+            suite: None,
         }
     }
 
@@ -485,24 +415,56 @@ impl Channel {
 
     /// The negotiated cipher suite (None in plaintext).
     pub fn suite(&self) -> Option<&str> {
-        self.session.as_ref().map(|s| s.suite.as_str())
+        self.suite.as_deref()
     }
 
+    /// The channel's reader (TLS: there is one, and this takes it).
     pub(crate) fn tls_reader(&self) -> io::Result<Option<TlsReader>> {
-        match &self.session {
-            None => Ok(None),
-            Some(s) => Ok(Some(TlsReader {
-                session: s.clone(),
-                sock: self.sock.try_clone()?,
-                raw: vec![0u8; RAW_CHUNK].into_boxed_slice(),
-                pos: 0,
-                len: 0,
-            })),
+        if self.tx.is_none() {
+            return Ok(None);
         }
+        self.rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .map(|o| Some(TlsReader(o)))
+            .ok_or_else(|| io::Error::other("the TLS channel's reader is taken already"))
     }
 
     pub(crate) fn tls_writer(&self) -> Option<TlsWriter> {
-        self.session.as_ref().map(|s| TlsWriter(s.clone()))
+        self.tx.clone()
+    }
+
+    /// Hands the established session's keys to the record layer (rustls is done).
+    fn established(conn: Connection, sock: TcpStream, peer: String) -> Result<Channel, TlsError> {
+        let suite = conn
+            .negotiated_cipher_suite()
+            .map(|s| format!("{:?}", s.suite()))
+            .unwrap_or_default();
+        let err = |why: String| TlsError::Handshake {
+            peer: peer.clone(),
+            why,
+        };
+        let secrets = conn
+            .dangerous_extract_secrets()
+            .map_err(|e| err(format!("cannot take over the session keys: {e}")))?;
+        let io = |e: io::Error| err(e.to_string());
+        let tx =
+            Sealer::new(secrets.tx.0, secrets.tx.1, sock.try_clone().map_err(io)?).map_err(io)?;
+        let rx = Opener::new(
+            secrets.rx.0,
+            secrets.rx.1,
+            sock.try_clone().map_err(io)?,
+            &[],
+        )
+        .map_err(io)?;
+        Ok(Channel {
+            sock,
+            tx: Some(TlsWriter(Arc::new(Mutex::new(tx)))),
+            rx: Mutex::new(Some(rx)),
+            peer: Some(peer),
+            suite: Some(suite),
+        })
     }
 }
 
@@ -626,17 +588,86 @@ fn handshake(
     }
 }
 
-fn session(mut conn: Connection, sock: &TcpStream) -> io::Result<Arc<Session>> {
-    conn.set_buffer_limit(None);
-    let suite = conn
-        .negotiated_cipher_suite()
-        .map(|s| format!("{:?}", s.suite()))
-        .unwrap_or_default();
-    Ok(Arc::new(Session {
-        conn: Mutex::new(conn),
-        out: Mutex::new((sock.try_clone()?, Vec::new())),
-        suite,
-    }))
+/// Reads, through rustls, the destination's confirmation byte (or the alert that refuses
+/// this agent), within the handshake's deadline.
+fn await_acceptance(
+    conn: &mut Connection,
+    sock: &mut TcpStream,
+    peer: &str,
+    deadline: Instant,
+) -> Result<(), TlsError> {
+    let refused = |why: String| TlsError::Handshake {
+        peer: peer.into(),
+        why,
+    };
+    let mut raw = [0u8; 512];
+    loop {
+        let mut b = [0u8; 1];
+        match conn.reader().read(&mut b) {
+            Ok(1) if b[0] == ACCEPTED => return Ok(()),
+            Ok(_) => {
+                return Err(refused(
+                    "the peer closed the connection instead of accepting it".into(),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(refused(e.to_string())),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(TlsError::Timeout {
+                peer: peer.into(),
+                timeout: HANDSHAKE_TIMEOUT,
+            });
+        }
+        sock.set_read_timeout(Some(left))
+            .map_err(|cause| TlsError::Io {
+                peer: peer.into(),
+                cause,
+            })?;
+        // One record at most (the confirmation, or an alert): nothing follows it before
+        // this side's first frame, so nothing is read past it.
+        let n = match sock.read(&mut raw) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(TlsError::Timeout {
+                    peer: peer.into(),
+                    timeout: HANDSHAKE_TIMEOUT,
+                })
+            }
+            Err(cause) => {
+                return Err(TlsError::Io {
+                    peer: peer.into(),
+                    cause,
+                })
+            }
+        };
+        let mut slice = &raw[..n];
+        if n == 0 {
+            let _ = conn.read_tls(&mut slice);
+        }
+        while !slice.is_empty() {
+            conn.read_tls(&mut slice).map_err(|cause| TlsError::Io {
+                peer: peer.into(),
+                cause,
+            })?;
+            conn.process_new_packets()
+                .map_err(|e| refused(explain(&e)))?;
+        }
+        if n == 0 {
+            conn.process_new_packets()
+                .map_err(|e| refused(explain(&e)))?;
+            return Err(refused(
+                "the peer closed the connection instead of accepting it".into(),
+            ));
+        }
+    }
 }
 
 /// A plaintext vmig `Error` frame carrying `reason` (what a plaintext peer can read).
@@ -675,62 +706,11 @@ impl Security {
             .map_err(|e| TlsError::Config(e.to_string()))?
             .into();
         handshake(&mut conn, &mut sock, &peer, deadline)?;
-        let s = session(conn, &sock).map_err(|cause| TlsError::Io {
-            peer: peer.clone(),
-            cause,
-        })?;
-        let ch = Channel {
-            sock,
-            session: Some(s),
-            peer: Some(expected),
-        };
         // The destination checks our certificate after its side of the handshake: wait for
         // its verdict before the first frame.
-        let mut r = ch
-            .tls_reader()
-            .map_err(|cause| TlsError::Io {
-                peer: peer.clone(),
-                cause,
-            })?
-            .expect("a TLS channel has a TLS reader");
-        ch.sock
-            .set_read_timeout(Some(
-                deadline
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_millis(1)),
-            ))
-            .map_err(|cause| TlsError::Io {
-                peer: peer.clone(),
-                cause,
-            })?;
-        let mut b = [0u8; 1];
-        match r.read(&mut b) {
-            Ok(1) if b[0] == ACCEPTED => {}
-            Ok(_) => {
-                return Err(TlsError::Handshake {
-                    peer,
-                    why: "the peer closed the connection instead of accepting it".into(),
-                })
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(TlsError::Timeout {
-                    peer,
-                    timeout: HANDSHAKE_TIMEOUT,
-                })
-            }
-            Err(e) => {
-                return Err(TlsError::Handshake {
-                    peer,
-                    why: e.to_string(),
-                })
-            }
-        }
-        tracing::debug!(peer = %ch.peer.as_deref().unwrap_or(""), suite = %ch.suite().unwrap_or(""), "TLS session open");
+        await_acceptance(&mut conn, &mut sock, &peer, deadline)?;
+        let ch = Channel::established(conn, sock, expected)?;
+        tracing::debug!(peer = %peer, suite = %ch.suite().unwrap_or(""), "TLS session open");
         Ok(ch)
     }
 
@@ -780,20 +760,18 @@ impl Security {
                 why: "no certificate naming a known host".into(),
             });
         };
-        let s = session(conn, &sock).map_err(|cause| TlsError::Io {
+        let sent = conn.writer().write_all(&[ACCEPTED]).and_then(|_| {
+            while conn.wants_write() {
+                conn.write_tls(&mut sock)?;
+            }
+            Ok(())
+        });
+        sent.map_err(|cause| TlsError::Io {
             peer: addr.clone(),
             cause,
         })?;
-        s.write_parts(&[&[ACCEPTED]])
-            .map_err(|cause| TlsError::Io {
-                peer: addr.clone(),
-                cause,
-            })?;
-        tracing::info!(%peer, %addr, suite = %s.suite, "TLS peer authenticated");
-        Ok(Channel {
-            sock,
-            session: Some(s),
-            peer: Some(peer),
-        })
+        let ch = Channel::established(conn, sock, peer.clone())?;
+        tracing::info!(%peer, %addr, suite = %ch.suite().unwrap_or(""), "TLS peer authenticated");
+        Ok(ch)
     }
 }
