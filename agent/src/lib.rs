@@ -7,6 +7,7 @@
 pub mod api;
 pub mod certs;
 pub mod dirty;
+pub mod fuzzing;
 pub mod guest;
 pub mod inventory;
 pub mod migrate;

@@ -253,8 +253,14 @@ impl Opener {
                     "a TLS record failed authentication (corrupted or forged)",
                 )
             })?;
-        // Content, then its type, then zero padding.
-        let Some(at) = plain.iter().rposition(|&b| b != 0) else {
+        // Content, then its type, then zero padding (vmig peers never pad: look there first).
+        let last = plain.len() - 1;
+        let at = if plain[last] != 0 {
+            Some(last)
+        } else {
+            plain.iter().rposition(|&b| b != 0)
+        };
+        let Some(at) = at else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "TLS record without a type",
