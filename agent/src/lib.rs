@@ -5,7 +5,9 @@
 //! ([`wire`], [`transport`], [`migrate`]).
 
 pub mod api;
+pub mod certs;
 pub mod dirty;
+pub mod fuzzing;
 pub mod guest;
 pub mod inventory;
 pub mod migrate;

@@ -34,13 +34,24 @@ fn free_port() -> u16 {
 }
 
 impl Cluster {
-    /// Starts agents `names` with the `vmig` binary at `exe`.
+    /// Starts agents `names` with the `vmig` binary at `exe` (mutual TLS).
     pub fn start(exe: &Path, names: &[&str]) -> Cluster {
-        let dir = std::env::temp_dir().join(format!("vmig-bench-{}", std::process::id()));
+        Self::start_with(exe, names, false)
+    }
+
+    /// Starts agents `names`: with mutual TLS, or all `--insecure`.
+    pub fn start_with(exe: &Path, names: &[&str], insecure: bool) -> Cluster {
+        let dir = std::env::temp_dir().join(format!(
+            "vmig-bench-{}-{}",
+            std::process::id(),
+            if insecure { "plain" } else { "tls" }
+        ));
         std::fs::create_dir_all(&dir).expect("bench folder");
         let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
         let agents: Vec<(&str, u16)> = names.iter().copied().zip(ports.iter().copied()).collect();
         std::fs::write(dir.join("hosts.toml"), local::hosts_text(&agents)).expect("hosts file");
+        let pki = dir.join("pki");
+        vmig::certs::cluster(&pki, names).expect("the cluster's certificates");
         let mut c = Cluster {
             dir: dir.clone(),
             exe: exe.to_path_buf(),
@@ -54,6 +65,7 @@ impl Cluster {
                 datastore: dir.join(n),
                 hosts: dir.join("hosts.toml"),
                 run_dir: dir.join("run"),
+                pki_dir: (!insecure).then(|| pki.clone()),
             }
             .command(exe)
             .env("VMIG_LOG", "warn")
@@ -238,6 +250,72 @@ pub fn frame_sender(bytes: u64, io: vmig::transport::IoPath) -> f64 {
     let secs = t.elapsed().as_secs_f64();
     drop(w);
     reader.join().expect("reader");
+    sent as f64 / secs
+}
+
+/// The encrypted sender: as [`frame_sender`], over a mutual-TLS channel between two agents'
+/// identities (a cluster CA made for the run), to a receiver that decrypts every frame
+/// (through [`vmig::transport::FrameReader`]). Returns plaintext bytes per second.
+pub fn tls_frame_sender(bytes: u64) -> f64 {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use vmig::transport::tls::TlsConfig;
+    use vmig::transport::{FrameReader, FrameWriter, IoPath, Security};
+    use vmig::wire::pages::{PageFrameBuilder, PageFrameKind};
+    let dir = std::env::temp_dir().join(format!("vmig-bench-tls-{}", std::process::id()));
+    vmig::certs::cluster(&dir, &["hostA", "hostB"]).expect("certificates");
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let hosts: HashMap<String, String> = [
+        ("hostA".to_string(), "127.0.0.1:1".to_string()),
+        ("hostB".to_string(), addr.to_string()),
+    ]
+    .into();
+    let load = |n: &str| Security::Tls(Arc::new(TlsConfig::load(n, &dir, &hosts).expect("tls")));
+    let (a, b) = (load("hostA"), load("hostB"));
+    let reader = std::thread::spawn(move || {
+        let (s, _) = l.accept().expect("accept");
+        vmig::transport::tune_socket(&s).expect("tune");
+        let ch = b.accept(s).expect("TLS accept");
+        let mut r = FrameReader::on(&ch, IoPath::Plain, Duration::from_secs(30)).expect("reader");
+        while r.read_frame().is_ok() {}
+    });
+    let s = TcpStream::connect(addr).expect("connect");
+    vmig::transport::tune_socket(&s).expect("tune");
+    let ch = a.connect(s, addr, "hostB").expect("TLS connect");
+    let mut w = FrameWriter::on(&ch, IoPath::Plain, None).expect("writer");
+    let memory = vmig::vm::memory::GuestRam::new(64 << 20).expect("memory");
+    for i in 0..memory.pages() {
+        memory.write_page(i, &[0x6bu8; 4096]).expect("fill");
+    }
+    let pages_total = memory.pages() as usize;
+    let t = Instant::now();
+    let (mut sent, mut next) = (0u64, 0usize);
+    let mut frame = PageFrameBuilder::new(PageFrameKind::Pages);
+    while sent < bytes {
+        let idx: Vec<u64> = (0..256)
+            .map(|i| ((next + i) % pages_total) as u64)
+            .collect();
+        next = (next + 256) % pages_total;
+        for &index in &idx {
+            frame.push(index, false);
+        }
+        let refs: Vec<_> = idx
+            .iter()
+            .map(|&i| memory.page(i).expect("inside"))
+            .collect();
+        let head = frame.head();
+        // SAFETY: the pages are of `memory`, which outlives the writer (flushed and dropped
+        // below, before `memory`).
+        unsafe { w.send_pages(head, &refs) }.expect("send");
+        sent += (refs.len() * 4096) as u64;
+    }
+    w.flush().expect("flush");
+    let secs = t.elapsed().as_secs_f64();
+    let _ = ch.socket().shutdown(std::net::Shutdown::Both);
+    drop(w);
+    reader.join().expect("reader");
+    let _ = std::fs::remove_dir_all(&dir);
     sent as f64 / secs
 }
 

@@ -47,6 +47,13 @@ pub struct AgentOpts {
     pub memory_mib: Option<u64>,
     /// `--io`: `uring`, `plain` or `auto`.
     pub io: Option<String>,
+    /// `--insecure`: no TLS (the default is mutual TLS with the cluster's certificates).
+    pub insecure: bool,
+    /// `--pki-dir`: another folder than the cluster's (a certificate of the wrong host,
+    /// another CA, expired...).
+    pub pki_dir: Option<PathBuf>,
+    /// `--control-group`.
+    pub control_group: Option<String>,
     /// A fault every outgoing migration of the agent injects (`cut-postcopy`, ...): the
     /// `VMIG_INJECT_FAULT` environment variable of a binary built with `fault-injection`.
     pub fault: Option<String>,
@@ -154,6 +161,22 @@ impl AgentOpts {
     pub fn injecting(fault: &str) -> Self {
         Self {
             fault: Some(fault.into()),
+            ..Self::default()
+        }
+    }
+
+    /// An agent running with `--insecure` (plaintext migrations).
+    pub fn insecure() -> Self {
+        Self {
+            insecure: true,
+            ..Self::default()
+        }
+    }
+
+    /// An agent whose keys and certificates are in `dir` instead of the cluster's folder.
+    pub fn pki_dir(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            pki_dir: Some(dir.into()),
             ..Self::default()
         }
     }
@@ -402,6 +425,7 @@ pub struct Cluster {
     agents: Vec<Agent>,
     run_dir: PathBuf,
     hosts: PathBuf,
+    pki: PathBuf,
     dir: tempfile::TempDir,
     seq: std::sync::atomic::AtomicU32,
     _lock: E2eLock,
@@ -419,8 +443,9 @@ pub fn tail(path: &Path, n: usize) -> String {
 }
 
 impl Cluster {
-    /// Takes the e2e lock, writes a hosts file with free ports, starts one agent per host and
-    /// waits until each answers on its control socket.
+    /// Takes the e2e lock, writes a hosts file with free ports, creates a cluster CA and a
+    /// certificate per host (in [`Cluster::pki_dir`]), starts one agent per host (mutual TLS
+    /// unless [`AgentOpts::insecure`]) and waits until each answers on its control socket.
     pub fn new(hosts: &[(&str, AgentOpts)]) -> Self {
         require_kvm();
         let lock = e2e_lock();
@@ -451,13 +476,17 @@ impl Cluster {
             })
             .collect();
         fs::write(&hosts_file, hosts_text).expect("hosts file");
+        let pki = dir.path().join("pki");
+        let names: Vec<&str> = hosts.iter().map(|(n, _)| *n).collect();
+        vmig::certs::cluster(&pki, &names).expect("the cluster's certificates");
         for a in &mut agents {
-            spawn_agent(bin, a, &run_dir, &hosts_file);
+            spawn_agent(bin, a, &run_dir, &hosts_file, &pki);
         }
         let c = Self {
             agents,
             run_dir,
             hosts: hosts_file,
+            pki,
             dir,
             seq: Default::default(),
             _lock: lock,
@@ -476,6 +505,17 @@ impl Cluster {
     /// The hosts file.
     pub fn hosts_file(&self) -> &Path {
         &self.hosts
+    }
+
+    /// The folder of the cluster's CA (`ca.key`, `ca.crt`) and the hosts' keys and
+    /// certificates.
+    pub fn pki_dir(&self) -> &Path {
+        &self.pki
+    }
+
+    /// The folder of the control sockets (`VMIG_RUN_DIR`).
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
     }
 
     /// The agent of `host`.
@@ -639,22 +679,38 @@ impl Cluster {
         }
     }
 
+    /// Rewrites the hosts file: `name = "127.0.0.1:port"` for each entry. Agents read it at
+    /// their start: [`Cluster::restart`] the ones that must see the change.
+    pub fn write_hosts(&self, entries: &[(&str, u16)]) {
+        fs::write(&self.hosts, local::hosts_text(entries)).expect("hosts file");
+    }
+
+    /// Starts the agent of `host` again with other options (same port and datastore).
+    pub fn restart_with(&mut self, host: &str, opts: AgentOpts) {
+        self.agents
+            .iter_mut()
+            .find(|a| a.name == host)
+            .unwrap_or_else(|| panic!("no agent {host}"))
+            .opts = opts;
+        self.restart(host);
+    }
+
     /// Starts the agent of `host` again (after [`Cluster::kill`]), same port and datastore.
     pub fn restart(&mut self, host: &str) {
         self.kill(host);
         let bin = vmig_bin();
-        let (run_dir, hosts) = (self.run_dir.clone(), self.hosts.clone());
+        let (run_dir, hosts, pki) = (self.run_dir.clone(), self.hosts.clone(), self.pki.clone());
         let a = self
             .agents
             .iter_mut()
             .find(|a| a.name == host)
             .expect("agent");
-        spawn_agent(bin, a, &run_dir, &hosts);
+        spawn_agent(bin, a, &run_dir, &hosts, &pki);
         self.wait_agent(host);
     }
 }
 
-fn spawn_agent(bin: &Path, a: &mut Agent, run_dir: &Path, hosts: &Path) {
+fn spawn_agent(bin: &Path, a: &mut Agent, run_dir: &Path, hosts: &Path, pki: &Path) {
     let log = File::options()
         .create(true)
         .append(true)
@@ -666,6 +722,7 @@ fn spawn_agent(bin: &Path, a: &mut Agent, run_dir: &Path, hosts: &Path) {
         datastore: a.datastore.clone(),
         hosts: hosts.to_path_buf(),
         run_dir: run_dir.to_path_buf(),
+        pki_dir: (!a.opts.insecure).then(|| a.opts.pki_dir.clone().unwrap_or_else(|| pki.into())),
     }
     .command(bin);
     c.env("RUST_LOG", "info")
@@ -677,6 +734,9 @@ fn spawn_agent(bin: &Path, a: &mut Agent, run_dir: &Path, hosts: &Path) {
     }
     if let Some(io) = &a.opts.io {
         c.args(["--io", io]);
+    }
+    if let Some(g) = &a.opts.control_group {
+        c.args(["--control-group", g]);
     }
     match &a.opts.fault {
         Some(f) => c.env("VMIG_INJECT_FAULT", f),

@@ -23,7 +23,8 @@ fn main() {
                  \n                 then the probe overhead and hot-page holdback experiments\
                  \n  bench probes   only the BPF probe overhead (guest dirtying rate with/without)\
                  \n  bench holdback only the hot-page holdback experiment (bytes sent, downtime)\
-                 \n  bench qemu     vmig against QEMU (installed if missing) on the same guest work"
+                 \n  bench qemu     vmig against QEMU (installed if missing) on the same guest work\
+                 \n  bench tls      only the cost of mutual TLS (sender throughput, downtime) vs plaintext"
             );
             task == "help"
         }
@@ -146,9 +147,9 @@ fn bench(rest: &[String]) -> bool {
     let only = rest
         .first()
         .map(String::as_str)
-        .filter(|a| matches!(*a, "probes" | "holdback" | "qemu"));
+        .filter(|a| matches!(*a, "probes" | "holdback" | "qemu" | "tls"));
     if let Some(bin) = only {
-        if bin == "qemu" && !build_release_vmig() {
+        if matches!(bin, "qemu" | "tls") && !build_release_vmig() {
             return false;
         }
         return bench_bin(bin, &rest[1..]);
@@ -159,6 +160,7 @@ fn bench(rest: &[String]) -> bool {
     bench_bin("migration", rest)
         && bench_bin("probes", &[])
         && bench_bin("holdback", &[])
+        && bench_bin("tls", &[])
         && bench_bin("qemu", &[])
 }
 

@@ -18,6 +18,15 @@ pub enum ClientError {
         /// Cause.
         cause: std::io::Error,
     },
+    /// The agent's socket refused this user (file mode or credentials check).
+    #[error("permission denied on the agent's control socket {path}: only root (or the agent's --control-group) may drive it")]
+    Denied {
+        /// Socket.
+        path: PathBuf,
+    },
+    /// The agent refused this client before reading its request.
+    #[error("{0}")]
+    Refused(String),
     /// I/O on the socket.
     #[error("agent connection: {0}")]
     Io(#[from] std::io::Error),
@@ -41,18 +50,29 @@ impl Call {
     pub async fn start(path: &Path, req: &Request) -> Result<Call, ClientError> {
         let s = UnixStream::connect(path)
             .await
-            .map_err(|cause| ClientError::Connect {
-                path: path.to_path_buf(),
-                cause,
+            .map_err(|cause| match cause.kind() {
+                std::io::ErrorKind::PermissionDenied => ClientError::Denied {
+                    path: path.to_path_buf(),
+                },
+                _ => ClientError::Connect {
+                    path: path.to_path_buf(),
+                    cause,
+                },
             })?;
         let (r, mut w) = s.into_split();
         let mut line = serde_json::to_vec(req)?;
         line.push(b'\n');
-        w.write_all(&line).await?;
-        Ok(Call {
-            lines: BufReader::new(r).lines(),
-            _write: w,
-        })
+        let mut lines = BufReader::new(r).lines();
+        if let Err(e) = w.write_all(&line).await {
+            // An agent that refused this client said why before closing: read that.
+            if let Ok(Some(l)) = lines.next_line().await {
+                if let Ok(Reply::Error(why)) = serde_json::from_str::<Reply>(&l) {
+                    return Err(ClientError::Refused(why));
+                }
+            }
+            return Err(e.into());
+        }
+        Ok(Call { lines, _write: w })
     }
 
     /// The next reply line.

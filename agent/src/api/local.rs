@@ -32,11 +32,14 @@ pub struct LocalAgent {
     pub hosts: PathBuf,
     /// Folder of the control sockets (`VMIG_RUN_DIR`).
     pub run_dir: PathBuf,
+    /// `--pki-dir` (mutual TLS, see [`crate::certs::cluster`]); None: `--insecure`.
+    pub pki_dir: Option<PathBuf>,
 }
 
 impl LocalAgent {
-    /// `exe agent --name … --listen 127.0.0.1:port --datastore … --hosts …`, with
-    /// `VMIG_RUN_DIR` set and no stdin; the caller adds output and any other flag.
+    /// `exe agent --name … --listen 127.0.0.1:port --datastore … --hosts …` and
+    /// `--pki-dir …` (or `--insecure`), with `VMIG_RUN_DIR` set and no stdin; the caller
+    /// adds output and any other flag.
     pub fn command(&self, exe: &Path) -> Command {
         let mut c = Command::new(exe);
         c.args(["agent", "--name", &self.name])
@@ -47,6 +50,10 @@ impl LocalAgent {
             .arg(&self.hosts)
             .env("VMIG_RUN_DIR", &self.run_dir)
             .stdin(Stdio::null());
+        match &self.pki_dir {
+            Some(d) => c.arg("--pki-dir").arg(d),
+            None => c.arg("--insecure"),
+        };
         c
     }
 }
@@ -67,6 +74,7 @@ mod tests {
             datastore: "/d".into(),
             hosts: "/h.toml".into(),
             run_dir: "/r".into(),
+            pki_dir: Some("/p".into()),
         };
         let c = a.command(Path::new("/bin/vmig"));
         let args: Vec<_> = c
@@ -84,7 +92,9 @@ mod tests {
                 "--datastore",
                 "/d",
                 "--hosts",
-                "/h.toml"
+                "/h.toml",
+                "--pki-dir",
+                "/p"
             ]
         );
         assert!(c

@@ -3,6 +3,7 @@
 //! progress lines and then the report or an error.
 
 pub mod client;
+pub mod guard;
 pub mod local;
 pub mod server;
 

@@ -6,18 +6,20 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
+use super::guard::{self, Slots};
 use super::{AgentInfo, DigestInfo, Reply, Request};
 use crate::inventory::Inventory;
 use crate::migrate::registry::{Registry, RegistryError};
 use crate::migrate::source::Outcome;
 use crate::migrate::{self, MigrateOptions};
-use crate::transport::IoPath;
+use crate::transport::tls::{TlsConfig, TlsError};
+use crate::transport::{IoPath, Security};
 
 /// Errors starting the agent.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +53,12 @@ pub enum AgentError {
         /// Why it could not be taken (the holder's pid).
         cause: String,
     },
+    /// The agent's keys and certificates (mutual TLS).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The control socket's protection.
+    #[error(transparent)]
+    Guard(#[from] guard::GuardError),
 }
 
 /// How an agent is set up.
@@ -70,6 +78,12 @@ pub struct AgentConfig {
     pub memory_mib: Option<u64>,
     /// I/O path of incoming migrations.
     pub io: IoPath,
+    /// Folder of the CA certificate and this host's key and certificate (mutual TLS).
+    pub pki_dir: PathBuf,
+    /// Plaintext, unauthenticated migrations (`--insecure`; every agent must agree).
+    pub insecure: bool,
+    /// A group whose members may drive the agent through the control socket, besides root.
+    pub control_group: Option<String>,
 }
 
 struct Agent {
@@ -80,6 +94,12 @@ struct Agent {
     migrations: Registry,
     /// The live status of each VM's migration out, kept after it ends (`migrate --status`).
     status: Mutex<HashMap<String, Arc<Mutex<migrate::status::Tracker>>>>,
+    /// Mutual TLS with the other agents, or `--insecure`.
+    security: Security,
+    /// Incoming migration connections being served (capped).
+    incoming: Slots,
+    /// Gid admitted on the control socket besides root.
+    control_gid: Option<u32>,
 }
 
 /// Reads a hosts file: `hostB = "127.0.0.1:7402"` lines (TOML). Every entry must be an
@@ -215,6 +235,25 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     // Computed now, not inside the first migration's round-trip measurement.
     let cpu = migrate::cpu_digest();
     tracing::debug!(%cpu, "CPU feature digest");
+    let security = if cfg.insecure {
+        warn!("INSECURE: --insecure is set: migrations to and from this agent are neither authenticated nor encrypted; anyone who reaches {} can push a VM here or read the memory of the VMs that move", cfg.listen);
+        Security::Insecure
+    } else {
+        let tls = TlsConfig::load(&cfg.name, &cfg.pki_dir, &hosts)?;
+        info!(pki = %cfg.pki_dir.display(), suites = ?tls.suites(), "mutual TLS with the agents of the hosts file");
+        Security::Tls(Arc::new(tls))
+    };
+    if security.is_tls() && cfg.io == IoPath::Uring {
+        return Err(TlsError::Config(
+            "--io uring receives plaintext only: it needs --insecure (no kernel TLS here)".into(),
+        )
+        .into());
+    }
+    let control_gid = cfg
+        .control_group
+        .as_deref()
+        .map(guard::group_id)
+        .transpose()?;
     let tcp = TcpListener::bind(cfg.listen)
         .await
         .map_err(|cause| AgentError::Bind {
@@ -229,6 +268,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         what: cfg.control.display().to_string(),
         cause,
     })?;
+    guard::protect_socket(&cfg.control, control_gid)?;
     info!(name = %cfg.name, listen = %cfg.listen, control = %cfg.control.display(), capacity_mib = capacity >> 20, "agent ready");
     let agent = Arc::new(Agent {
         cfg: cfg.clone(),
@@ -236,6 +276,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         hosts,
         migrations: Registry::default(),
         status: Mutex::new(HashMap::new()),
+        security,
+        incoming: Slots::new(guard::MAX_INCOMING),
+        control_gid,
     });
     loop {
         tokio::select! {
@@ -268,17 +311,27 @@ fn incoming(agent: Arc<Agent>, s: tokio::net::TcpStream, peer: SocketAddr) {
         Ok(s) => s,
         Err(e) => return warn!(cause = %e, "cannot take the migration socket"),
     };
+    let Some(slot) = agent.incoming.take() else {
+        return warn!(%peer, limit = guard::MAX_INCOMING, "refusing an incoming migration connection: too many open");
+    };
     let _ = std::thread::Builder::new()
         .name("migrate-in".into())
         .spawn(move || {
-            info!(%peer, "incoming migration");
+            let _slot = slot;
+            let ch = match agent.security.accept(std) {
+                Ok(ch) => ch,
+                Err(e) => {
+                    return warn!(%peer, cause = %e, "refused an incoming migration connection")
+                }
+            };
+            info!(%peer, from = ch.peer().unwrap_or("(insecure)"), "incoming migration");
             let to = migrate::dest::Destination {
                 inv: &agent.inv,
                 registry: &agent.migrations,
                 agent: &agent.cfg.name,
                 io: agent.cfg.io,
             };
-            match migrate::dest::receive(std, &to) {
+            match migrate::dest::receive(ch, &to) {
                 Ok(name) => info!(vm = %name, %peer, "incoming migration committed"),
                 Err(e) => warn!(%peer, cause = %e, "incoming migration failed"),
             }
@@ -293,11 +346,23 @@ async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, r: &Reply) -> std::io::R
 
 #[instrument(skip_all)]
 async fn control(agent: Arc<Agent>, s: UnixStream) {
+    let admitted = guard::admit(&s, agent.control_gid);
     let (r, mut w) = s.into_split();
-    let mut lines = BufReader::new(r).lines();
-    let Ok(Some(line)) = lines.next_line().await else {
+    if let Err(why) = admitted {
+        warn!(%why, "control connection refused");
+        let _ = send(&mut w, &Reply::Error(why)).await;
+        return;
+    }
+    let mut lines = BufReader::new(r.take(guard::MAX_CONTROL_LINE)).lines();
+    let first = tokio::time::timeout(guard::CONTROL_REQUEST_TIMEOUT, lines.next_line()).await;
+    let Ok(Ok(Some(line))) = first else {
         return;
     };
+    if line.len() as u64 >= guard::MAX_CONTROL_LINE - 1 {
+        let why = format!("request longer than {} bytes", guard::MAX_CONTROL_LINE);
+        let _ = send(&mut w, &Reply::Error(why)).await;
+        return;
+    }
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
@@ -414,6 +479,7 @@ fn handle(agent: &Agent, req: Request) -> Reply {
                         def: &def,
                         dir: &dir,
                         agent: &agent.cfg.name,
+                        security: &agent.security,
                     };
                     let dest = parked.dest_name().to_string();
                     migrate::source::rollback(&out, parked);
@@ -493,7 +559,7 @@ async fn migrate_out(
     agent: Arc<Agent>,
     name: String,
     job: Job,
-    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    mut lines: tokio::io::Lines<BufReader<tokio::io::Take<tokio::net::unix::OwnedReadHalf>>>,
     mut w: tokio::net::unix::OwnedWriteHalf,
 ) {
     // What the worker runs: a fresh migration (with the destination's address), or a parked
@@ -556,6 +622,7 @@ async fn migrate_out(
             def: &def,
             dir: &dir,
             agent: &a.cfg.name,
+            security: &a.security,
         };
         let ptx = tx.clone();
         let t = tracker.clone();

@@ -87,6 +87,9 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let hosts = dir.join("hosts.toml");
     std::fs::write(&hosts, local::hosts_text(&[("hostA", pa), ("hostB", pb)]))?;
     let exe = std::env::current_exe()?;
+    // A cluster CA and a certificate per agent: the demo migrates over mutual TLS.
+    let pki = dir.join("pki");
+    vmig::certs::cluster(&pki, &["hostA", "hostB"])?;
     let mut agents = Agents {
         children: Vec::new(),
         dir: dir.clone(),
@@ -100,6 +103,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
             datastore: dir.join(name),
             hosts: hosts.clone(),
             run_dir: run_dir.clone(),
+            pki_dir: Some(pki.clone()),
         }
         .command(&exe)
         .stdout(log.try_clone()?)
@@ -121,7 +125,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         }
     };
     say(format!(
-        "agents: hostA (127.0.0.1:{pa}) and hostB (127.0.0.1:{pb}), folder {}",
+        "agents: hostA (127.0.0.1:{pa}) and hostB (127.0.0.1:{pb}), mutual TLS (CA and certificates in {}), folder {}",
+        pki.display(),
         dir.display()
     ));
 

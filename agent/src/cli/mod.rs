@@ -1,5 +1,6 @@
 //! Command-line interface.
 
+mod certs;
 mod demo;
 mod trace;
 
@@ -47,6 +48,9 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Attach the eBPF probes to a VM and show its dirty rate, faults and exits live.
     Trace(trace::TraceArgs),
+    /// Create the cluster's CA and the hosts' keys and certificates (mutual TLS between agents).
+    #[command(subcommand)]
+    Certs(certs::CertsCmd),
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +76,17 @@ struct AgentArgs {
     /// I/O path for incoming migrations.
     #[arg(long, value_enum, default_value_t = IoPath::Auto)]
     io: IoPath,
+    /// Folder of `ca.crt`, `NAME.crt` and `NAME.key` (see `vmig certs`) [default:
+    /// $VMIG_PKI_DIR, else /etc/vmig/pki].
+    #[arg(long)]
+    pki_dir: Option<PathBuf>,
+    /// Migrate in plaintext, unauthenticated: anyone who reaches --listen can push a VM in or
+    /// read the memory of a moving VM. Every agent of the cluster must agree.
+    #[arg(long)]
+    insecure: bool,
+    /// A group (name or gid) whose members may use the control socket, besides root.
+    #[arg(long)]
+    control_group: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -223,6 +238,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Migrate(m) => migrate(cli.agent, cli.host, m).await,
         Cmd::Demo(d) => demo::run(d).await,
         Cmd::Trace(t) => trace::run(cli.agent, cli.host, t).await,
+        Cmd::Certs(c) => certs::run(c),
     }
 }
 
@@ -236,6 +252,9 @@ async fn agent(a: AgentArgs) -> Result<()> {
         hosts: a.hosts,
         memory_mib: a.memory_mib,
         io: a.io,
+        pki_dir: a.pki_dir.unwrap_or_else(vmig::certs::default_dir),
+        insecure: a.insecure,
+        control_group: a.control_group,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let s = shutdown.clone();

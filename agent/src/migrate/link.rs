@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use super::{Event, MigrateError, MigrateOptions, Phase};
-use crate::transport::{tune_socket, FrameReader, FrameWriter, IoPath};
+use crate::transport::{tune_socket, Channel, FrameReader, FrameWriter, IoPath, Security};
 use crate::vm::memory::PageRef;
 use crate::wire::{self, messages as msg, Frame, Kind, Message};
 
@@ -24,8 +24,14 @@ pub(super) struct Link {
 }
 
 impl Link {
-    /// Connects to the agent at `dest` (the source's end).
-    pub(super) fn connect(dest: SocketAddr, opts: &MigrateOptions) -> Result<Link, MigrateError> {
+    /// Connects to the agent at `dest` (host `dest_name`): the source's end, through mutual
+    /// TLS unless `security` is insecure.
+    pub(super) fn connect(
+        security: &Security,
+        dest: SocketAddr,
+        dest_name: &str,
+        opts: &MigrateOptions,
+    ) -> Result<Link, MigrateError> {
         let sock = TcpStream::connect_timeout(&dest, Duration::from_secs(5)).map_err(|cause| {
             MigrateError::Connect {
                 addr: dest.to_string(),
@@ -33,28 +39,31 @@ impl Link {
             }
         })?;
         tune_socket(&sock)?;
+        let ch = security.connect(sock, dest, dest_name)?;
         let bandwidth = opts.bandwidth_mibs.map(|m| m * 1048576.0);
         Ok(Link {
-            writer: FrameWriter::new(sock.try_clone()?, opts.io, bandwidth)?,
-            reader: FrameReader::new(sock, IoPath::Plain, REPLY_TIMEOUT)?,
+            writer: FrameWriter::on(&ch, opts.io, bandwidth)?,
+            reader: FrameReader::on(&ch, IoPath::Plain, REPLY_TIMEOUT)?,
             #[cfg(any(test, feature = "fault-injection"))]
             tap: None,
         })
     }
 
-    /// The destination's end of an accepted connection; reads give up after `idle`.
-    pub(super) fn accept(
-        sock: TcpStream,
-        io: IoPath,
-        idle: Duration,
-    ) -> Result<Link, MigrateError> {
-        tune_socket(&sock)?;
+    /// The destination's end of an accepted connection (secured by the caller); reads give
+    /// up after `idle`.
+    pub(super) fn accept(ch: &Channel, io: IoPath, idle: Duration) -> Result<Link, MigrateError> {
+        tune_socket(ch.socket())?;
         Ok(Link {
-            reader: FrameReader::new(sock.try_clone()?, io, idle)?,
-            writer: FrameWriter::new(sock, IoPath::Plain, None)?,
+            reader: FrameReader::on(ch, io, idle)?,
+            writer: FrameWriter::on(ch, IoPath::Plain, None)?,
             #[cfg(any(test, feature = "fault-injection"))]
             tap: None,
         })
+    }
+
+    /// The authenticated host name of the peer (None over `--insecure`).
+    pub(super) fn peer(&self) -> Option<&str> {
+        self.reader.peer()
     }
 
     /// The socket.

@@ -12,6 +12,7 @@ pub mod dest;
 pub mod fault;
 pub mod holdback;
 mod link;
+mod owner;
 pub mod phase;
 pub mod probe;
 #[cfg(test)]
@@ -161,6 +162,9 @@ pub enum MigrateError {
         /// Cause.
         cause: std::io::Error,
     },
+    /// The secure channel to the peer could not be set up (mutual TLS refused or failed).
+    #[error(transparent)]
+    Tls(#[from] crate::transport::tls::TlsError),
     /// Socket failure.
     #[error("connection failed: {0}")]
     Io(#[from] std::io::Error),

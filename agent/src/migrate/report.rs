@@ -29,6 +29,9 @@ named!(Mode { PreCopy => "pre-copy", PostCopy => "post-copy" });
 /// The I/O path that carried the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum IoUsed {
+    /// Mutual TLS: each frame encrypted (one copy of each page) and written to the socket.
+    #[serde(rename = "tls")]
+    Tls,
     /// io_uring `SENDMSG` from guest memory.
     #[serde(rename = "io_uring")]
     IoUring,
@@ -37,7 +40,7 @@ pub enum IoUsed {
     #[serde(rename = "plain")]
     Plain,
 }
-named!(IoUsed { IoUring => "io_uring", Plain => "plain" });
+named!(IoUsed { Tls => "tls", IoUring => "io_uring", Plain => "plain" });
 
 /// The dirty-tracking mechanism the VM used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -343,7 +346,8 @@ pub struct Report {
     pub memory_touched_bytes: u64,
     /// Average bandwidth over the whole migration, MiB/s.
     pub achieved_mibs: f64,
-    /// The I/O path of the stream.
+    /// The I/O path of the stream: `tls` (encrypted, mutual TLS), or under `--insecure`
+    /// `io_uring` or `plain`.
     pub io_path: IoUsed,
     /// The dirty-tracking mechanism.
     pub dirty_tracking: TrackingUsed,

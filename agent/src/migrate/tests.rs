@@ -107,6 +107,7 @@ pub(super) fn migrate(
         def: &def,
         dir: &dir,
         agent: "src",
+        security: &crate::transport::Security::Insecure,
     };
     let phases = Mutex::new(Vec::<String>::new());
     let progress = |ev: super::Progress| record(&phases, ev);
@@ -174,7 +175,7 @@ impl Incoming {
                                 agent: "dst",
                                 io: IoPath::Auto,
                             };
-                            super::dest::receive(sock, &to)
+                            super::dest::receive(crate::transport::Channel::plain(sock), &to)
                         }));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -393,6 +394,7 @@ fn postcopy_link_cut_parks_then_resume_finishes_it() {
         def: &def,
         dir: &dir,
         agent: "src",
+        security: &crate::transport::Security::Insecure,
     };
     let phases = Mutex::new(Vec::<String>::new());
     let progress = |ev: super::Progress| record(&phases, ev);

@@ -1,16 +1,22 @@
 //! Moving frames over TCP: an io_uring sender that sends page data straight from guest
 //! memory (`IORING_OP_SENDMSG` with one iovec per guest page, no copy into a buffer), an
-//! io_uring receiver, and plain-socket fallbacks where io_uring is unavailable.
+//! io_uring receiver, and plain-socket fallbacks where io_uring is unavailable; between
+//! agents, mutual TLS ([`tls`]) unless both run `--insecure`.
 
 mod pacer;
 mod receiver;
+mod record;
 mod sender;
+pub mod tls;
+#[cfg(test)]
+mod tls_tests;
 
 use serde::{Deserialize, Serialize};
 
 pub use pacer::Pacer;
 pub use receiver::{FrameReader, RecvError};
-pub use sender::FrameWriter;
+pub use sender::{FrameSink, FrameWriter};
+pub use tls::{Channel, Security};
 
 /// Which I/O path to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]

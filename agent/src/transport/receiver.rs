@@ -3,12 +3,16 @@
 use std::io::Read;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
+use super::tls::{Channel, TlsReader};
 use super::IoPath;
 use crate::wire::{Frame, Header, WireError, HEADER_LEN};
+
+/// A frame's payload buffer grows by at most this much at a time, as its bytes arrive.
+const ALLOC_STEP: usize = 4 << 20;
 
 /// Errors receiving a frame.
 #[derive(Debug, thiserror::Error)]
@@ -24,11 +28,16 @@ pub enum RecvError {
     Wire(#[from] WireError),
 }
 
-/// Reads frames from a TCP stream.
+/// Reads frames from a TCP stream, or from a TLS session on one.
 pub struct FrameReader {
     sock: TcpStream,
     ring: Option<IoUring>,
+    tls: Option<TlsReader>,
+    /// The peer's verified host name (TLS only).
+    peer: Option<String>,
     timeout: Duration,
+    /// The socket's read timeout is set below `timeout` (the rest of a frame's time).
+    shortened: bool,
     received: u64,
 }
 
@@ -36,13 +45,25 @@ impl std::fmt::Debug for FrameReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FrameReader")
             .field("uring", &self.ring.is_some())
+            .field("tls", &self.tls.is_some())
             .field("received", &self.received)
             .finish()
     }
 }
 
 impl FrameReader {
-    /// A reader on `sock`; every read fails after `timeout` without data.
+    /// A reader on a migration channel: through its TLS session if it has one (then `path`
+    /// does not apply), else as [`FrameReader::new`].
+    pub fn on(ch: &Channel, path: IoPath, timeout: Duration) -> std::io::Result<Self> {
+        let tls = ch.tls_reader()?;
+        let path = if tls.is_some() { IoPath::Plain } else { path };
+        let mut r = Self::new(ch.socket().try_clone()?, path, timeout)?;
+        r.tls = tls;
+        r.peer = ch.peer().map(str::to_owned);
+        Ok(r)
+    }
+
+    /// A reader on `sock`; a frame that does not arrive whole within `timeout` fails.
     pub fn new(sock: TcpStream, path: IoPath, timeout: Duration) -> std::io::Result<Self> {
         let ring = match path {
             IoPath::Plain => None,
@@ -53,9 +74,23 @@ impl FrameReader {
         Ok(Self {
             sock,
             ring,
+            tls: None,
+            peer: None,
             timeout,
+            shortened: false,
             received: 0,
         })
+    }
+
+    /// The peer's host name, verified by its certificate (None in plaintext).
+    pub fn peer(&self) -> Option<&str> {
+        self.peer.as_deref()
+    }
+
+    /// Whether bytes of a next frame are already here (decrypted, or read and not yet
+    /// decrypted), where polling the socket would not show them.
+    pub fn buffered(&self) -> bool {
+        self.tls.as_ref().is_some_and(TlsReader::buffered)
     }
 
     /// Bytes received.
@@ -70,25 +105,58 @@ impl FrameReader {
     }
 
     /// Reads one frame and checks it whole: the header (magic, version, kind, lengths) before
-    /// reading the payload, then the CRC. Only a verified frame comes out.
+    /// reading the payload, then the CRC. Only a verified frame comes out. The whole frame
+    /// must arrive within the timeout (a peer trickling bytes does not restart it).
     pub fn read_frame(&mut self) -> Result<Frame, RecvError> {
+        let deadline = Instant::now() + self.timeout;
         let mut h = [0u8; HEADER_LEN];
-        self.read_exact(&mut h)?;
-        let header = Header::parse(&h)?;
-        let mut payload = vec![0u8; header.payload_len as usize];
-        self.read_exact(&mut payload)?;
-        Ok(Frame::parse(header, payload)?)
+        let r = self.read_exact(&mut h, deadline).and_then(|_| {
+            let header = Header::parse(&h)?;
+            // Memory follows the bytes that arrive: a header announcing 16 MiB does not get
+            // 16 MiB before they come.
+            let len = header.payload_len as usize;
+            let mut payload = Vec::new();
+            while payload.len() < len {
+                let start = payload.len();
+                payload.resize(start + (len - start).min(ALLOC_STEP), 0);
+                self.read_exact(&mut payload[start..], deadline)?;
+            }
+            Ok(Frame::parse(header, payload)?)
+        });
+        if self.shortened {
+            self.shortened = false;
+            self.sock.set_read_timeout(Some(self.timeout))?;
+        }
+        r
     }
 
-    fn read_exact(&mut self, mut buf: &mut [u8]) -> Result<(), RecvError> {
+    fn read_exact(&mut self, mut buf: &mut [u8], deadline: Instant) -> Result<(), RecvError> {
         while !buf.is_empty() {
-            let n = match &mut self.ring {
-                None => match self.sock.read(buf) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no whole frame within {:?}", self.timeout),
+                )
+                .into());
+            }
+            if self.ring.is_none() && left + Duration::from_millis(500) < self.timeout {
+                // Only what is left of the frame's time (not again the whole timeout).
+                self.sock.set_read_timeout(Some(left))?;
+                self.shortened = true;
+            }
+            let n = match (&mut self.tls, &mut self.ring) {
+                (Some(t), _) => match t.read(buf) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e.into()),
                 },
-                Some(ring) => recv_uring(ring, &self.sock, buf, self.timeout)?,
+                (None, None) => match self.sock.read(buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e.into()),
+                },
+                (None, Some(ring)) => recv_uring(ring, &self.sock, buf, left)?,
             };
             if n == 0 {
                 return Err(RecvError::Closed);

@@ -1,11 +1,14 @@
 //! The frame sender: io_uring `SENDMSG` from guest memory, one frame in flight while the
-//! next is prepared, or plain `writev` as the fallback.
+//! next is prepared, or plain `writev` as the fallback; or, on a TLS channel, encrypted (a
+//! copy of each page into the TLS records: without kernel TLS the kernel cannot send the
+//! guest's pages itself).
 
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 
 use io_uring::{opcode, types, IoUring};
 
+use super::tls::{Channel, TlsWriter};
 use super::{IoPath, Pacer};
 use crate::guest::layout::PAGE_SIZE;
 use crate::vm::memory::PageRef;
@@ -22,6 +25,42 @@ struct InFlight {
 enum Path {
     Uring(Box<IoUring>),
     Plain,
+    Tls(TlsWriter),
+}
+
+/// A second writer of whole frames on the same connection (the post-copy uplink): each
+/// `write_all` call must carry whole frames, and the caller serialises them with the
+/// connection's other writer.
+pub enum FrameSink {
+    /// Plaintext, straight to the socket.
+    Plain(TcpStream),
+    /// Through the connection's TLS session.
+    Tls(TlsWriterHandle),
+}
+
+/// The TLS side of a [`FrameSink`].
+pub struct TlsWriterHandle(TlsWriter);
+
+impl std::io::Write for FrameSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            FrameSink::Plain(s) => s.write(buf),
+            FrameSink::Tls(t) => t.0.send(&[buf]).map(|_| buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for FrameSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FrameSink::Plain(_) => "FrameSink::Plain",
+            FrameSink::Tls(_) => "FrameSink::Tls",
+        })
+    }
 }
 
 /// Sends frames on a TCP stream.
@@ -43,6 +82,32 @@ impl std::fmt::Debug for FrameWriter {
 }
 
 impl FrameWriter {
+    /// A sender on a migration channel: encrypted through its TLS session if it has one
+    /// (io_uring's zero-copy send would put the guest's pages on the wire in clear, so
+    /// `IoPath::Uring` is refused there), else as [`FrameWriter::new`].
+    pub fn on(ch: &Channel, path: IoPath, bandwidth: Option<f64>) -> std::io::Result<Self> {
+        let pacer = bandwidth
+            .map(Pacer::new)
+            .transpose()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let Some(tls) = ch.tls_writer() else {
+            return Self::new(ch.socket().try_clone()?, path, bandwidth);
+        };
+        if path == IoPath::Uring {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "--io uring sends guest pages unencrypted (no kernel TLS here): it needs --insecure on both agents",
+            ));
+        }
+        Ok(Self {
+            sock: ch.socket().try_clone()?,
+            path: Path::Tls(tls),
+            inflight: None,
+            pacer,
+            sent: 0,
+        })
+    }
+
     /// A sender on `sock`; `bandwidth` caps it in bytes per second (positive and finite).
     pub fn new(sock: TcpStream, path: IoPath, bandwidth: Option<f64>) -> std::io::Result<Self> {
         let pacer = bandwidth
@@ -74,7 +139,21 @@ impl FrameWriter {
         matches!(self.path, Path::Uring(_))
     }
 
-    /// Bytes handed to the socket.
+    /// Whether frames are encrypted (TLS).
+    pub fn encrypted(&self) -> bool {
+        matches!(self.path, Path::Tls(_))
+    }
+
+    /// Another writer of whole frames on this connection (see [`FrameSink`]). Frames this
+    /// writer sent are complete on the wire once `flush` returned.
+    pub fn sink(&self) -> std::io::Result<FrameSink> {
+        Ok(match &self.path {
+            Path::Tls(t) => FrameSink::Tls(TlsWriterHandle(t.clone())),
+            _ => FrameSink::Plain(self.sock.try_clone()?),
+        })
+    }
+
+    /// Bytes handed to the socket (before encryption).
     pub fn bytes_sent(&self) -> u64 {
         self.sent
     }
@@ -156,6 +235,20 @@ impl FrameWriter {
             left: total,
         };
         match &mut self.path {
+            Path::Tls(t) => {
+                let mut parts: Vec<&[u8]> = Vec::with_capacity(pages.len() + 1);
+                parts.push(&f._head);
+                // SAFETY: each `PageRef` is a whole 4 KiB page inside the live guest mapping,
+                // which stays mapped until this call returns (the send is complete, encrypted
+                // into the session's buffers, before it does). The guest may write a page
+                // while it is read (a running round): the bytes read are what is sent and
+                // authenticated, and such a page is dirty again and sent again.
+                parts.extend(pages.iter().map(|p| unsafe {
+                    std::slice::from_raw_parts(p.as_ptr(), PAGE_SIZE as usize)
+                }));
+                t.send(&parts)?;
+                self.sent += total as u64;
+            }
             Path::Plain => {
                 writev_all(&self.sock, &mut f)?;
                 self.sent += total as u64;

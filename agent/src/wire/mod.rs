@@ -391,6 +391,17 @@ pub fn data_frame<M: Message>(msg: &M, data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A frame of `kind` whose metadata is `meta` (no data), sealed with its CRC: what any peer
+/// that speaks the framing can send. The fuzz targets feed arbitrary metadata to every
+/// message decoder this way.
+pub fn frame_of(kind: Kind, meta: &[u8]) -> Frame {
+    let header = Header::sealed(kind, meta, 0, None::<[&[u8]; 0]>);
+    Frame {
+        header,
+        payload: meta.to_vec(),
+    }
+}
+
 /// A received frame whose header and CRC were checked: the only way to get one is
 /// [`Frame::parse`].
 #[derive(Debug)]

@@ -82,7 +82,7 @@ fn migrate_once(root: &Path, run: usize, w: &Workload, holdback_rounds: u32) -> 
             agent: "dst",
             io: IoPath::Auto,
         };
-        dest::receive(sock, &to)
+        dest::receive(vmig::transport::Channel::plain(sock), &to)
     });
     let (def, vm) = src.begin_migration(w.name).expect("begin");
     let folder = src.dir(w.name);
@@ -91,6 +91,7 @@ fn migrate_once(root: &Path, run: usize, w: &Workload, holdback_rounds: u32) -> 
         def: &def,
         dir: &folder,
         agent: "src",
+        security: &vmig::transport::Security::Insecure,
     };
     let opts = MigrateOptions {
         bandwidth_mibs: Some(40.0),

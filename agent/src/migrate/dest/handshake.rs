@@ -10,6 +10,12 @@ use crate::wire::{self, messages as msg, WireError};
 /// Checks the hello and welcomes the source; returns the source agent's name.
 pub(super) fn welcome(link: &mut Link, agent: &str) -> Result<String, MigrateError> {
     let hello: msg::Hello = link.recv_in(Phase::Handshake)?;
+    if let Some(peer) = link.peer().filter(|p| *p != hello.agent) {
+        return Err(MigrateError::Peer(format!(
+            "the source says it is {:?} but its certificate names {peer}",
+            hello.agent
+        )));
+    }
     let Some(version) = wire::negotiate(
         wire::supported_versions(),
         hello.min_version..=hello.max_version,

@@ -25,7 +25,6 @@ mod resume;
 mod stop_and_copy;
 
 use std::io::Read;
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,7 +32,7 @@ use super::link::Link;
 use super::registry::Registry;
 use super::MigrateError;
 use crate::inventory::Inventory;
-use crate::transport::IoPath;
+use crate::transport::{Channel, IoPath};
 use crate::wire::messages as msg;
 
 pub use postcopy::PostcopyIn;
@@ -55,9 +54,10 @@ pub struct Destination<'a> {
     pub io: IoPath,
 }
 
-/// Receives one incoming migration on `sock`; returns the VM's name.
-pub fn receive(sock: TcpStream, to: &Destination<'_>) -> Result<String, MigrateError> {
-    let mut link = Link::accept(sock.try_clone()?, to.io, IDLE_TIMEOUT)?;
+/// Receives one incoming migration on `ch` (secured by the caller); returns the VM's name.
+pub fn receive(ch: Channel, to: &Destination<'_>) -> Result<String, MigrateError> {
+    let sock = ch.socket().try_clone()?;
+    let mut link = Link::accept(&ch, to.io, IDLE_TIMEOUT)?;
     let result = run(&mut link, to);
     if let Err(e) = &result {
         tracing::warn!(cause = %e, "incoming migration failed; nothing kept");

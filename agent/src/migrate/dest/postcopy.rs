@@ -28,8 +28,9 @@ use crate::wire::{self, messages as msg, pages, Frame, Kind};
 /// requests here itself (no hand-off to another thread on the fault's path), and the page
 /// loop its control frames.
 pub(super) struct Uplink {
-    /// Whole control frames are written with `write_all` under the lock.
-    sock: Mutex<TcpStream>,
+    /// Whole control frames are written with `write_all` under the lock (encrypted through
+    /// the connection's TLS session, if any).
+    sock: Mutex<crate::transport::FrameSink>,
     /// The connection failed: faults wait for the next one.
     down: AtomicBool,
 }
@@ -155,6 +156,11 @@ pub(super) fn run(
         &name,
         PostcopyIn::Active(link.socket().try_clone()?),
     );
+    // Only this peer may resume the session (a session id read off a stream is no credential).
+    crate::migrate::owner::record(
+        &(to.inv.datastore().to_path_buf(), name.clone()),
+        link.peer(),
+    );
     let result = serve_session(link, &mut session, |up| {
         // Running goes before the vCPUs start: a page request can never overtake it.
         let resume_us = t_go.elapsed().as_micros() as u64;
@@ -228,7 +234,7 @@ pub(super) fn serve_session(
 ) -> Result<msg::PostcopyDone, MigrateError> {
     // Every earlier frame was flushed by `send_bytes`: the uplink owns the direction now.
     let up = Arc::new(Uplink {
-        sock: Mutex::new(link.socket().try_clone()?),
+        sock: Mutex::new(link.writer.sink()?),
         down: AtomicBool::new(false),
     });
     s.mem.set_source(Arc::new(NetSource {

@@ -24,7 +24,11 @@ pub(super) fn resume_session(
     r: msg::Resume,
 ) -> Result<String, MigrateError> {
     let t = Instant::now();
+    let key = (to.inv.datastore().to_path_buf(), r.name.clone());
     let refusal = loop {
+        if let Err(why) = crate::migrate::owner::check(&key, link.peer()) {
+            break why;
+        }
         let mut map = to.registry.lock();
         let slot = match map.remove(&r.name) {
             Some(Migration::IncomingPostcopy(slot)) => slot,

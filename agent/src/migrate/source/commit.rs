@@ -71,7 +71,9 @@ pub(super) fn go(
         stop_reason,
         memory_bytes: vm.ram().size(),
         memory_touched_bytes: pre.touched * PAGE_SIZE,
-        io_path: if run.link.writer.uses_uring() {
+        io_path: if run.link.writer.encrypted() {
+            IoUsed::Tls
+        } else if run.link.writer.uses_uring() {
             IoUsed::IoUring
         } else {
             IoUsed::Plain

@@ -48,6 +48,8 @@ pub struct Outgoing<'a> {
     pub dir: &'a Path,
     /// This agent's name.
     pub agent: &'a str,
+    /// How to secure the connections to the destination (mutual TLS, or `--insecure`).
+    pub security: &'a crate::transport::Security,
 }
 
 /// How a migration that did not fail ended.
@@ -87,7 +89,7 @@ pub fn migrate(
     opts.validate()?;
     progress(Progress::new(ProgressPhase::Connecting, 0, 0, 0));
     #[allow(unused_mut)]
-    let mut link = Link::connect(dest, opts)?;
+    let mut link = Link::connect(out.security, dest, dest_name, opts)?;
     #[cfg(any(test, feature = "fault-injection"))]
     link.inject(super::fault::take());
     cancel.set_socket(Some(link.socket().try_clone()?));

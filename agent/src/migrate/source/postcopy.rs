@@ -254,7 +254,7 @@ fn readable(sock: &TcpStream, wait: Duration) -> Result<bool, MigrateError> {
 /// The destination's next post-copy frame, if one arrives within `wait`. Read on the serving
 /// thread itself: a page request is answered with no hand-off between threads.
 fn next_event(link: &mut Link, wait: Duration) -> Result<Option<PcEvent>, MigrateError> {
-    if !readable(link.writer.socket(), wait)? {
+    if !link.reader.buffered() && !readable(link.writer.socket(), wait)? {
         return Ok(None);
     }
     let f = link.next()?;

@@ -202,7 +202,7 @@ fn reconnect(
     parked: &mut Parked,
     progress: &dyn Fn(Progress),
 ) -> Result<Link, MigrateError> {
-    let mut link = Link::connect(parked.dest, &parked.opts)?;
+    let mut link = Link::connect(out.security, parked.dest, &parked.dest_name, &parked.opts)?;
     handshake::greet(&mut link, out)?;
     link.send(&msg::Resume {
         name: out.def.name.clone(),
