@@ -282,6 +282,7 @@ impl Inventory {
         self.check_memory(&inner, def.memory_bytes())?;
         let log = self.open_log(&self.dir(name))?;
         let vm = Vm::create(&def.spec(), name, Box::new(log))?;
+        vm.attach_disk(&self.dir(name).join(DISK), name)?;
         vm.boot(name)?;
         vm.devices().log_line("started");
         vm.resume();
