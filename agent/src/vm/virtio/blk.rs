@@ -16,13 +16,20 @@
 //! everything it took from the queue, so the saved state holds no request in flight (those
 //! the guest queued and did not yet notify stay in the available ring, in guest memory, and
 //! are served after the restore when the guest notifies).
+//!
+//! For moving the disk with the VM the device offers two things. A written-block log
+//! ([`VirtioBlk::start_block_log`]): every block the guest writes is marked *after* its write
+//! reached the file, so a mirror that takes the marks and then reads the blocks never misses a
+//! write that raced with its own copy (the block is marked again and re-sent). And a release
+//! ([`VirtioBlk::release`]): drain, `fdatasync`, close the image, so another host may open a
+//! shared image; [`VirtioBlk::reacquire`] reopens it if the VM stays.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_blk::{
@@ -36,7 +43,7 @@ use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use super::mmio::{Transport, Written};
-use crate::dirty::DirtyLog;
+use crate::dirty::{DirtyLog, PageBitmap};
 use crate::vm::memory::GuestRam;
 use crate::vm::state::VirtioBlkState;
 
@@ -75,6 +82,14 @@ pub enum BlkError {
     /// The state has a disk in use and the VM has none.
     #[error("the guest is using its virtio-blk disk and this VM has no disk attached")]
     NoDisk,
+    /// Flushing the image at its release failed.
+    #[error("flushing disk image {path}: {cause}")]
+    Flush {
+        /// Path of the image.
+        path: PathBuf,
+        /// Cause.
+        cause: std::io::Error,
+    },
 }
 
 /// Counters of the device.
@@ -100,13 +115,23 @@ struct Work {
     stop: bool,
 }
 
+/// Blocks written since a mirror started: block `i` covers bytes `[i << shift, (i + 1) << shift)`.
+#[derive(Debug)]
+struct BlockLog {
+    shift: u32,
+    written: PageBitmap,
+}
+
 /// What the vCPU threads and the worker share.
 #[derive(Debug)]
 struct Shared {
     transport: Mutex<Transport>,
     ram: Arc<GuestRam>,
     dirty: Arc<DirtyLog>,
-    file: File,
+    path: PathBuf,
+    /// The image; `None` while released.
+    file: RwLock<Option<File>>,
+    log: Mutex<Option<BlockLog>>,
     /// Capacity in sectors.
     capacity: u64,
     /// `GET_ID` answer: the serial, NUL-padded.
@@ -139,16 +164,14 @@ impl VirtioBlk {
         ram: Arc<GuestRam>,
         dirty: Arc<DirtyLog>,
     ) -> Result<Self, BlkError> {
-        let open_err = |cause| BlkError::Open {
-            path: path.to_path_buf(),
-            cause,
-        };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(open_err)?;
-        let len = file.metadata().map_err(open_err)?.len();
+        let file = open_image(path)?;
+        let len = file
+            .metadata()
+            .map_err(|cause| BlkError::Open {
+                path: path.to_path_buf(),
+                cause,
+            })?
+            .len();
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
@@ -160,7 +183,9 @@ impl VirtioBlk {
             )),
             ram,
             dirty,
-            file,
+            path: path.to_path_buf(),
+            file: RwLock::new(Some(file)),
+            log: Mutex::new(None),
             capacity: len / SECTOR,
             id,
             work: Mutex::new(Work::default()),
@@ -249,11 +274,92 @@ impl VirtioBlk {
             .map_err(BlkError::BadState)
     }
 
+    /// Path of the image.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Starts logging the blocks of `block_bytes` (a power of two, at least a sector) the
+    /// guest writes; any earlier log is dropped.
+    pub fn start_block_log(&self, block_bytes: u64) {
+        assert!(
+            block_bytes.is_power_of_two() && block_bytes >= SECTOR,
+            "block size {block_bytes}"
+        );
+        let blocks = (self.shared.capacity * SECTOR).div_ceil(block_bytes);
+        *self.shared.log.lock().expect("blk log") = Some(BlockLog {
+            shift: block_bytes.trailing_zeros(),
+            written: PageBitmap::new(blocks),
+        });
+    }
+
+    /// Takes the blocks written since the log started or since the last take, in ascending
+    /// order. With the VM paused (drained) the answer is complete.
+    pub fn take_written_blocks(&self) -> Vec<u64> {
+        self.shared
+            .log
+            .lock()
+            .expect("blk log")
+            .as_ref()
+            .map(|l| l.written.take())
+            .unwrap_or_default()
+    }
+
+    /// Stops logging written blocks.
+    pub fn stop_block_log(&self) {
+        *self.shared.log.lock().expect("blk log") = None;
+    }
+
+    /// Drains, flushes (`fdatasync`) and closes the image, so that another host may open it
+    /// (shared storage). Requests fail with `IOERR` until [`VirtioBlk::reacquire`]; the VM is
+    /// meant to stay paused meanwhile.
+    pub fn release(&self) -> Result<(), BlkError> {
+        self.drain();
+        let mut file = self.shared.file.write().expect("blk file");
+        if let Some(f) = file.as_ref() {
+            f.sync_data().map_err(|cause| BlkError::Flush {
+                path: self.shared.path.clone(),
+                cause,
+            })?;
+        }
+        *file = None;
+        tracing::info!(path = %self.shared.path.display(), "virtio-blk image released");
+        Ok(())
+    }
+
+    /// Reopens a released image (the VM stays on this host after all).
+    pub fn reacquire(&self) -> Result<(), BlkError> {
+        let mut file = self.shared.file.write().expect("blk file");
+        if file.is_none() {
+            *file = Some(open_image(&self.shared.path)?);
+        }
+        Ok(())
+    }
+
+    /// Whether the image is open (not released).
+    pub fn is_open(&self) -> bool {
+        self.shared.file.read().expect("blk file").is_some()
+    }
+
     /// Flushes the image to stable storage (`fdatasync`).
     pub fn flush(&self) -> std::io::Result<()> {
         self.drain();
-        self.shared.file.sync_data()
+        match self.shared.file.read().expect("blk file").as_ref() {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
     }
+}
+
+fn open_image(path: &Path) -> Result<File, BlkError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|cause| BlkError::Open {
+            path: path.to_path_buf(),
+            cause,
+        })
 }
 
 impl Drop for VirtioBlk {
@@ -340,6 +446,7 @@ impl Shared {
     /// Serves one request; returns the bytes written into the guest's buffers (status
     /// included), for the used ring.
     fn execute(&self, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+        let file = self.file.read().expect("blk file");
         let mem = self.ram.mem();
         let writable: Vec<(u64, u64)> = chain
             .clone()
@@ -365,9 +472,13 @@ impl Shared {
         let Ok(mut status_writer) = writer.split_at(writable_bytes - 1) else {
             return 0;
         };
-        let status = match read_header(&mut reader) {
-            Some(h) => self.request(h, &mut reader, &mut writer),
-            None => VIRTIO_BLK_S_IOERR,
+        let status = match (read_header(&mut reader), file.as_ref()) {
+            (Some(h), Some(f)) => self.request(f, h, &mut reader, &mut writer),
+            (Some(_), None) => {
+                tracing::warn!("virtio-blk: request while the image is released");
+                VIRTIO_BLK_S_IOERR
+            }
+            (None, _) => VIRTIO_BLK_S_IOERR,
         };
         if status != VIRTIO_BLK_S_OK {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -381,13 +492,19 @@ impl Shared {
     }
 
     /// Does what the header asks; returns the status.
-    fn request(&self, h: Header, reader: &mut Reader<'_>, writer: &mut Writer<'_>) -> u32 {
+    fn request(
+        &self,
+        file: &File,
+        h: Header,
+        reader: &mut Reader<'_>,
+        writer: &mut Writer<'_>,
+    ) -> u32 {
         match h.kind {
             VIRTIO_BLK_T_IN => {
                 let Some(offset) = self.range(h.sector, writer.available_bytes()) else {
                     return VIRTIO_BLK_S_IOERR;
                 };
-                match self.read_into(offset, writer) {
+                match self.read_into(file, offset, writer) {
                     Ok(()) => VIRTIO_BLK_S_OK,
                     Err(e) => {
                         tracing::warn!(sector = h.sector, cause = %e, "virtio-blk: read failed");
@@ -399,7 +516,7 @@ impl Shared {
                 let Some(offset) = self.range(h.sector, reader.available_bytes()) else {
                     return VIRTIO_BLK_S_IOERR;
                 };
-                match self.write_from(offset, reader) {
+                match self.write_from(file, offset, reader) {
                     Ok(()) => VIRTIO_BLK_S_OK,
                     Err(e) => {
                         tracing::warn!(sector = h.sector, cause = %e, "virtio-blk: write failed");
@@ -407,7 +524,7 @@ impl Shared {
                     }
                 }
             }
-            VIRTIO_BLK_T_FLUSH => match self.file.sync_data() {
+            VIRTIO_BLK_T_FLUSH => match file.sync_data() {
                 Ok(()) => {
                     self.counters.flushes.fetch_add(1, Ordering::Relaxed);
                     VIRTIO_BLK_S_OK
@@ -450,11 +567,16 @@ impl Shared {
         Some(sector * SECTOR)
     }
 
-    fn read_into(&self, mut offset: u64, writer: &mut Writer<'_>) -> std::io::Result<()> {
+    fn read_into(
+        &self,
+        file: &File,
+        mut offset: u64,
+        writer: &mut Writer<'_>,
+    ) -> std::io::Result<()> {
         let mut buf = vec![0u8; writer.available_bytes().min(CHUNK)];
         while writer.available_bytes() > 0 {
             let n = writer.available_bytes().min(CHUNK);
-            self.file.read_exact_at(&mut buf[..n], offset)?;
+            file.read_exact_at(&mut buf[..n], offset)?;
             writer.write_all(&buf[..n])?;
             offset += n as u64;
             self.counters
@@ -464,18 +586,39 @@ impl Shared {
         Ok(())
     }
 
-    fn write_from(&self, mut offset: u64, reader: &mut Reader<'_>) -> std::io::Result<()> {
+    fn write_from(
+        &self,
+        file: &File,
+        mut offset: u64,
+        reader: &mut Reader<'_>,
+    ) -> std::io::Result<()> {
         let mut buf = vec![0u8; reader.available_bytes().min(CHUNK)];
         while reader.available_bytes() > 0 {
             let n = reader.available_bytes().min(CHUNK);
             reader.read_exact(&mut buf[..n])?;
-            self.file.write_all_at(&buf[..n], offset)?;
+            file.write_all_at(&buf[..n], offset)?;
+            // Marked after the write reached the file: see the module's notes.
+            self.log_written(offset, n as u64);
             offset += n as u64;
             self.counters
                 .bytes_written
                 .fetch_add(n as u64, Ordering::Relaxed);
         }
         Ok(())
+    }
+}
+
+impl Shared {
+    /// Marks the blocks of `[offset, offset + len)` written, if a block log runs.
+    fn log_written(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        if let Some(l) = self.log.lock().expect("blk log").as_ref() {
+            for b in offset >> l.shift..=(offset + len - 1) >> l.shift {
+                l.written.set(b);
+            }
+        }
     }
 }
 

@@ -516,3 +516,74 @@ fn restore_of_a_disk_in_use_needs_the_disk() {
         "{e}"
     );
 }
+
+/// The written-block log marks what the guest writes (and nothing it reads), once per block
+/// however often it is written, from `start_block_log` until `stop_block_log`.
+#[test]
+fn written_blocks_are_logged_for_a_mirror() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, _) = idle_vm_with_disk(dir.path(), 1 << 20);
+    let mut d = Driver::init(&vm, 32);
+    let blk = vm.devices().blk().unwrap();
+    d.queue(0, VIRTIO_BLK_T_OUT, 8, 4096, None);
+    d.run();
+    assert!(
+        blk.take_written_blocks().is_empty(),
+        "no log before the start"
+    );
+    blk.start_block_log(4096);
+    d.queue(1, VIRTIO_BLK_T_OUT, 3 * 8, 4096, None);
+    d.queue(2, VIRTIO_BLK_T_OUT, 7 * 8, 4096, None);
+    d.queue(3, VIRTIO_BLK_T_OUT, 7 * 8, 4096, None);
+    // 4 KiB from the last sector of block 99 into block 100.
+    d.queue(4, VIRTIO_BLK_T_OUT, 100 * 8 - 1, 4096, None);
+    d.queue(5, VIRTIO_BLK_T_IN, 50 * 8, 4096, None);
+    d.queue(6, VIRTIO_BLK_T_OUT, (1 << 20) / 512, 4096, None); // past the end: refused
+    d.run();
+    assert_eq!(blk.take_written_blocks(), vec![3, 7, 99, 100]);
+    assert!(blk.take_written_blocks().is_empty(), "a take clears");
+    blk.stop_block_log();
+    d.queue(7, VIRTIO_BLK_T_OUT, 9 * 8, 4096, None);
+    d.run();
+    assert!(
+        blk.take_written_blocks().is_empty(),
+        "no log after the stop"
+    );
+}
+
+/// A released image is flushed and closed (no descriptor of this process names it), requests
+/// meanwhile fail cleanly, and a reacquired image serves them again.
+#[test]
+fn a_released_image_is_closed_and_can_be_reacquired() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, path) = idle_vm_with_disk(dir.path(), 64 << 10);
+    let mut d = Driver::init(&vm, 32);
+    let blk = vm.devices().blk().unwrap();
+    let open_fds = || {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l == &path)
+            .count()
+    };
+    assert_eq!(open_fds(), 1);
+    vm.ram()
+        .write(Driver::buf(0) + 0x1000, &[0x5a; 4096])
+        .unwrap();
+    d.queue(0, VIRTIO_BLK_T_OUT, 0, 4096, None);
+    d.run();
+    blk.release().unwrap();
+    assert!(!blk.is_open());
+    assert_eq!(open_fds(), 0, "the image is closed");
+    assert!(std::fs::read(&path).unwrap()[..4096]
+        .iter()
+        .all(|&b| b == 0x5a));
+    d.queue(1, VIRTIO_BLK_T_IN, 0, 4096, None);
+    d.run();
+    assert_eq!(d.status(1), VIRTIO_BLK_S_IOERR as u8);
+    blk.reacquire().unwrap();
+    d.queue(2, VIRTIO_BLK_T_IN, 0, 4096, None);
+    d.run();
+    assert_eq!(d.status(2), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(d.data(2, 4096), vec![0x5a; 4096]);
+}
