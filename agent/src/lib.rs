@@ -9,6 +9,7 @@ pub mod dirty;
 pub mod guest;
 pub mod inventory;
 pub mod migrate;
+pub mod storage;
 pub mod transport;
 pub mod vm;
 pub mod wire;

@@ -429,6 +429,10 @@ impl Inventory {
             }
         } else if let Some(e) = inner.vms.get_mut(name) {
             e.migrating = false;
+            // The VM stays: a disk mirror the migration started has nobody to feed.
+            if let Some(blk) = e.vm.as_ref().and_then(|vm| vm.devices().blk()) {
+                blk.stop_block_log();
+            }
         }
     }
 
@@ -462,6 +466,9 @@ impl Inventory {
     ) -> Result<(), InventoryError> {
         let dir = self.dir(&def.name);
         fs::rename(&r.staging, &dir).map_err(io_err(&dir))?;
+        if let Some(blk) = vm.devices().blk() {
+            blk.moved_to(&dir.join(DISK));
+        }
         let mut inner = self.inner();
         inner.reserved.remove(&def.name);
         inner.vms.insert(

@@ -208,6 +208,7 @@ fn run(
 
     // 4. Load the state; digests if asked; wait for the source to commit.
     let log = inv.open_log(&reservation.staging)?;
+    vm.attach_disk(&reservation.staging.join(inventory::DISK), &def.name)?;
     vm.restore(&state.machine, Box::new(log))?;
     let mut ready = msg::Ready::default();
     if state.verify {
@@ -359,6 +360,7 @@ fn run_postcopy(
     } else {
         None
     };
+    vm.attach_disk(&reservation.staging.join(inventory::DISK), &def.name)?;
     vm.restore(&state.machine, log)?;
     if state.verify {
         ready.vcpu_digest = Some(vm.read_back()?.vcpu_digest());

@@ -7,6 +7,8 @@
 
 pub mod controller;
 pub mod dest;
+#[cfg(test)]
+mod disk_tests;
 pub mod holdback;
 pub mod probe;
 #[cfg(test)]

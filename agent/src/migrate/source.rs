@@ -231,6 +231,10 @@ fn run(
     )?;
     let _: msg::Reserved = link.recv()?.expect(Kind::Reserved)?;
     progress(Progress::new("reserved", 0, 0, 0));
+    // Every write to the disk from now on is logged, and re-sent at the pause (send_state).
+    if let Some(blk) = vm.devices().blk() {
+        blk.start_block_log(DISK_BLOCK);
+    }
     for name in [inventory::DEFINITION, inventory::NVRAM, inventory::DISK] {
         send_file(link, out.dir, name)?;
     }
@@ -1272,21 +1276,46 @@ fn send_pages(
     Ok(stats)
 }
 
-/// Sends one file of the VM folder in chunks, skipping all-zero chunks.
+/// Sends one file of the VM folder in chunks, skipping holes and all-zero chunks; a file
+/// that cannot be read fails the migration.
 fn send_file(link: &mut Link, dir: &Path, name: &str) -> Result<(), MigrateError> {
-    let data = fs::read(dir.join(name)).unwrap_or_default();
-    let size = data.len() as u64;
+    let file = fs::File::open(dir.join(name))?;
+    let size = file.metadata()?.len();
     let mut sent_any = false;
-    for (i, chunk) in data.chunks(FILE_CHUNK).enumerate() {
-        if chunk.iter().all(|b| *b == 0) {
-            continue;
-        }
-        send_chunk(link, name, size, (i * FILE_CHUNK) as u64, chunk)?;
+    crate::storage::for_each_data_chunk(&file, FILE_CHUNK, |offset, chunk| {
         sent_any = true;
-    }
+        send_chunk(link, name, size, offset, chunk)
+    })?;
     if !sent_any {
         send_chunk(link, name, size, 0, &[])?;
     }
+    Ok(())
+}
+
+/// Granularity of the disk's written-block log during a migration.
+const DISK_BLOCK: u64 = 64 << 10;
+
+/// With the VM paused (the disk drained): sends the disk blocks written since the disk was
+/// sent, so the destination's image equals the source's at the pause.
+fn send_written_blocks(out: &Outgoing<'_>, link: &mut Link) -> Result<(), MigrateError> {
+    let Some(blk) = out.vm.devices().blk() else {
+        return Ok(());
+    };
+    let blocks = blk.take_written_blocks();
+    blk.stop_block_log();
+    let file = fs::File::open(out.dir.join(inventory::DISK))?;
+    let size = file.metadata()?.len();
+    let mut buf = vec![0u8; DISK_BLOCK as usize];
+    for b in &blocks {
+        let offset = b * DISK_BLOCK;
+        let n = DISK_BLOCK.min(size.saturating_sub(offset)) as usize;
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf[..n], offset)?;
+        send_chunk(link, inventory::DISK, size, offset, &buf[..n])?;
+    }
+    tracing::info!(
+        blocks = blocks.len(),
+        "disk blocks written during the migration sent"
+    );
     Ok(())
 }
 
@@ -1329,6 +1358,7 @@ fn send_state(
         .devices()
         .log_line(&format!("paused for migration: {phase}"));
     send_file(link, out.dir, inventory::LOG)?;
+    send_written_blocks(out, link)?;
     let machine = out.vm.save()?;
     let digest = machine.vcpu_digest();
     link.send(

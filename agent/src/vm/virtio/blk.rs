@@ -128,7 +128,8 @@ struct Shared {
     transport: Mutex<Transport>,
     ram: Arc<GuestRam>,
     dirty: Arc<DirtyLog>,
-    path: PathBuf,
+    /// Where the image is (its folder may be renamed while it is open: see `moved_to`).
+    path: Mutex<PathBuf>,
     /// The image; `None` while released.
     file: RwLock<Option<File>>,
     log: Mutex<Option<BlockLog>>,
@@ -183,7 +184,7 @@ impl VirtioBlk {
             )),
             ram,
             dirty,
-            path: path.to_path_buf(),
+            path: Mutex::new(path.to_path_buf()),
             file: RwLock::new(Some(file)),
             log: Mutex::new(None),
             capacity: len / SECTOR,
@@ -275,8 +276,14 @@ impl VirtioBlk {
     }
 
     /// Path of the image.
-    pub fn path(&self) -> &Path {
-        &self.shared.path
+    pub fn path(&self) -> PathBuf {
+        self.shared.path.lock().expect("blk path").clone()
+    }
+
+    /// Records that the open image now lives at `path` (its folder was renamed, as when an
+    /// incoming VM's staging folder joins the datastore); a reopen uses the new path.
+    pub fn moved_to(&self, path: &Path) {
+        *self.shared.path.lock().expect("blk path") = path.to_path_buf();
     }
 
     /// Starts logging the blocks of `block_bytes` (a power of two, at least a sector) the
@@ -318,12 +325,12 @@ impl VirtioBlk {
         let mut file = self.shared.file.write().expect("blk file");
         if let Some(f) = file.as_ref() {
             f.sync_data().map_err(|cause| BlkError::Flush {
-                path: self.shared.path.clone(),
+                path: self.path(),
                 cause,
             })?;
         }
         *file = None;
-        tracing::info!(path = %self.shared.path.display(), "virtio-blk image released");
+        tracing::info!(path = %self.path().display(), "virtio-blk image released");
         Ok(())
     }
 
@@ -331,7 +338,7 @@ impl VirtioBlk {
     pub fn reacquire(&self) -> Result<(), BlkError> {
         let mut file = self.shared.file.write().expect("blk file");
         if file.is_none() {
-            *file = Some(open_image(&self.shared.path)?);
+            *file = Some(open_image(&self.path())?);
         }
         Ok(())
     }

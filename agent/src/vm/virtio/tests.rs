@@ -552,7 +552,8 @@ fn written_blocks_are_logged_for_a_mirror() {
 }
 
 /// A released image is flushed and closed (no descriptor of this process names it), requests
-/// meanwhile fail cleanly, and a reacquired image serves them again.
+/// meanwhile fail cleanly, and a reacquired image (at its new path if it moved) serves them
+/// again.
 #[test]
 fn a_released_image_is_closed_and_can_be_reacquired() {
     let dir = tempfile::tempdir().unwrap();
@@ -581,7 +582,12 @@ fn a_released_image_is_closed_and_can_be_reacquired() {
     d.queue(1, VIRTIO_BLK_T_IN, 0, 4096, None);
     d.run();
     assert_eq!(d.status(1), VIRTIO_BLK_S_IOERR as u8);
+    // The image moved meanwhile (a folder renamed): the reopen follows it.
+    let moved = dir.path().join("moved.img");
+    std::fs::rename(&path, &moved).unwrap();
+    blk.moved_to(&moved);
     blk.reacquire().unwrap();
+    assert_eq!(blk.path(), moved);
     d.queue(2, VIRTIO_BLK_T_IN, 0, 4096, None);
     d.run();
     assert_eq!(d.status(2), VIRTIO_BLK_S_OK as u8);
