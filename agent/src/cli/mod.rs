@@ -547,6 +547,10 @@ async fn vm(agent: Option<PathBuf>, host: Option<String>, cmd: VmCmd) -> Result<
                         "dirty_pages_written = {}\nvcpus = {:?}\ndirty_mode = {:?}",
                         s.dirty_pages_written, s.vcpus, s.dirty_mode
                     );
+                    println!(
+                        "disk = {} blocks checked, generation {}, {} failed checks ({} requests)",
+                        s.disk_blocks_verified, s.disk_generation, s.disk_failures, s.disk_requests
+                    );
                 }
             }
         }

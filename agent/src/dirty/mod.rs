@@ -291,6 +291,24 @@ impl DirtyLog {
         Ok(self.pending.take())
     }
 
+    /// Records that the VMM itself (a device) wrote `len` bytes of guest memory at `addr`:
+    /// KVM logs only the guest's own writes. No-op while logging is off.
+    pub fn mark(&self, addr: u64, len: u64) {
+        if len == 0 || !self.is_active() {
+            return;
+        }
+        let page = crate::guest::layout::PAGE_SIZE;
+        let base = self.region.guest_phys_addr;
+        let end = self.region.guest_phys_addr + self.region.memory_size;
+        let (from, to) = (addr.max(base), addr.saturating_add(len).min(end));
+        if from >= to {
+            return;
+        }
+        for p in (from - base) / page..=(to - 1 - base) / page {
+            self.pending.set(p);
+        }
+    }
+
     /// Counters: ring entries read (duplicates included) and ring-full exits.
     pub fn ring_counters(&self) -> (u64, u64) {
         (

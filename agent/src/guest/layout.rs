@@ -25,3 +25,33 @@ pub const WORKING_SETS: u64 = 0x100000;
 pub fn params(vcpu: u32) -> u64 {
     PARAMS + PAGE_SIZE * vcpu as u64
 }
+
+/// Guest-physical base of the virtio-mmio disk's registers: just past the most memory a VM
+/// may have, so it never overlaps RAM; the page tables map it (one 2 MiB page).
+pub const VIRTIO_MMIO: u64 = MAX_MEMORY;
+/// Page directory mapping [`VIRTIO_MMIO`] (after the 16 of RAM).
+pub const MMIO_PD: u64 = PD + 16 * PAGE_SIZE;
+
+/// The `disk` program's driver area: its virtqueue, request header, status and buffer.
+pub mod disk {
+    /// Base of the area (below the working sets, above the parameter pages).
+    pub const AREA: u64 = 0x40000;
+    /// Descriptor table (offset from [`AREA`]).
+    pub const DESC: u32 = 0x0000;
+    /// Available (driver) ring.
+    pub const AVAIL: u32 = 0x1000;
+    /// Used (device) ring.
+    pub const USED: u32 = 0x2000;
+    /// Request header: type u32, reserved u32, sector u64.
+    pub const HEADER: u32 = 0x3000;
+    /// Status byte.
+    pub const STATUS: u32 = 0x3010;
+    /// Data buffer: one block.
+    pub const DATA: u32 = 0x4000;
+    /// End of the area.
+    pub const END: u64 = AREA + 0x5000;
+    /// Block size of the `disk` program, bytes.
+    pub const BLOCK: u64 = 4096;
+    /// Entries of its queue.
+    pub const QUEUE_SIZE: u16 = 8;
+}

@@ -7,9 +7,15 @@
 //!   reports each batch on [`PORT_DIRTY_BATCH`] so the VMM can hold it to a chosen rate;
 //! - `counter`: increments a counter kept twice in memory, checks both copies agree before each
 //!   step (so a page lost or torn by a migration is caught by the guest itself), and reports
-//!   progress on [`PORT_COUNTER`], or a failed check on [`PORT_COUNTER_FAIL`].
+//!   progress on [`PORT_COUNTER`], or a failed check on [`PORT_COUNTER_FAIL`];
+//! - `disk`: drives the virtio-blk disk (virtio-mmio) and writes every block of its region,
+//!   pass after pass, each stamped with its block number and the pass (generation); reads
+//!   each back and checks the stamp, and before overwriting a block checks it still holds
+//!   the previous pass's stamp (so a write lost by a migration is caught by the guest);
+//!   reports each block on [`PORT_DISK`], or a failure on [`PORT_DISK_FAIL`].
 
 mod asm;
+mod disk;
 pub mod layout;
 
 use serde::{Deserialize, Serialize};
@@ -24,6 +30,10 @@ pub const PORT_DIRTY_BATCH: u16 = 0x510;
 pub const PORT_COUNTER: u16 = 0x511;
 /// `counter` writes here when its self-check fails.
 pub const PORT_COUNTER_FAIL: u16 = 0x512;
+/// `disk` reports each block it wrote and read back here.
+pub const PORT_DISK: u16 = 0x513;
+/// `disk` writes here (the block number) when a check or a request fails.
+pub const PORT_DISK_FAIL: u16 = 0x514;
 /// The counter reports once every this many increments.
 pub const COUNTER_REPORT_EVERY: u64 = 1024;
 
@@ -41,6 +51,16 @@ pub mod param {
     pub const COUNTER: u8 = 0x28;
     /// Its check copy.
     pub const COUNTER_CHECK: u8 = 0x30;
+    /// Guest-physical base of the virtio-mmio disk's registers (for `disk`).
+    pub const DISK_MMIO: u8 = 0x38;
+    /// First block (4 KiB) of the `disk` region.
+    pub const DISK_FIRST: u8 = 0x40;
+    /// One past its last block.
+    pub const DISK_END: u8 = 0x48;
+    /// Generation (pass) of `disk`: written into every block of this pass.
+    pub const DISK_GEN: u8 = 0x50;
+    /// The block `disk` is at.
+    pub const DISK_BLOCK: u8 = 0x58;
     /// NUL-terminated banner printed on the serial console at start.
     pub const BANNER: u32 = 0x100;
 }
@@ -57,15 +77,18 @@ pub enum Program {
     Counter,
     /// Writes every page of its working set once, then idles (`hlt`).
     Fill,
+    /// Writes and checks blocks of the virtio-blk disk.
+    Disk,
 }
 
 impl Program {
     /// All programs, in the order of their code in guest memory.
-    pub const ALL: [Program; 4] = [
+    pub const ALL: [Program; 5] = [
         Program::Idle,
         Program::Dirty,
         Program::Counter,
         Program::Fill,
+        Program::Disk,
     ];
 
     /// The name used in VM definitions.
@@ -75,6 +98,7 @@ impl Program {
             Program::Dirty => "dirty",
             Program::Counter => "counter",
             Program::Fill => "fill",
+            Program::Disk => "disk",
         }
     }
 
@@ -106,6 +130,7 @@ impl Program {
             Program::Dirty => dirty(&mut a),
             Program::Counter => counter(&mut a),
             Program::Fill => fill(&mut a),
+            Program::Disk => disk::disk(&mut a),
         }
         a.finish()
     }

@@ -71,7 +71,7 @@ impl VmDef {
             .map(|w| {
                 Program::parse(w).ok_or_else(|| {
                     InventoryError::Invalid(format!(
-                        "unknown workload {w:?} (idle, dirty, counter, fill)"
+                        "unknown workload {w:?} (idle, dirty, counter, fill, disk)"
                     ))
                 })
             })
@@ -97,6 +97,9 @@ impl VmDef {
             dirty_bytes: self.dirty_mib << 20,
             dirty_rate: self.dirty_rate,
             dirty_tracking: self.dirty_tracking,
+            disk_rate: 0,
+            disk_first_block: 0,
+            disk_blocks: 0,
         }
     }
 

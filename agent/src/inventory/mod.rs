@@ -307,6 +307,7 @@ impl Inventory {
         self.check_memory(&inner, def.memory_bytes())?;
         let log = self.open_log(&self.dir(name))?;
         let vm = Vm::create(&def.spec(), name, Box::new(log))?;
+        vm.attach_disk(&self.dir(name).join(DISK), name)?;
         vm.boot(name)?;
         vm.devices().log_line("started");
         vm.resume();
@@ -453,6 +454,10 @@ impl Inventory {
             }
         } else if let Some(e) = inner.vms.get_mut(name) {
             e.migrating = false;
+            // The VM stays: a disk mirror the migration started has nobody to feed.
+            if let Some(blk) = e.vm.as_ref().and_then(|vm| vm.devices().blk()) {
+                blk.stop_block_log();
+            }
         }
     }
 
@@ -486,6 +491,9 @@ impl Inventory {
     ) -> Result<(), InventoryError> {
         let dir = self.dir(&def.name);
         fs::rename(&r.staging, &dir).map_err(io_err(&dir))?;
+        if let Some(blk) = vm.devices().blk() {
+            blk.moved_to(&dir.join(DISK));
+        }
         let mut inner = self.inner();
         inner.reserved.remove(&def.name);
         inner.vms.insert(

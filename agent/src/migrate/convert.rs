@@ -16,6 +16,7 @@ impl From<Program> for msg::Program {
             Program::Dirty => msg::Program::Dirty,
             Program::Counter => msg::Program::Counter,
             Program::Fill => msg::Program::Fill,
+            Program::Disk => msg::Program::Disk,
         }
     }
 }
@@ -27,6 +28,7 @@ impl From<msg::Program> for Program {
             msg::Program::Dirty => Program::Dirty,
             msg::Program::Counter => Program::Counter,
             msg::Program::Fill => Program::Fill,
+            msg::Program::Disk => Program::Disk,
         }
     }
 }
@@ -59,6 +61,9 @@ impl From<&VmSpec> for msg::VmSpec {
             dirty_bytes: s.dirty_bytes,
             dirty_rate: s.dirty_rate,
             dirty_tracking: s.dirty_tracking.into(),
+            disk_rate: s.disk_rate,
+            disk_first_block: s.disk_first_block,
+            disk_blocks: s.disk_blocks,
         }
     }
 }
@@ -71,6 +76,9 @@ impl From<msg::VmSpec> for VmSpec {
             dirty_bytes: s.dirty_bytes,
             dirty_rate: s.dirty_rate,
             dirty_tracking: s.dirty_tracking.into(),
+            disk_rate: s.disk_rate,
+            disk_first_block: s.disk_first_block,
+            disk_blocks: s.disk_blocks,
         }
     }
 }
@@ -133,6 +141,9 @@ mod tests {
             dirty_bytes: 1 << 20,
             dirty_rate: 7,
             dirty_tracking: DirtyTracking::Ring,
+            disk_rate: 3,
+            disk_first_block: 4,
+            disk_blocks: 5,
         };
         assert_eq!(VmSpec::from(msg::VmSpec::from(&spec)), spec);
     }

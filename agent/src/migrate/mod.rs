@@ -8,6 +8,8 @@
 pub mod controller;
 mod convert;
 pub mod dest;
+#[cfg(test)]
+mod disk_tests;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod fault;
 pub mod holdback;

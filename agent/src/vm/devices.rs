@@ -1,13 +1,16 @@
-//! Port-I/O devices: the serial console and the ports the guest programs report on.
+//! Port-I/O devices: the serial console and the ports the guest programs report on; and the
+//! MMIO device, the virtio-blk disk, when the VM has one.
 
 use std::io::{LineWriter, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
 use super::state::{DeviceState, SerialState};
+use super::virtio::blk::{BlkError, VirtioBlk};
+use super::virtio::mmio::MMIO_SIZE;
 use crate::guest::{self, layout, param};
 use crate::vm::memory::GuestRam;
 
@@ -35,6 +38,12 @@ pub struct GuestReports {
     pub counter_failures: AtomicU64,
     /// Pages written by `dirty` programs (from their batch reports).
     pub dirty_pages: AtomicU64,
+    /// Blocks the `disk` program wrote and read back correctly.
+    pub disk_blocks: AtomicU64,
+    /// The `disk` program's latest generation (pass over its region).
+    pub disk_generation: AtomicU64,
+    /// Failed `disk` checks or requests (must stay 0).
+    pub disk_failures: AtomicU64,
 }
 
 /// The devices of one VM.
@@ -42,6 +51,8 @@ pub struct Devices {
     console: Mutex<Console>,
     /// Reports from the guest programs.
     pub reports: GuestReports,
+    /// The virtio-blk disk at [`layout::VIRTIO_MMIO`], once attached.
+    blk: OnceLock<VirtioBlk>,
 }
 
 impl std::fmt::Debug for Devices {
@@ -61,6 +72,8 @@ pub enum PortAction {
     DirtyBatch(u64),
     /// The counter's self-check failed.
     CounterFailed,
+    /// `disk` finished a block: hold it to its rate.
+    DiskBlock,
 }
 
 const SERIAL_PORTS: std::ops::Range<u16> = guest::PORT_SERIAL..guest::PORT_SERIAL + 8;
@@ -71,22 +84,65 @@ impl Devices {
         Self {
             console: Mutex::new(Serial::new(NoIrq, Box::new(LineWriter::new(log)))),
             reports: GuestReports::default(),
+            blk: OnceLock::new(),
         }
     }
 
-    /// Restores device state into fresh devices writing to `log`.
-    pub fn restore(&self, state: &DeviceState, log: Box<dyn Write + Send>) {
+    /// Attaches the disk (once, before the guest runs).
+    pub fn attach_blk(&self, blk: VirtioBlk) -> Result<(), VirtioBlk> {
+        self.blk.set(blk)
+    }
+
+    /// The disk, if attached.
+    pub fn blk(&self) -> Option<&VirtioBlk> {
+        self.blk.get()
+    }
+
+    /// Waits until no device has work in flight (the disk's worker is idle).
+    pub fn drain(&self) {
+        if let Some(b) = self.blk.get() {
+            b.drain();
+        }
+    }
+
+    /// Restores device state into fresh devices writing to `log`. A state whose guest is
+    /// using its disk needs this VM's disk attached (and of the same size).
+    pub fn restore(&self, state: &DeviceState, log: Box<dyn Write + Send>) -> Result<(), BlkError> {
+        match (&state.blk, self.blk.get()) {
+            (Some(s), Some(b)) => b.restore(s)?,
+            (Some(s), None) if s.mmio.status != 0 => return Err(BlkError::NoDisk),
+            _ => {}
+        }
         let s = vm_superio::serial::SerialState::from(&state.serial);
         let serial = Serial::from_state(&s, NoIrq, NoEvents, Box::new(LineWriter::new(log)) as _)
             .expect("a console state saved by this VMM is valid");
         *self.console.lock().expect("console") = serial;
+        Ok(())
     }
 
-    /// Saves device state.
+    /// Saves device state (the disk drains first: no request in flight).
     pub fn save(&self) -> DeviceState {
+        let blk = self.blk.get().map(|b| b.save());
         let console = self.console.lock().expect("console");
         DeviceState {
             serial: SerialState::from(console.state()),
+            blk,
+        }
+    }
+
+    /// A guest read of MMIO at `addr` (outside RAM).
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        match (self.blk.get(), addr.checked_sub(layout::VIRTIO_MMIO)) {
+            (Some(b), Some(off)) if off < MMIO_SIZE => b.mmio_read(off, data),
+            _ => data.fill(0xff),
+        }
+    }
+
+    /// A guest write of MMIO at `addr` (outside RAM).
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        match (self.blk.get(), addr.checked_sub(layout::VIRTIO_MMIO)) {
+            (Some(b), Some(off)) if off < MMIO_SIZE => b.mmio_write(off, data),
+            _ => tracing::debug!(addr, "MMIO write to nothing"),
         }
     }
 
@@ -132,6 +188,23 @@ impl Devices {
                     "vCPU {vcpu}: counter self-check FAILED at {value}"
                 ));
                 PortAction::CounterFailed
+            }
+            guest::PORT_DISK => {
+                let generation = ram
+                    .read_u64(layout::params(vcpu) + param::DISK_GEN as u64)
+                    .unwrap_or(0);
+                self.reports.disk_blocks.fetch_add(1, Ordering::Relaxed);
+                self.reports
+                    .disk_generation
+                    .fetch_max(generation, Ordering::Relaxed);
+                PortAction::DiskBlock
+            }
+            guest::PORT_DISK_FAIL => {
+                self.reports.disk_failures.fetch_add(1, Ordering::Relaxed);
+                self.log_line(&format!(
+                    "vCPU {vcpu}: disk self-check FAILED at block {value}"
+                ));
+                PortAction::None
             }
             _ => PortAction::None,
         }

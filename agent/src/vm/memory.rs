@@ -92,6 +92,11 @@ impl GuestRam {
         Ok(Self { mem, base, size })
     }
 
+    /// The `vm-memory` mapping (for devices that walk guest rings).
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.size

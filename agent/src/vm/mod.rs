@@ -1,13 +1,16 @@
-//! The VMM: a KVM VM with one guest-memory slot, vCPU threads, port-I/O devices, and the
-//! complete save/restore of its state that migration needs.
+//! The VMM: a KVM VM with one guest-memory slot, vCPU threads, port-I/O devices, a
+//! virtio-blk disk over virtio-mmio, and the complete save/restore of its state that
+//! migration needs.
 
 pub mod devices;
 pub mod memory;
 mod paused;
 pub mod state;
 pub mod vcpu;
+pub mod virtio;
 
 use std::io::Write;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -23,6 +26,7 @@ use memory::{GuestRam, MemoryError};
 pub use paused::Paused;
 use state::{MachineState, StateError};
 use vcpu::{Phase, Vcpu, VcpuEnv};
+use virtio::blk::{BlkError, VirtioBlk};
 
 /// Errors of the VMM.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +54,9 @@ pub enum VmError {
     /// Spawning a thread failed.
     #[error("cannot spawn a vCPU thread: {0}")]
     Thread(std::io::Error),
+    /// The virtio-blk disk.
+    #[error(transparent)]
+    Disk(#[from] BlkError),
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
@@ -69,6 +76,15 @@ pub struct VmSpec {
     pub dirty_rate: u64,
     /// Dirty-tracking mechanism.
     pub dirty_tracking: DirtyTracking,
+    /// Blocks (4 KiB) per second the `disk` vCPU writes and checks (0: flat out).
+    #[serde(default)]
+    pub disk_rate: u64,
+    /// First block of the `disk` region.
+    #[serde(default)]
+    pub disk_first_block: u64,
+    /// Blocks in the `disk` region (0: to the end of the disk).
+    #[serde(default)]
+    pub disk_blocks: u64,
 }
 
 impl VmSpec {
@@ -79,6 +95,16 @@ impl VmSpec {
             return Err(VmError::Invalid(format!(
                 "{n} vCPUs (1 to {} supported)",
                 layout::MAX_VCPUS
+            )));
+        }
+        let disks = self
+            .programs
+            .iter()
+            .filter(|&&p| p == Program::Disk)
+            .count();
+        if disks > 1 {
+            return Err(VmError::Invalid(format!(
+                "{disks} disk vCPUs (the disk has one queue: at most one)"
             )));
         }
         let dirty = self
@@ -119,6 +145,21 @@ pub struct VmStats {
     pub counter_failures: u64,
     /// Pages written by `dirty` vCPUs (from their reports).
     pub dirty_pages_written: u64,
+    /// Blocks the `disk` vCPU wrote and read back correctly.
+    #[serde(default)]
+    pub disk_blocks_verified: u64,
+    /// The `disk` vCPU's generation (passes over its region).
+    #[serde(default)]
+    pub disk_generation: u64,
+    /// Failed `disk` self-checks (must stay 0).
+    #[serde(default)]
+    pub disk_failures: u64,
+    /// Requests the virtio-blk device completed.
+    #[serde(default)]
+    pub disk_requests: u64,
+    /// Bytes the guest wrote to its disk.
+    #[serde(default)]
+    pub disk_bytes_written: u64,
     /// vCPU exits handled.
     pub exits: u64,
     /// Per vCPU: "running", "paused" or "exited: why".
@@ -186,7 +227,10 @@ impl Vm {
                 ram: ram.clone(),
                 devices: devices.clone(),
                 dirty: dirty.clone(),
-                dirty_rate: spec.dirty_rate,
+                rate: match spec.programs[i as usize] {
+                    Program::Disk => spec.disk_rate,
+                    _ => spec.dirty_rate,
+                },
                 throttle: throttle.clone(),
             };
             vcpus.push(Vcpu::spawn(i, fd, env, name).map_err(VmError::Thread)?);
@@ -233,6 +277,15 @@ impl Vm {
         }
     }
 
+    /// Attaches the disk image at `path` as the VM's virtio-blk device (before it boots or
+    /// restores); `serial` is the disk's id.
+    pub fn attach_disk(&self, path: &Path, serial: &str) -> Result<(), VmError> {
+        let blk = VirtioBlk::open(path, serial, self.ram.clone(), self.dirty.clone())?;
+        self.devices
+            .attach_blk(blk)
+            .map_err(|_| VmError::Invalid("a disk is already attached".into()))
+    }
+
     /// The auto-converge throttle, percent.
     pub fn throttle(&self) -> u32 {
         self.throttle.load(Ordering::SeqCst)
@@ -265,6 +318,14 @@ impl Vm {
                 w(param::BATCH, batch)?;
                 dirty_index += 1;
             }
+            if *p == Program::Disk {
+                let (first, end) = self.disk_region()?;
+                w(param::DISK_MMIO, layout::VIRTIO_MMIO)?;
+                w(param::DISK_FIRST, first)?;
+                w(param::DISK_END, end)?;
+                w(param::DISK_GEN, 0)?;
+                w(param::DISK_BLOCK, first)?;
+            }
             let banner = format!("vmig guest {name} vcpu{i}: {}\n\0", p.name());
             self.ram
                 .write(params + param::BANNER as u64, banner.as_bytes())?;
@@ -285,6 +346,25 @@ impl Vm {
         Ok(())
     }
 
+    /// The `disk` program's blocks [first, end), inside the attached disk.
+    fn disk_region(&self) -> Result<(u64, u64), VmError> {
+        let blk = self.devices.blk().ok_or_else(|| {
+            VmError::Invalid("the disk workload needs a disk: none is attached".into())
+        })?;
+        let blocks = blk.capacity_bytes() / layout::disk::BLOCK;
+        let first = self.spec.disk_first_block;
+        let end = match self.spec.disk_blocks {
+            0 => blocks,
+            n => first.saturating_add(n),
+        };
+        if first >= end || end > blocks {
+            return Err(VmError::Invalid(format!(
+                "disk region of blocks {first}..{end} is not inside the disk's {blocks} blocks"
+            )));
+        }
+        Ok((first, end))
+    }
+
     fn write_page_tables(&self) -> Result<(), VmError> {
         let gib = self.spec.memory.div_ceil(1 << 30);
         self.ram.write_u64(layout::PML4, layout::PDPT | 3)?;
@@ -298,6 +378,12 @@ impl Vm {
             }
             self.ram.write(pd, &table)?;
         }
+        // The virtio-mmio registers: one uncached 2 MiB page (PCD) past the end of RAM.
+        let gib = layout::VIRTIO_MMIO >> 30;
+        self.ram
+            .write_u64(layout::PDPT + gib * 8, layout::MMIO_PD | 3)?;
+        self.ram
+            .write_u64(layout::MMIO_PD, layout::VIRTIO_MMIO | 0x93)?;
         Ok(())
     }
 
@@ -312,8 +398,9 @@ impl Vm {
         }
     }
 
-    /// Pauses every vCPU; returns when all are parked, with the proof (which says how long
-    /// it took).
+    /// Pauses every vCPU and drains the devices (no disk request in flight: nothing writes
+    /// guest memory while the proof is held); returns when all are parked and idle, with the
+    /// proof (which says how long it took).
     pub fn pause(&self) -> Paused<'_> {
         let t = Instant::now();
         loop {
@@ -323,6 +410,7 @@ impl Vm {
             for v in &self.vcpus {
                 v.wait_paused();
             }
+            self.devices.drain();
             // A resume from another thread may come between the wait and the proof: again.
             if let Some(p) = Paused::of(self, t.elapsed()) {
                 return p;
@@ -365,7 +453,7 @@ impl Vm {
             let fd = v.shared.fd.lock().expect("vcpu fd");
             st.restore(&fd)?;
         }
-        self.devices.restore(&s.devices, log);
+        self.devices.restore(&s.devices, log)?;
         Ok(())
     }
 
@@ -382,6 +470,17 @@ impl Vm {
             counter_reports: r.counter_reports.load(Ordering::Relaxed),
             counter_failures: r.counter_failures.load(Ordering::Relaxed),
             dirty_pages_written: r.dirty_pages.load(Ordering::Relaxed),
+            disk_blocks_verified: r.disk_blocks.load(Ordering::Relaxed),
+            disk_generation: r.disk_generation.load(Ordering::Relaxed),
+            disk_failures: r.disk_failures.load(Ordering::Relaxed),
+            disk_requests: self
+                .devices
+                .blk()
+                .map_or(0, |b| b.counters().requests.load(Ordering::Relaxed)),
+            disk_bytes_written: self
+                .devices
+                .blk()
+                .map_or(0, |b| b.counters().bytes_written.load(Ordering::Relaxed)),
             exits: self
                 .vcpus
                 .iter()
@@ -519,6 +618,9 @@ mod tests {
             dirty_bytes: 1 << 20,
             dirty_rate: 0,
             dirty_tracking: tracking,
+            disk_rate: 0,
+            disk_first_block: 0,
+            disk_blocks: 0,
         }
     }
 
@@ -624,6 +726,9 @@ mod ring_wrap {
             dirty_bytes: 16 << 20,
             dirty_rate: 0,
             dirty_tracking: DirtyTracking::Ring,
+            disk_rate: 0,
+            disk_first_block: 0,
+            disk_blocks: 0,
         };
         let vm = Vm::create(&s, "w", Box::new(std::io::sink())).unwrap();
         vm.boot("w").unwrap();
@@ -665,6 +770,9 @@ mod ring_wrap {
             dirty_bytes: 16 << 20,
             dirty_rate: 0,
             dirty_tracking: DirtyTracking::Ring,
+            disk_rate: 0,
+            disk_first_block: 0,
+            disk_blocks: 0,
         };
         let vms: Vec<Vm> = ["a", "b"]
             .iter()

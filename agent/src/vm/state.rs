@@ -234,11 +234,70 @@ impl From<&SerialState> for vm_superio::serial::SerialState {
     }
 }
 
+/// A virtqueue's configuration and ring positions (mirrors `virtio_queue::QueueState`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtqueueState {
+    /// Most entries the device offers.
+    pub max_size: u16,
+    /// Entries the driver chose.
+    pub size: u16,
+    /// The driver set the queue up.
+    pub ready: bool,
+    /// Guest-physical address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest-physical address of the available (driver) ring.
+    pub avail_ring: u64,
+    /// Guest-physical address of the used (device) ring.
+    pub used_ring: u64,
+    /// Next available-ring entry the device will take.
+    pub next_avail: u16,
+    /// Next used-ring entry the device will fill.
+    pub next_used: u16,
+    /// `VIRTIO_F_RING_EVENT_IDX` negotiated.
+    pub event_idx: bool,
+}
+
+/// The registers of a virtio-mmio transport.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioMmioState {
+    /// `DeviceFeaturesSel`.
+    pub device_features_sel: u32,
+    /// `DriverFeaturesSel`.
+    pub driver_features_sel: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// `QueueSel`.
+    pub queue_sel: u32,
+    /// Device status (ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK...).
+    pub status: u32,
+    /// `InterruptStatus`.
+    pub interrupt_status: u32,
+    /// `ConfigGeneration`.
+    pub config_generation: u32,
+    /// The request queue.
+    pub queue: VirtqueueState,
+}
+
+/// The virtio-blk disk. Saved with no request in flight: pausing the VM drains the device
+/// (every request it took from the queue is completed in the used ring first).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioBlkState {
+    /// Transport registers and the queue.
+    pub mmio: VirtioMmioState,
+    /// Capacity of the disk the guest saw, 512-byte sectors (the restoring VM's must match).
+    pub capacity: u64,
+}
+
 /// State of the VMM's devices.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeviceState {
     /// The serial console.
     pub serial: SerialState,
+    /// The virtio-blk disk, when the VM has one. (`serde(default)` lets a self-describing
+    /// encoding of an older state decode; the migration stream's bincode has no such
+    /// tolerance and relies on both sides' versions instead.)
+    #[serde(default)]
+    pub blk: Option<VirtioBlkState>,
 }
 
 /// Everything but memory: what stop-and-copy sends after the last pages.

@@ -83,8 +83,9 @@ pub struct VcpuEnv {
     pub devices: Arc<Devices>,
     /// Dirty log (ring-full exits).
     pub dirty: Arc<DirtyLog>,
-    /// Pages per second the `dirty` program may write on this vCPU (0: flat out).
-    pub dirty_rate: u64,
+    /// What the vCPU's program may do per second (0: flat out): pages for `dirty`, blocks
+    /// for `disk`.
+    pub rate: u64,
     /// Auto-converge throttle, percent of each interval the vCPU sleeps (0: none).
     pub throttle: Arc<AtomicU32>,
 }
@@ -200,7 +201,7 @@ impl Drop for Vcpu {
     }
 }
 
-/// Holds a `dirty` vCPU to its rate: sleeps (interruptibly) when ahead of schedule.
+/// Holds a `dirty` or `disk` vCPU to its rate: sleeps (interruptibly) when ahead of schedule.
 struct Pacer {
     rate: u64,
     start: Instant,
@@ -242,7 +243,7 @@ fn run(index: u32, s: &VcpuShared, env: &VcpuEnv) {
     // Start of the current run slice, for the throttle's duty cycle.
     let mut slice = Instant::now();
     let mut pacer = Pacer {
-        rate: env.dirty_rate,
+        rate: env.rate,
         start: Instant::now(),
         pages: 0,
     };
@@ -288,12 +289,21 @@ fn run(index: u32, s: &VcpuShared, env: &VcpuEnv) {
             Ok(VcpuExit::IoOut(port, data)) => {
                 match env.devices.port_out(index, port, data, &env.ram) {
                     PortAction::DirtyBatch(n) => wait = pacer.delay(n),
+                    PortAction::DiskBlock => wait = pacer.delay(1),
                     PortAction::CounterFailed | PortAction::None => {}
                 }
                 None
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 env.devices.port_in(port, data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                env.devices.mmio_read(addr, data);
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                env.devices.mmio_write(addr, data);
                 None
             }
             Ok(VcpuExit::Hlt) => {

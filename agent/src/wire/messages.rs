@@ -79,6 +79,8 @@ pub enum Program {
     Counter,
     /// Writes its working set once, then idles.
     Fill,
+    /// Writes and reads back stamped blocks of its virtio-blk disk.
+    Disk,
 }
 
 // NOTICE: a change here requires a protocol version bump.
@@ -107,6 +109,12 @@ pub struct VmSpec {
     pub dirty_rate: u64,
     /// Dirty-tracking mechanism.
     pub dirty_tracking: Tracking,
+    /// Blocks per second each `disk` vCPU writes (0: flat out).
+    pub disk_rate: u64,
+    /// First block of the `disk` programs' region.
+    pub disk_first_block: u64,
+    /// Blocks in that region (0: to the end of the disk).
+    pub disk_blocks: u64,
 }
 
 // NOTICE: a change here requires a protocol version bump.

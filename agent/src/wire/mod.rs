@@ -81,9 +81,9 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"VMIG");
 /// 2: post-copy flow control (`PagesPlaced`). 3: a version range in `Hello`, the chosen version
 /// in `Welcome`; wire-owned messages (a VM spec, the machine state as a section, post-copy
 /// figures); `Error` its own message.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// The oldest protocol version this agent still speaks.
-pub const MIN_VERSION: u16 = 3;
+pub const MIN_VERSION: u16 = 4;
 /// Header length.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload a receiver accepts.

@@ -120,6 +120,10 @@ pub(super) fn run(
     } else {
         None
     };
+    vm.attach_disk(
+        &a.reservation.staging.join(crate::inventory::DISK),
+        &a.def.name,
+    )?;
     vm.restore(&state.machine, log)?;
     if state.verify {
         ready.vcpu_digest = Some(vm.read_back()?.vcpu_digest());

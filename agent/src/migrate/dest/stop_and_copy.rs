@@ -19,6 +19,10 @@ pub(super) fn load(
 ) -> Result<(), MigrateError> {
     let vm = &a.vm;
     let log = to.inv.open_log(&a.reservation.staging)?;
+    vm.attach_disk(
+        &a.reservation.staging.join(crate::inventory::DISK),
+        &a.def.name,
+    )?;
     vm.restore(&state.machine, Box::new(log))?;
     let mut ready = msg::Ready::default();
     if state.verify {

@@ -17,6 +17,10 @@ pub(super) fn reserve(run: &mut Run<'_>) -> Result<(), MigrateError> {
     })?;
     let _: msg::Reserved = run.link.recv()?;
     (run.progress)(Progress::new(ProgressPhase::Reserved, 0, 0, 0));
+    // Every write to the disk from now on is logged, and re-sent at the pause (send_state).
+    if let Some(blk) = out.vm.devices().blk() {
+        blk.start_block_log(stream::DISK_BLOCK);
+    }
     for name in [inventory::DEFINITION, inventory::NVRAM, inventory::DISK] {
         stream::send_file(&mut run.link, out.dir, name)?;
     }

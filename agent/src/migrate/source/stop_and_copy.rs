@@ -161,6 +161,7 @@ pub(super) fn send_state(
         .devices()
         .log_line(&format!("paused for migration: {phase}"));
     stream::send_file(link, out.dir, inventory::LOG)?;
+    stream::send_written_blocks(out, link)?;
     let machine = held(out.vm)?.save()?;
     let digest = machine.vcpu_digest();
     link.send(&msg::State {
