@@ -40,6 +40,22 @@ pub fn require_kvm() {
     );
 }
 
+/// A busy VM for `create_vm`: 256 MiB, vCPU0 rewriting a 32 MiB working set flat out
+/// (dirty bitmap: a flat-out writer can jam the ring on this platform), vCPU1 the
+/// self-checking counter.
+pub const BUSY_VM: &[&str] = &[
+    "--memory-mib",
+    "256",
+    "--vcpus",
+    "2",
+    "--workload",
+    "dirty,counter",
+    "--dirty-mib",
+    "32",
+    "--dirty-tracking",
+    "bitmap",
+];
+
 /// Options of one agent.
 #[derive(Debug, Clone, Default)]
 pub struct AgentOpts {

@@ -14,18 +14,7 @@ use vmig_tests::{Cluster, NetnsPair};
 /// The most a silent peer may take to be reported (the agent's peer timeout is 5 s).
 const REPORT_WITHIN: Duration = Duration::from_secs(15);
 
-const VM: &[&str] = &[
-    "--memory-mib",
-    "256",
-    "--vcpus",
-    "2",
-    "--workload",
-    "dirty,counter",
-    "--dirty-mib",
-    "32",
-    "--dirty-tracking",
-    "bitmap",
-];
+const VM: &[&str] = vmig_tests::BUSY_VM;
 
 fn hosts(pair: &NetnsPair) -> Cluster {
     Cluster::new(&[("hostA", pair.agent(0)), ("hostB", pair.agent(1))])

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use serde_json::Value;
-use vmig_tests::{wait_for, AgentOpts, Cluster};
+use vmig_tests::{wait_for, AgentOpts, Cluster, BUSY_VM};
 
 const COUNTER_VM: &[&str] = &["--memory-mib", "64", "--workload", "counter"];
 
@@ -195,22 +195,7 @@ fn e2e_vm_names_are_unique_across_hosts() {
 #[test]
 fn e2e_json_failures_are_json_and_status_follows_a_migration() {
     let c = two();
-    c.create_vm(
-        "hostA",
-        "vm1",
-        &[
-            "--memory-mib",
-            "256",
-            "--vcpus",
-            "2",
-            "--workload",
-            "dirty,counter",
-            "--dirty-mib",
-            "32",
-            "--dirty-tracking",
-            "bitmap",
-        ],
-    );
+    c.create_vm("hostA", "vm1", BUSY_VM);
     c.assert_counting("hostA", "vm1", 0);
     let o = c.migrate_raw("hostA", "vm1", "hostZ", &[]);
     let v: Value = serde_json::from_str(&o.stdout).expect("a JSON error object on stdout");
@@ -256,22 +241,7 @@ fn e2e_json_failures_are_json_and_status_follows_a_migration() {
 #[test]
 fn e2e_post_copy_cannot_be_cancelled_into_two_copies() {
     let c = two();
-    c.create_vm(
-        "hostA",
-        "vm1",
-        &[
-            "--memory-mib",
-            "256",
-            "--vcpus",
-            "2",
-            "--workload",
-            "dirty,counter",
-            "--dirty-mib",
-            "32",
-            "--dirty-tracking",
-            "bitmap",
-        ],
-    );
+    c.create_vm("hostA", "vm1", BUSY_VM);
     c.assert_counting("hostA", "vm1", 0);
     let bg = c.spawn_migrate(
         "hostA",

@@ -349,18 +349,6 @@ impl Cancel {
         Ok(())
     }
 
-    /// Moves straight to commitment (`Go`): false if a cancel came first (the caller must not
-    /// send `Go` then).
-    pub fn commit(&self) -> bool {
-        let mut gate = self.gate();
-        if self.is_cancelled() {
-            return false;
-        }
-        gate.sock = None;
-        gate.phase = Phase::Commit;
-        true
-    }
-
     /// Whether the migration reached commitment (a cancel is refused from then on).
     pub fn is_committed(&self) -> bool {
         !self.phase().source_owns()
@@ -378,13 +366,25 @@ mod cancel_tests {
 
     #[test]
     fn a_cancel_after_commit_is_refused_and_a_commit_after_cancel_too() {
+        use super::Phase;
+        let to_go = [Phase::Reservation, Phase::Precopy, Phase::StopAndCopy];
         let c = Cancel::default();
-        assert!(c.commit());
+        for p in to_go {
+            c.enter(p).unwrap();
+        }
+        c.enter(Phase::Commit).unwrap();
+        assert!(c.is_committed());
         assert!(c.cancel().is_err(), "cancel after Go must be refused");
         assert!(!c.is_cancelled());
         let c = Cancel::default();
+        for p in to_go {
+            c.enter(p).unwrap();
+        }
         assert!(c.cancel().is_ok());
-        assert!(!c.commit(), "Go after a cancel must not be sent");
+        assert!(
+            c.enter(Phase::Commit).is_err(),
+            "Go after a cancel must not be sent"
+        );
         assert!(!c.is_committed());
     }
 }
