@@ -20,6 +20,7 @@ use std::time::Duration;
 use super::report::{Cause, StopReason};
 use super::{MigrateOptions, NoConverge, PostcopyPolicy, RoundStats};
 use crate::guest::layout::PAGE_SIZE;
+use crate::storage::DISK_BLOCK;
 
 /// Bytes of a page on the wire (data plus its 8-byte entry).
 const PAGE_WIRE_BYTES: f64 = PAGE_SIZE as f64 + 8.0;
@@ -132,8 +133,13 @@ impl Controller {
         r.estimate_from = from.into();
         r.dirty_rate = dirty as f64 / r.secs.max(1e-9);
         let rate = self.link_rate(r);
-        r.predicted_downtime_ms = self.predict_ms(dirty + held_extra, rate);
-        r.dirty_ratio = Self::dirty_ratio(r.dirty_rate, rate);
+        // The disk's blocks written during the round go at the pause too, and its writes eat
+        // the link like dirty pages do.
+        let disk_bytes = (r.disk_dirty_blocks * DISK_BLOCK) as f64;
+        r.predicted_downtime_ms =
+            self.predict_ms(dirty + held_extra, rate) + disk_bytes / rate.max(1.0) * 1e3;
+        r.dirty_ratio =
+            Self::dirty_ratio(r.dirty_rate, rate) + disk_bytes / r.secs.max(1e-9) / rate.max(1.0);
     }
 
     /// dirty rate × page bytes / bandwidth: the fraction of the link the guest's writes eat.

@@ -6,7 +6,7 @@
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use super::tests::{busy_opts, migrate, pair_with, runs_on_destination, serial};
+use super::tests::{busy_opts, migrate, pair_with, print, runs_on_destination, serial};
 use super::{MigrateOptions, PostcopyPolicy};
 use crate::dirty::DirtyTracking;
 
@@ -30,9 +30,26 @@ fn a_disk_writer_migrates_without_losing_a_write(name: &str, opts: MigrateOption
     }
     let (r, _) = migrate(&p, name, &opts);
     let report = r.unwrap();
-    if let Some(v) = &report.verification {
-        assert!(v.memory_equal, "memory digests differ at the pause");
-    }
+    let v = report.verification.as_ref().expect("the tests verify");
+    assert!(v.memory_equal, "memory digests differ at the pause");
+    assert_eq!(
+        v.disk_equal,
+        Some(true),
+        "disk digests at the pause: {:?} / {:?}",
+        v.source_disk,
+        v.dest_disk
+    );
+    let disk = report.disk.as_ref().expect("a disk report");
+    assert_eq!(disk.image_bytes, 1 << 20);
+    assert!(
+        disk.copied_bytes > 0 && disk.guest_written_bytes > 0,
+        "{disk:?}"
+    );
+    // Blocks written during the migration went again, in the rounds or at the pause.
+    let resent: u64 = report.rounds.iter().map(|r| r.disk_blocks).sum();
+    assert_eq!(resent, disk.resent_blocks, "{:?}", report.rounds);
+    assert!(disk.resent_blocks > 0, "{disk:?}");
+    print(&report);
     runs_on_destination(&p, name, &report);
     let (_, vm) = p.dst.running(name).unwrap();
     wait_for("a whole pass checked on the destination", || {
@@ -56,7 +73,13 @@ fn a_disk_writer_migrates_without_losing_a_write(name: &str, opts: MigrateOption
 
 #[test]
 fn a_disk_writer_migrates_live_with_precopy() {
-    a_disk_writer_migrates_without_losing_a_write("diskpre", busy_opts(200.0));
+    a_disk_writer_migrates_without_losing_a_write(
+        "diskpre",
+        MigrateOptions {
+            verify: true,
+            ..busy_opts(200.0)
+        },
+    );
 }
 
 #[test]
@@ -65,6 +88,7 @@ fn a_disk_writer_migrates_live_with_postcopy() {
         "diskpost",
         MigrateOptions {
             postcopy: PostcopyPolicy::Always,
+            verify: true,
             ..busy_opts(200.0)
         },
     );

@@ -224,6 +224,9 @@ pub enum MigrateError {
     /// Verification failed before commitment.
     #[error("verification failed: {0}")]
     Verify(String),
+    /// The VM's disk image could not be read (source) or written (destination).
+    #[error("disk: {0}")]
+    Disk(String),
     /// An event the migration's phase does not allow.
     #[error("{event} is not allowed during {phase}")]
     NotAllowed {

@@ -141,6 +141,43 @@ named!(ProgressPhase {
     PostCopy => "post-copy",
 });
 
+/// How the disk moved with the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageUsed {
+    /// A live mirror: the image copied, then the blocks written meanwhile (`--storage copy`).
+    #[default]
+    Copy,
+    /// Shared storage: nothing copied; the destination opened the same image.
+    Shared,
+}
+named!(StorageUsed { Copy => "copy", Shared => "shared" });
+
+/// The disk's figures of a migration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DiskReport {
+    /// How the disk moved.
+    pub mode: StorageUsed,
+    /// Size of the image, bytes.
+    pub image_bytes: u64,
+    /// Bytes of the image read by the first pass (holes skipped).
+    pub read_bytes: u64,
+    /// Bytes of the first pass sent (all-zero chunks skipped).
+    pub copied_bytes: u64,
+    /// How long the first pass took, ms.
+    pub copy_ms: f64,
+    /// Its rate, MiB/s.
+    pub copy_mibs: f64,
+    /// Blocks written by the guest during the migration and sent again (rounds and pause).
+    pub resent_blocks: u64,
+    /// Their bytes.
+    pub resent_bytes: u64,
+    /// Of which sent with the VM paused.
+    pub blocks_at_pause: u64,
+    /// Bytes the guest wrote to its disk from the mirror's start to the pause.
+    pub guest_written_bytes: u64,
+}
+
 /// One pre-copy round (or the stop-and-copy pass).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RoundStats {
@@ -182,6 +219,15 @@ pub struct RoundStats {
     /// Pages held back until stop-and-copy after this round (hot-page holdback).
     #[serde(default)]
     pub held_pages: u64,
+    /// Disk blocks sent again in this round (written by the guest since the last).
+    #[serde(default)]
+    pub disk_blocks: u64,
+    /// Their bytes (inside `bytes`).
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// Disk blocks written during the round and not sent yet (the disk's "dirty" count).
+    #[serde(default)]
+    pub disk_dirty_blocks: u64,
 }
 
 /// One round as the kernel saw it: counters of the `vmig-ebpf` probes over the round's window
@@ -302,6 +348,16 @@ pub struct Verification {
     /// destination's).
     #[serde(default)]
     pub source_verify_ms: f64,
+    /// The disk image at the pause, as the source sent it (per-block BLAKE3, see
+    /// [`crate::storage::BlockDigest`]); none without a copied disk.
+    #[serde(default)]
+    pub source_disk: Option<String>,
+    /// The destination's image before its vCPUs ran.
+    #[serde(default)]
+    pub dest_disk: Option<String>,
+    /// Disk digests equal (none when no disk was compared).
+    #[serde(default)]
+    pub disk_equal: Option<bool>,
 }
 
 /// The final report of a successful migration.
@@ -374,6 +430,9 @@ pub struct Report {
     /// Why kernel-measured dirty rates are off (`None` when the probes ran every round).
     #[serde(default)]
     pub kernel_rates_off: Option<String>,
+    /// The disk, when the VM has one.
+    #[serde(default)]
+    pub disk: Option<DiskReport>,
 }
 
 impl Report {
@@ -444,6 +503,15 @@ impl Report {
                     k.distinct_pages, r.dirty_pages, k.pushes_per_s, k.ring_full_exits, r.estimate_from
                 );
             }
+            if r.disk_blocks > 0 || r.disk_dirty_blocks > 0 {
+                let _ = writeln!(
+                    s,
+                    "              disk: {} blocks ({:.1} MiB) sent again, {} written meanwhile",
+                    r.disk_blocks,
+                    r.disk_bytes as f64 / 1048576.0,
+                    r.disk_dirty_blocks
+                );
+            }
             if r.held_pages > 0 {
                 let _ = writeln!(
                     s,
@@ -493,6 +561,27 @@ impl Report {
                 p.latency_p50_us, p.latency_p99_us, p.latency_max_us, p.latency_count
             );
         }
+        if let Some(d) = &self.disk {
+            let _ = writeln!(
+                s,
+                "  disk            {:>10}   image {:.1} MiB, {:.1} MiB of data copied in {:.1} ms ({:.1} MiB/s)",
+                d.mode,
+                d.image_bytes as f64 / 1048576.0,
+                d.copied_bytes as f64 / 1048576.0,
+                d.copy_ms,
+                d.copy_mibs
+            );
+            if d.mode == StorageUsed::Copy {
+                let _ = writeln!(
+                    s,
+                    "    written       {:>10.1} MiB by the guest meanwhile; {} blocks ({:.1} MiB) sent again, {} of them paused",
+                    d.guest_written_bytes as f64 / 1048576.0,
+                    d.resent_blocks,
+                    d.resent_bytes as f64 / 1048576.0,
+                    d.blocks_at_pause
+                );
+            }
+        }
         for d in &self.decisions {
             let _ = writeln!(s, "  decision: {d}");
         }
@@ -511,6 +600,19 @@ impl Report {
                 v.dest_vcpus.get(..16).unwrap_or(&v.dest_vcpus),
                 if v.vcpus_equal { "EQUAL" } else { "DIFFERENT" }
             );
+            if let (Some(sd), Some(dd)) = (&v.source_disk, &v.dest_disk) {
+                let _ = writeln!(
+                    s,
+                    "  disk digest     source {} / destination {}: {}",
+                    sd.get(..16).unwrap_or(sd),
+                    dd.get(..16).unwrap_or(dd),
+                    if v.disk_equal == Some(true) {
+                        "EQUAL"
+                    } else {
+                        "DIFFERENT"
+                    }
+                );
+            }
         }
         s
     }

@@ -5,6 +5,14 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
+pub mod digest;
+
+pub use digest::BlockDigest;
+
+/// Granularity of a live disk mirror: the device's written-block log, the blocks sent again,
+/// the image digest.
+pub const DISK_BLOCK: u64 = 64 << 10;
+
 /// Calls `f(offset, data)` for each chunk of at most `chunk` bytes of `file` that holds data:
 /// the file's holes (`SEEK_HOLE`/`SEEK_DATA`) are skipped, and so are chunks read as all
 /// zeros (the receiver starts from a sparse file of the full size). Returns the bytes read.
@@ -12,9 +20,22 @@ use std::os::unix::fs::FileExt;
 pub fn for_each_data_chunk<E: From<std::io::Error>>(
     file: &File,
     chunk: usize,
+    f: impl FnMut(u64, &[u8]) -> Result<(), E>,
+) -> Result<u64, E> {
+    for_each_aligned_data_chunk(file, chunk, 1, f)
+}
+
+/// [`for_each_data_chunk`] with every chunk starting at a multiple of `align` and holding whole
+/// `align`-byte blocks (but the file's last, which may be short): data extents are widened to
+/// block boundaries, so a receiver can keep one digest per block. `chunk` must be a multiple of
+/// `align`.
+pub fn for_each_aligned_data_chunk<E: From<std::io::Error>>(
+    file: &File,
+    chunk: usize,
+    align: u64,
     mut f: impl FnMut(u64, &[u8]) -> Result<(), E>,
 ) -> Result<u64, E> {
-    assert!(chunk > 0);
+    assert!(chunk > 0 && align > 0 && (chunk as u64).is_multiple_of(align));
     let size = file.metadata()?.len();
     let mut buf = vec![0u8; chunk.min(size as usize)];
     let mut read = 0;
@@ -23,6 +44,8 @@ pub fn for_each_data_chunk<E: From<std::io::Error>>(
         let Some((start, end)) = next_data(file, at, size)? else {
             break;
         };
+        let start = (start / align * align).max(at);
+        let end = end.div_ceil(align).saturating_mul(align).min(size);
         let mut off = start;
         while off < end {
             let n = (chunk as u64).min(end - off) as usize;

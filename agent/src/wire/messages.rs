@@ -127,6 +127,9 @@ pub struct Reserve {
     pub spec: VmSpec,
     /// The VM's definition file, verbatim.
     pub definition: String,
+    /// Whether the source will ask for digests (the destination then hashes the disk image as
+    /// it arrives).
+    pub verify: bool,
 }
 
 // NOTICE: a change here requires a protocol version bump.
@@ -196,6 +199,8 @@ pub struct Ready {
     pub vcpu_digest: Option<String>,
     /// Milliseconds the destination spent on the digests.
     pub verify_ms: f64,
+    /// Digest of the disk image as received (per-block BLAKE3), when one was copied.
+    pub disk_digest: Option<String>,
 }
 
 // NOTICE: a change here requires a protocol version bump.

@@ -80,10 +80,11 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"VMIG");
 /// The protocol version this agent speaks by preference (the newest it knows).
 /// 2: post-copy flow control (`PagesPlaced`). 3: a version range in `Hello`, the chosen version
 /// in `Welcome`; wire-owned messages (a VM spec, the machine state as a section, post-copy
-/// figures); `Error` its own message.
-pub const VERSION: u16 = 4;
+/// figures); `Error` its own message. 4: the disk program and its spec. 5: the disk mirror
+/// (`verify` in `Reserve`, the disk's digest in `Ready`).
+pub const VERSION: u16 = 5;
 /// The oldest protocol version this agent still speaks.
-pub const MIN_VERSION: u16 = 4;
+pub const MIN_VERSION: u16 = 5;
 /// Header length.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload a receiver accepts.

@@ -17,6 +17,7 @@
 //! (the reservation's drop).
 
 mod commit;
+mod disk;
 mod handshake;
 mod postcopy;
 mod precopy;
@@ -98,9 +99,9 @@ fn run(link: &mut Link, to: &Destination<'_>) -> Result<String, MigrateError> {
     // 5. and on `Go`, commit: register and run the VM.
     match received.switch {
         None => {
-            stop_and_copy::load(link, to, &arrival, received.state)?;
+            stop_and_copy::load(link, to, &arrival, received.state, received.disk)?;
             commit::run(link, to, arrival)
         }
-        Some(switch) => postcopy::run(link, to, arrival, received.state, switch),
+        Some(switch) => postcopy::run(link, to, arrival, received.state, received.disk, switch),
     }
 }

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use vmig_uffd::{FaultHandler, PageSource, PageSourceError, Placement, PostcopyMemory};
 
+use super::disk::DiskSink;
 use super::precopy::{Loaded, Switch};
 use super::reservation::Arrival;
 use super::{commit, Destination};
@@ -94,9 +95,13 @@ pub(super) fn run(
     to: &Destination<'_>,
     a: Box<Arrival<'_>>,
     state: Loaded,
+    mut disk: DiskSink,
     pc: Switch,
 ) -> Result<String, MigrateError> {
     let vm = &a.vm;
+    // The disk is in sync at the switch (the source sent its last blocks before the state):
+    // durable before the VM runs here.
+    disk.sync()?;
     let log = Box::new(to.inv.open_log(&a.reservation.staging)?);
     let ram = vm.ram().clone();
     let pages = ram.pages();
@@ -127,6 +132,7 @@ pub(super) fn run(
     vm.restore(&state.machine, log)?;
     if state.verify {
         ready.vcpu_digest = Some(vm.read_back()?.vcpu_digest());
+        ready.disk_digest = disk.digest();
         ready.verify_ms = t.elapsed().as_secs_f64() * 1e3;
     }
     // SAFETY: guest memory is one private anonymous mapping owned by `ram`, which the VM (kept

@@ -4,6 +4,7 @@
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 
+use super::disk::DiskSink;
 use super::reservation::Arrival;
 use crate::dirty::PageBitmap;
 use crate::guest::layout::PAGE_SIZE;
@@ -36,6 +37,8 @@ pub(super) struct Received {
     pub(super) state: Loaded,
     /// The switch to post-copy, if the source made it.
     pub(super) switch: Option<Switch>,
+    /// The disk image as received.
+    pub(super) disk: DiskSink,
 }
 
 /// Receives pages and files until the state.
@@ -43,14 +46,17 @@ pub(super) fn receive(link: &mut Link, a: &Arrival<'_>) -> Result<Received, Migr
     let vm = &a.vm;
     let mut holds_data = PageBitmap::new(vm.ram().pages());
     let mut switch: Option<Switch> = None;
+    let mut disk = DiskSink::new(&a.reservation.staging.join(inventory::DISK), a.verify);
     loop {
         let f = link.next()?;
         match f.kind() {
             Kind::Pages => apply_pages(&f, vm, &mut holds_data)?,
-            Kind::FileChunk => write_chunk(&f, &a.reservation)?,
+            Kind::FileChunk => write_chunk(&f, &a.reservation, &mut disk)?,
             Kind::RoundEnd => {
                 let r: msg::RoundEnd = f.decode()?;
                 tracing::debug!(round = r.round, pages = r.pages, "round received");
+                // What arrived so far reaches the disk now, not at the pause.
+                disk.sync()?;
             }
             Kind::State => {
                 let state: msg::State = f.decode()?;
@@ -58,7 +64,11 @@ pub(super) fn receive(link: &mut Link, a: &Arrival<'_>) -> Result<Received, Migr
                     machine: MachineState::try_from(&state.machine)?,
                     verify: state.verify,
                 };
-                return Ok(Received { state, switch });
+                return Ok(Received {
+                    state,
+                    switch,
+                    disk,
+                });
             }
             Kind::Postcopy if switch.is_none() => {
                 let pc: msg::Postcopy = f.decode()?;
@@ -94,13 +104,16 @@ fn apply_pages(f: &Frame, vm: &Vm, holds_data: &mut PageBitmap) -> Result<(), Mi
     Ok(())
 }
 
-/// Writes a file piece into the staging folder.
-fn write_chunk(f: &Frame, r: &Reservation) -> Result<(), MigrateError> {
+/// Writes a file piece into the staging folder (the disk's into its sink).
+fn write_chunk(f: &Frame, r: &Reservation, disk: &mut DiskSink) -> Result<(), MigrateError> {
     let c: msg::FileChunk = f.decode()?;
     if !inventory::FILES.contains(&c.name.as_str()) {
         return Err(WireError::BadPages(format!("unexpected file {:?}", c.name)).into());
     }
     let data = f.data();
+    if c.name == inventory::DISK {
+        return disk.write(c.size, c.offset, data);
+    }
     if c.offset
         .checked_add(data.len() as u64)
         .is_none_or(|end| end > c.size)

@@ -20,6 +20,8 @@ pub(super) struct Arrival<'r> {
     pub(super) vm: Vm,
     /// The source agent's name.
     pub(super) source: String,
+    /// Whether the source will ask for digests.
+    pub(super) verify: bool,
     /// Its entry in the registry.
     pub(super) _entry: IncomingGuard<'r>,
 }
@@ -81,6 +83,7 @@ pub(super) fn reserve<'r>(
         reservation,
         vm,
         source,
+        verify: reserve.verify,
         _entry: entry,
     })))
 }

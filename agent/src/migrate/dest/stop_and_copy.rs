@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use super::disk::DiskSink;
 use super::precopy::Loaded;
 use super::reservation::Arrival;
 use super::Destination;
@@ -16,8 +17,11 @@ pub(super) fn load(
     to: &Destination<'_>,
     a: &Arrival<'_>,
     state: Loaded,
+    mut disk: DiskSink,
 ) -> Result<(), MigrateError> {
     let vm = &a.vm;
+    // The image is durable before the VM may run from it.
+    disk.sync()?;
     let log = to.inv.open_log(&a.reservation.staging)?;
     vm.attach_disk(
         &a.reservation.staging.join(crate::inventory::DISK),
@@ -29,6 +33,7 @@ pub(super) fn load(
         let t = Instant::now();
         ready.memory_digest = Some(vm.ram().digest()?);
         ready.vcpu_digest = Some(vm.read_back()?.vcpu_digest());
+        ready.disk_digest = disk.digest();
         ready.verify_ms = t.elapsed().as_secs_f64() * 1e3;
     }
     link.send(&ready)?;

@@ -91,6 +91,7 @@ pub(super) fn go(
         postcopy_policy: run.opts.postcopy.to_string(),
         decisions: pre.decisions,
         kernel_rates_off: pre.kernel_rates_off,
+        disk: run.disk.as_ref().map(|d| d.report.clone()),
         ..Default::default()
     };
     let Some(session) = paused.session else {

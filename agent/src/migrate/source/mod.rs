@@ -15,6 +15,7 @@
 //! migration's [`Cancel`], which refuses a cancel from `Go` on.
 
 mod commit;
+mod disk;
 mod handshake;
 mod postcopy;
 mod precopy;
@@ -73,6 +74,8 @@ struct Run<'a> {
     cancel: &'a Cancel,
     progress: &'a dyn Fn(Progress),
     t0: Instant,
+    /// The disk mirror, from the reservation on.
+    disk: Option<disk::DiskMirror>,
 }
 
 /// Migrates `out.vm` to the agent at `dest`. On error the VM is running on the source as
@@ -102,6 +105,7 @@ pub fn migrate(
         cancel,
         progress,
         t0,
+        disk: None,
     };
     // A panic (a bug) must not strand the VM: before Go it is an error like any other, and the
     // VM runs on here again; after Go the outcome is unknown and the VM stays paused.
@@ -172,6 +176,9 @@ impl Run<'_> {
             reason: e.to_string(),
         });
         let _ = vm.dirty().stop();
+        if let Some(blk) = vm.devices().blk() {
+            blk.stop_block_log();
+        }
         vm.resume();
         vm.devices().log_line(&format!(
             "migration to {} failed: {e}; running on the source",

@@ -71,13 +71,17 @@ fn send_switch(
         reason: why.into(),
         session,
     })?;
-    let source_vcpus = stop_and_copy::send_state(out, link, opts, "post-copy")?;
+    // The disk is brought in sync before the switch: the destination's device must never
+    // read a block the source still holds (docs/storage.md).
+    let sent = stop_and_copy::send_state(out, link, run.disk.as_mut(), opts, "post-copy")?;
+    let source_vcpus = sent.vcpus;
     let ready: msg::Ready = link.recv()?;
     let stats = RoundStats {
         round,
         bytes: link.writer.bytes_sent() - before,
         secs: t.elapsed().as_secs_f64(),
         dirty_pages: pending.len() as u64,
+        disk_blocks: run.disk.as_ref().map_or(0, |d| d.report.blocks_at_pause),
         decision: format!(
             "post-copy: {} pages left to the destination's faults and the push",
             pending.len()
@@ -95,12 +99,22 @@ fn send_switch(
                 "vCPUs {source_vcpus} vs {dv}"
             )));
         }
+        let disk_equal = stop_and_copy::disk_equal(&sent.disk, &ready)?;
+        if disk_equal == Some(false) {
+            return Err(MigrateError::Verify(format!(
+                "disk {:?} vs {:?}",
+                sent.disk, ready.disk_digest
+            )));
+        }
         // Memory digests come at PostcopyDone.
         Some(Verification {
             vcpus_equal: true,
             source_vcpus,
             dest_vcpus: dv.clone(),
             dest_verify_ms: ready.verify_ms,
+            disk_equal,
+            source_disk: sent.disk,
+            dest_disk: ready.disk_digest.clone(),
             ..Default::default()
         })
     } else {

@@ -1,9 +1,10 @@
 //! Stage 3, iterative pre-copy: round 1 sends every page (zero pages as markers), each later
-//! round the pages dirtied since; after each round the controller measures and decides:
+//! round the pages dirtied since, and the disk blocks written since; after each round the controller measures and decides:
 //! another round, throttle, stop and copy, switch to post-copy, or give up.
 
 use std::time::{Duration, Instant};
 
+use super::disk::DiskMirror;
 use super::stream::{self, Batch};
 use super::Run;
 use crate::migrate::controller::{Controller, Decision};
@@ -81,6 +82,15 @@ pub(super) fn rounds(run: &mut Run<'_>, rtt: Duration) -> Result<Precopied, Migr
             run.progress,
             run.cancel,
         )?;
+        // The disk's blocks written since the last round go beside the round's pages.
+        if let Some(disk) = run.disk.as_mut() {
+            let before = run.link.writer.bytes_sent();
+            let resent = disk.send_written(&mut run.link, run.out)?;
+            run.link.flush()?;
+            stats.disk_blocks = resent.blocks;
+            stats.disk_bytes = resent.bytes;
+            stats.bytes += run.link.writer.bytes_sent() - before;
+        }
         run.link.send(&msg::RoundEnd {
             round,
             pages: stats.pages,
@@ -89,6 +99,7 @@ pub(super) fn rounds(run: &mut Run<'_>, rtt: Duration) -> Result<Precopied, Migr
         stats.secs = t.elapsed().as_secs_f64();
         stats.kernel = probes.end_round(round, stats.secs);
         stats.dirty_pages = dirty.len() as u64;
+        stats.disk_dirty_blocks = DiskMirror::pending(run.out);
         pending = holdback.after_harvest(round, dirty);
         stats.held_pages = holdback.held();
         stats.bandwidth = stats.bytes as f64 / stats.secs;
@@ -102,6 +113,8 @@ pub(super) fn rounds(run: &mut Run<'_>, rtt: Duration) -> Result<Precopied, Migr
             round,
             pages = stats.pages,
             dirty = stats.dirty_pages,
+            disk_blocks = stats.disk_blocks,
+            disk_dirty = stats.disk_dirty_blocks,
             bandwidth = stats.bandwidth,
             predicted_ms = stats.predicted_downtime_ms,
             "pre-copy round done"

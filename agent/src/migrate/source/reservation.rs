@@ -1,6 +1,7 @@
 //! Stage 2, reservation: `Reserve` → `Reserved` (or `Refused`); then the VM's files travel
-//! (definition, NVRAM, disk). Nothing has changed on the source yet.
+//! (definition, NVRAM), and the disk's first pass ([`super::disk`]). Nothing has changed on the source yet.
 
+use super::disk::DiskMirror;
 use super::{stream, Run};
 use crate::inventory;
 use crate::migrate::report::ProgressPhase;
@@ -14,15 +15,16 @@ pub(super) fn reserve(run: &mut Run<'_>) -> Result<(), MigrateError> {
         name: out.def.name.clone(),
         spec: out.vm.spec().into(),
         definition: out.def.to_toml(),
+        verify: run.opts.verify,
     })?;
     let _: msg::Reserved = run.link.recv()?;
     (run.progress)(Progress::new(ProgressPhase::Reserved, 0, 0, 0));
-    // Every write to the disk from now on is logged, and re-sent at the pause (send_state).
-    if let Some(blk) = out.vm.devices().blk() {
-        blk.start_block_log(stream::DISK_BLOCK);
-    }
-    for name in [inventory::DEFINITION, inventory::NVRAM, inventory::DISK] {
+    for name in [inventory::DEFINITION, inventory::NVRAM] {
         stream::send_file(&mut run.link, out.dir, name)?;
     }
-    Ok(())
+    // The disk: its written-block log starts before the first chunk is read.
+    let mut disk = DiskMirror::open(out, run.opts.verify)?;
+    let sent = disk.send_image(&mut run.link, run.cancel);
+    run.disk = Some(disk);
+    sent
 }

@@ -263,6 +263,9 @@ fn serve_link(
             dest_vcpus: c.dest_vcpus,
             vcpus_equal: c.vcpus_equal,
             dest_verify_ms: c.dest_verify_ms,
+            source_disk: c.source_disk,
+            dest_disk: c.dest_disk,
+            disk_equal: c.disk_equal,
             ..m
         }),
         (m, c) => m.or(c),

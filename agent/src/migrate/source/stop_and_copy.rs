@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::disk::DiskMirror;
 use super::precopy::Precopied;
 use super::stream::{self, Batch};
 use super::{Outgoing, Run};
@@ -98,7 +99,13 @@ fn last_pages(
         populated: None,
     };
     let mut stats = stream::send_pages(link, vm, pending, batch, progress, run.cancel)?;
-    let source_vcpus = send_state(run.out, link, opts, "stop-and-copy")?;
+    let before = link.writer.bytes_sent();
+    let sent = send_state(run.out, link, run.disk.as_mut(), opts, "stop-and-copy")?;
+    stats.bytes += link.writer.bytes_sent() - before;
+    if let Some(d) = &run.disk {
+        stats.disk_blocks = d.report.blocks_at_pause;
+    }
+    let source_vcpus = sent.vcpus;
     stats.secs = t.elapsed().as_secs_f64();
     stats.bandwidth = stats.bytes as f64 / stats.secs;
     // The source hashes its paused memory while the destination hashes its own.
@@ -121,9 +128,13 @@ fn last_pages(
     };
     let verification = match (source_memory, &ready.memory_digest, &ready.vcpu_digest) {
         (Some(sm), Some(dm), Some(dv)) => {
+            let disk_equal = disk_equal(&sent.disk, &ready)?;
             let v = Verification {
                 memory_equal: &sm == dm,
                 vcpus_equal: &source_vcpus == dv,
+                disk_equal,
+                source_disk: sent.disk.clone(),
+                dest_disk: ready.disk_digest.clone(),
                 source_memory: sm,
                 dest_memory: dm.clone(),
                 source_vcpus,
@@ -131,10 +142,15 @@ fn last_pages(
                 dest_verify_ms: ready.verify_ms,
                 source_verify_ms,
             };
-            if !v.memory_equal || !v.vcpus_equal {
+            if !v.memory_equal || !v.vcpus_equal || v.disk_equal == Some(false) {
                 return Err(MigrateError::Verify(format!(
-                    "memory {} vs {}, vCPUs {} vs {}",
-                    v.source_memory, v.dest_memory, v.source_vcpus, v.dest_vcpus
+                    "memory {} vs {}, vCPUs {} vs {}, disk {:?} vs {:?}",
+                    v.source_memory,
+                    v.dest_memory,
+                    v.source_vcpus,
+                    v.dest_vcpus,
+                    v.source_disk,
+                    v.dest_disk
                 )));
             }
             Some(v)
@@ -149,24 +165,53 @@ fn last_pages(
     Ok((stats, ready, verification))
 }
 
-/// With the vCPUs paused: notes the pause in the VM log, sends the log and the vCPU and device
-/// state; returns the digest of the vCPU state sent.
+/// The digests of what the source sent with the VM paused.
+pub(super) struct Sent {
+    /// The vCPU state.
+    pub(super) vcpus: String,
+    /// The disk image (under `--verify`, with a copied disk).
+    pub(super) disk: Option<String>,
+}
+
+/// With the vCPUs paused: notes the pause in the VM log, sends the log, the disk's last
+/// written blocks and the vCPU and device state; returns the digests of what it sent.
 pub(super) fn send_state(
     out: &Outgoing<'_>,
     link: &mut Link,
+    disk: Option<&mut DiskMirror>,
     opts: &MigrateOptions,
     phase: &str,
-) -> Result<String, MigrateError> {
+) -> Result<Sent, MigrateError> {
     out.vm
         .devices()
         .log_line(&format!("paused for migration: {phase}"));
     stream::send_file(link, out.dir, inventory::LOG)?;
-    stream::send_written_blocks(out, link)?;
+    let disk = match disk {
+        Some(d) => {
+            d.finish(link, out)?;
+            d.digest()
+        }
+        None => None,
+    };
     let machine = held(out.vm)?.save()?;
-    let digest = machine.vcpu_digest();
+    let vcpus = machine.vcpu_digest();
     link.send(&msg::State {
         machine: (&machine).into(),
         verify: opts.verify,
     })?;
-    Ok(digest)
+    Ok(Sent { vcpus, disk })
+}
+
+/// Compares the disk digests of both sides, if a disk was copied (none if not).
+pub(super) fn disk_equal(
+    source: &Option<String>,
+    ready: &msg::Ready,
+) -> Result<Option<bool>, MigrateError> {
+    match (source, &ready.disk_digest) {
+        (None, _) => Ok(None),
+        (Some(_), None) => Err(MigrateError::Verify(
+            "the destination sent no disk digest".into(),
+        )),
+        (Some(s), Some(d)) => Ok(Some(s == d)),
+    }
 }

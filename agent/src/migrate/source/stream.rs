@@ -120,36 +120,6 @@ pub(super) fn send_file(link: &mut Link, dir: &Path, name: &str) -> Result<(), M
     Ok(())
 }
 
-/// Granularity of the disk's written-block log during a migration.
-pub(super) const DISK_BLOCK: u64 = 64 << 10;
-
-/// With the VM paused (the disk drained): sends the disk blocks written since the disk was
-/// sent, so the destination's image equals the source's at the pause.
-pub(super) fn send_written_blocks(
-    out: &super::Outgoing<'_>,
-    link: &mut Link,
-) -> Result<(), MigrateError> {
-    let Some(blk) = out.vm.devices().blk() else {
-        return Ok(());
-    };
-    let blocks = blk.take_written_blocks();
-    blk.stop_block_log();
-    let file = fs::File::open(out.dir.join(crate::inventory::DISK))?;
-    let size = file.metadata()?.len();
-    let mut buf = vec![0u8; DISK_BLOCK as usize];
-    for b in &blocks {
-        let offset = b * DISK_BLOCK;
-        let n = DISK_BLOCK.min(size.saturating_sub(offset)) as usize;
-        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf[..n], offset)?;
-        send_chunk(link, crate::inventory::DISK, size, offset, &buf[..n])?;
-    }
-    tracing::info!(
-        blocks = blocks.len(),
-        "disk blocks written during the migration sent"
-    );
-    Ok(())
-}
-
 fn send_chunk(
     link: &mut Link,
     name: &str,

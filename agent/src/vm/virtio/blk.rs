@@ -312,6 +312,16 @@ impl VirtioBlk {
             .unwrap_or_default()
     }
 
+    /// How many blocks are marked written and not taken yet (0 without a log).
+    pub fn written_block_count(&self) -> u64 {
+        self.shared
+            .log
+            .lock()
+            .expect("blk log")
+            .as_ref()
+            .map_or(0, |l| l.written.count_set())
+    }
+
     /// Stops logging written blocks.
     pub fn stop_block_log(&self) {
         *self.shared.log.lock().expect("blk log") = None;

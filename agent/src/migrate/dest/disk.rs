@@ -1,0 +1,104 @@
+//! The disk image arriving on the destination (`--storage copy`): pieces written into the
+//! staged image as they come (first pass, then the blocks the guest wrote meanwhile), hashed
+//! block by block under `--verify`, synced to disk during the rounds and once more before the
+//! VM runs here.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::migrate::MigrateError;
+use crate::storage::{BlockDigest, DISK_BLOCK};
+use crate::wire::WireError;
+
+/// The staged image being written.
+pub(super) struct DiskSink {
+    path: PathBuf,
+    file: Option<File>,
+    size: u64,
+    digest: Option<BlockDigest>,
+    verify: bool,
+    unsynced: bool,
+    /// Payload bytes written.
+    pub(super) written: u64,
+}
+
+impl DiskSink {
+    /// A sink for the image at `path` (created on the first piece).
+    pub(super) fn new(path: &Path, verify: bool) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            file: None,
+            size: 0,
+            digest: None,
+            verify,
+            unsynced: false,
+            written: 0,
+        }
+    }
+
+    /// Writes one piece of the image (whole blocks, but the image's last).
+    pub(super) fn write(
+        &mut self,
+        size: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), MigrateError> {
+        if self.file.is_none() {
+            let f = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&self.path)
+                .map_err(|e| self.error("create", e))?;
+            f.set_len(size).map_err(|e| self.error("size", e))?;
+            self.size = size;
+            self.digest = self.verify.then(|| BlockDigest::new(size, DISK_BLOCK));
+            self.file = Some(f);
+        }
+        if size != self.size {
+            return Err(WireError::BadPages(format!(
+                "disk piece for a {size}-byte image, the image has {} bytes",
+                self.size
+            ))
+            .into());
+        }
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > size)
+        {
+            return Err(WireError::BadPages("disk piece past the end of the image".into()).into());
+        }
+        if let Some(d) = self.digest.as_mut() {
+            d.update(offset, data)
+                .map_err(|e| WireError::BadPages(e.to_string()))?;
+        }
+        let file = self.file.as_ref().expect("opened above");
+        file.write_all_at(data, offset)
+            .map_err(|e| self.error("write", e))?;
+        self.written += data.len() as u64;
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Flushes what was written to stable storage (`fdatasync`), if anything was.
+    pub(super) fn sync(&mut self) -> Result<(), MigrateError> {
+        if let (true, Some(f)) = (self.unsynced, self.file.as_ref()) {
+            f.sync_data().map_err(|e| self.error("sync", e))?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// The image's digest as received (under `--verify`, once a piece came).
+    pub(super) fn digest(&self) -> Option<String> {
+        self.digest.as_ref().map(BlockDigest::digest)
+    }
+
+    fn error(&self, what: &str, e: std::io::Error) -> MigrateError {
+        MigrateError::Disk(format!(
+            "cannot {what} {} on the destination: {e}",
+            self.path.display()
+        ))
+    }
+}
