@@ -911,6 +911,15 @@ impl Cluster {
             assert!(!sa.is_empty(), "{a} empty: {report:#}");
             assert_eq!(sa, sb, "{a} vs {b}: {report:#}");
         }
+        // A copied disk: its digests at the pause too.
+        if report["disk"]["mode"] == "copy" {
+            assert_eq!(v["disk_equal"], true, "disk digests differ: {report:#}");
+            let (sa, sb) = (
+                v["source_disk"].as_str().unwrap_or(""),
+                v["dest_disk"].as_str().unwrap_or(""),
+            );
+            assert!(!sa.is_empty() && sa == sb, "disk digests: {report:#}");
+        }
         assert_eq!(report["vm"], vm);
         assert!(
             self.show(from, vm).is_none(),

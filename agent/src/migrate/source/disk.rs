@@ -89,21 +89,22 @@ impl DiskMirror {
             &self.file,
             CHUNK,
             DISK_BLOCK,
-            |offset, chunk| -> Result<(), MigrateError> {
+            |offset, chunk| -> Result<(), Pass> {
                 if cancel.is_cancelled() {
-                    return Err(MigrateError::Cancelled);
+                    return Err(Pass::Send(MigrateError::Cancelled));
                 }
                 if let Some(d) = digest.as_mut() {
-                    d.update(offset, chunk).map_err(io_other)?;
+                    d.update(offset, chunk)
+                        .map_err(|e| Pass::Send(io_other(e)))?;
                 }
-                send_piece(link, size, offset, chunk)?;
+                send_piece(link, size, offset, chunk).map_err(Pass::Send)?;
                 sent += chunk.len() as u64;
                 Ok(())
             },
         )
         .map_err(|e| match e {
-            MigrateError::Io(e) => MigrateError::Disk(format!("reading the disk image: {e}")),
-            e => e,
+            Pass::Read(e) => MigrateError::Disk(format!("reading the disk image: {e}")),
+            Pass::Send(e) => e,
         })?;
         if sent == 0 {
             // An empty (all-hole) image still tells the destination its size.
@@ -196,6 +197,18 @@ impl DiskMirror {
     /// The image's digest as sent (under `--verify`).
     pub(super) fn digest(&self) -> Option<String> {
         self.digest.as_ref().map(BlockDigest::digest)
+    }
+}
+
+/// A failure of the first pass: reading the image, or sending it.
+enum Pass {
+    Read(std::io::Error),
+    Send(MigrateError),
+}
+
+impl From<std::io::Error> for Pass {
+    fn from(e: std::io::Error) -> Self {
+        Pass::Read(e)
     }
 }
 
