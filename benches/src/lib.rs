@@ -88,6 +88,16 @@ impl Cluster {
         c
     }
 
+    /// The process id of the `i`-th agent started.
+    pub fn pid(&self, i: usize) -> u32 {
+        self.children[i].id()
+    }
+
+    /// The datastore folder of agent `host`.
+    pub fn datastore(&self, host: &str) -> PathBuf {
+        self.dir.join(host)
+    }
+
     /// Runs `vmig ARGS`; stdout on success, stderr on failure.
     pub fn cli(&self, args: &[&str]) -> Result<String, String> {
         let out = Command::new(&self.exe)

@@ -24,7 +24,8 @@ fn main() {
                  \n  bench probes   only the BPF probe overhead (guest dirtying rate with/without)\
                  \n  bench holdback only the hot-page holdback experiment (bytes sent, downtime)\
                  \n  bench qemu     vmig against QEMU (installed if missing) on the same guest work\
-                 \n  bench tls      only the cost of mutual TLS (sender throughput, downtime) vs plaintext"
+                 \n  bench tls      only the cost of mutual TLS (sender throughput, downtime) vs plaintext\
+                 \n  bench disk     the live disk mirror against a plain copy of the same image, and its memory"
             );
             task == "help"
         }
@@ -147,9 +148,9 @@ fn bench(rest: &[String]) -> bool {
     let only = rest
         .first()
         .map(String::as_str)
-        .filter(|a| matches!(*a, "probes" | "holdback" | "qemu" | "tls"));
+        .filter(|a| matches!(*a, "probes" | "holdback" | "qemu" | "tls" | "disk"));
     if let Some(bin) = only {
-        if matches!(bin, "qemu" | "tls") && !build_release_vmig() {
+        if matches!(bin, "qemu" | "tls" | "disk") && !build_release_vmig() {
             return false;
         }
         return bench_bin(bin, &rest[1..]);
@@ -161,6 +162,7 @@ fn bench(rest: &[String]) -> bool {
         && bench_bin("probes", &[])
         && bench_bin("holdback", &[])
         && bench_bin("tls", &[])
+        && bench_bin("disk", &[])
         && bench_bin("qemu", &[])
 }
 

@@ -1,0 +1,226 @@
+//! `cargo xtask bench disk`: the live disk mirror (`--storage copy`) measured in the same run
+//! against a plain copy of the same image, and its memory.
+//!
+//! 1. Throughput: an idle VM (64 MiB) with a 1 GiB image full of data migrates between two
+//!    agents over loopback with mutual TLS; against it, a plain sequential copy of the same
+//!    file over loopback TCP (read 1 MiB at a time, written on the other side, `fdatasync`ed),
+//!    which is the floor any mirror pays. Interleaved runs, medians. The comparable ratio is the
+//!    whole migration's (image bytes over its total time, which includes the destination's
+//!    sync) over the plain copy's; the first pass alone is timed at the source until its last
+//!    chunk is on the socket, before the destination synced, so it reads high.
+//! 2. A guest writing its 1 GiB disk (the `disk` program, flat out) during the migration: total
+//!    time, downtime, disk bytes sent over bytes written by the guest meanwhile.
+//! 3. Memory: the source agent's peak resident set (`VmHWM`) over a migration of a VM with a
+//!    4 GiB image (1 GiB of data) against the same VM with a 16 MiB image, each in a fresh
+//!    agent.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use vmig_benches::{median, results_path, Cluster};
+
+const MIB: u64 = 1 << 20;
+const RUNS: usize = 3;
+
+fn target_dir() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(root.join("target"))
+}
+
+/// Fills the first `data_mib` MiB of `path` with non-zero bytes.
+fn fill(path: &Path, data_mib: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let mut chunk = vec![0u8; MIB as usize];
+    for m in 0..data_mib {
+        for (i, b) in chunk.iter_mut().enumerate() {
+            *b = (i as u64).wrapping_mul(m + 7) as u8 | 1;
+        }
+        f.write_all_at(&chunk, m * MIB).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+/// A stopped VM on hostA whose image holds `data_mib` MiB of data, then started.
+fn vm_with_image(c: &Cluster, vm: &str, workload: &str, disk_mib: u64, data_mib: u64) {
+    let disk = disk_mib.to_string();
+    c.cli(&[
+        "--host",
+        "hostA",
+        "vm",
+        "create",
+        vm,
+        "--memory-mib",
+        "64",
+        "--workload",
+        workload,
+        "--disk-mib",
+        &disk,
+    ])
+    .unwrap_or_else(|e| panic!("create {vm}: {e}"));
+    fill(&c.datastore("hostA").join(vm).join("disk.img"), data_mib);
+    c.cli(&["--host", "hostA", "vm", "start", vm])
+        .unwrap_or_else(|e| panic!("start {vm}: {e}"));
+}
+
+fn migrate(c: &Cluster, vm: &str) -> Value {
+    c.json(&["--host", "hostA", "migrate", vm, "hostB", "--json"])
+}
+
+/// A plain copy of `src` over loopback TCP into a new file beside it, synced. Bytes/s.
+fn plain_copy(src: &Path) -> f64 {
+    let dst = src.with_extension("copy");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = Instant::now();
+    let recv = {
+        let dst = dst.clone();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let out = File::create(&dst).unwrap();
+            let mut buf = vec![0u8; MIB as usize];
+            let mut at = 0u64;
+            loop {
+                let n = s.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                out.write_all_at(&buf[..n], at).unwrap();
+                at += n as u64;
+            }
+            out.sync_data().unwrap();
+            at
+        })
+    };
+    let mut f = File::open(src).unwrap();
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        s.write_all(&buf[..n]).unwrap();
+    }
+    drop(s);
+    let bytes = recv.join().unwrap();
+    let rate = bytes as f64 / t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&dst);
+    rate
+}
+
+fn hwm_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn f(v: &Value, path: &[&str]) -> f64 {
+    let mut x = v;
+    for p in path {
+        x = &x[*p];
+    }
+    x.as_f64().unwrap_or(f64::NAN)
+}
+
+fn main() {
+    let exe = target_dir().join("release/vmig");
+    assert!(
+        exe.exists(),
+        "{} missing: `cargo xtask bench disk` builds it",
+        exe.display()
+    );
+    let mibs = |b: f64| b / MIB as f64;
+
+    // 1. Throughput against a plain copy, interleaved.
+    let (mut mirror, mut whole, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        let c = Cluster::start(&exe, &["hostA", "hostB"]);
+        let vm = format!("img{run}");
+        vm_with_image(&c, &vm, "idle", 1024, 1024);
+        let img = c.datastore("hostA").join(&vm).join("disk.img");
+        plain.push(plain_copy(&img));
+        let r = migrate(&c, &vm);
+        let d = &r["disk"];
+        let copied = f(d, &["copied_bytes"]);
+        mirror.push(copied / (f(d, &["copy_ms"]) / 1e3));
+        whole.push(copied / (f(&r, &["total_ms"]) / 1e3));
+    }
+    let (m, w, p) = (median(&mirror), median(&whole), median(&plain));
+    println!("disk mirror of an idle VM's 1 GiB image (all data), mutual TLS, loopback, median of {RUNS} interleaved runs");
+    println!(
+        "  plain copy (read, TCP, write, fdatasync)  {:>7.0} MiB/s",
+        mibs(p)
+    );
+    println!(
+        "  mirror first pass (source side, unsynced)  {:>7.0} MiB/s = {:.2} x plain copy",
+        mibs(m),
+        m / p
+    );
+    println!(
+        "  whole migration (image bytes / total time) {:>7.0} MiB/s = {:.2} x plain copy (target >= 0.8)",
+        mibs(w),
+        w / p
+    );
+
+    // 2. The guest writes its disk during the migration.
+    let c = Cluster::start(&exe, &["hostA", "hostB"]);
+    vm_with_image(&c, "writer", "disk", 1024, 256);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let r = migrate(&c, "writer");
+    let d = &r["disk"];
+    let written = f(d, &["guest_written_bytes"]);
+    println!("\na guest writing its 1 GiB disk (256 MiB of data at the start; the `disk` program flat out)");
+    println!(
+        "  total {:.0} ms, downtime {:.1} ms, {:.1} MiB written by the guest during the migration, {} blocks sent again ({} paused)",
+        f(&r, &["total_ms"]),
+        f(&r, &["downtime_ms"]),
+        written / MIB as f64,
+        d["resent_blocks"],
+        d["blocks_at_pause"]
+    );
+    println!(
+        "  disk bytes sent again / bytes the guest wrote: {:.2} (64 KiB blocks for the guest's 4 KiB writes)",
+        f(d, &["resent_bytes"]) / written.max(1.0)
+    );
+    drop(c);
+
+    // 3. Peak memory of the source agent, with and without a large image.
+    let mut peak = Vec::new();
+    for (disk_mib, data_mib) in [(16u64, 0u64), (4096, 1024)] {
+        let c = Cluster::start(&exe, &["hostA", "hostB"]);
+        vm_with_image(&c, "mem", "counter", disk_mib, data_mib);
+        let r = migrate(&c, "mem");
+        assert_eq!(r["vm"], "mem");
+        peak.push(hwm_kib(c.pid(0)));
+    }
+    println!("\nsource agent peak RSS (VmHWM) over one migration of a 64 MiB counter VM");
+    println!("  16 MiB image                 {:>7} KiB", peak[0]);
+    println!(
+        "  4 GiB image (1 GiB of data)  {:>7} KiB = {:+} KiB (target: a few MiB)",
+        peak[1],
+        peak[1] as i64 - peak[0] as i64
+    );
+
+    let out = json!({
+        "plain_copy_mibs": plain.iter().map(|x| mibs(*x)).collect::<Vec<_>>(),
+        "mirror_first_pass_mibs": mirror.iter().map(|x| mibs(*x)).collect::<Vec<_>>(),
+        "whole_migration_mibs": whole.iter().map(|x| mibs(*x)).collect::<Vec<_>>(),
+        "ratio_first_pass": m / p,
+        "ratio_whole": w / p,
+        "writer": r,
+        "peak_rss_kib": { "image_16m": peak[0], "image_4g": peak[1] },
+    });
+    let path = results_path("bench-disk.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
+    println!("\nresults: {}", path.display());
+}
