@@ -22,6 +22,16 @@ const ROUNDS: u16 = 3;
 /// `vm::ring_wrap` test with its background harvester.
 const RING_BYTES: u32 = 1024 * 16;
 
+/// One VM at a time in this binary: run side by side, the dirty-ring test's own harvest came up
+/// short of the pushes the probes counted on KVM's tracepoint (600 counted, 459 harvested, once
+/// in a CI run; never alone). Until that is understood, the counts are compared one VM at a
+/// time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -31,6 +41,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn dirty_ring_pushes_and_distinct_pages_match_guest_writes() {
+    let _serial = serial();
     if skip_reason("dirty_ring_pushes_and_distinct_pages_match_guest_writes").is_some() {
         return;
     }
@@ -130,6 +141,7 @@ fn dirty_ring_pushes_and_distinct_pages_match_guest_writes() {
 
 #[test]
 fn vm_of_another_process_produces_nothing() {
+    let _serial = serial();
     if skip_reason("vm_of_another_process_produces_nothing").is_some() {
         return;
     }
@@ -165,6 +177,7 @@ fn vm_of_another_process_produces_nothing() {
 
 #[test]
 fn unregistered_vcpu_thread_is_ignored_until_added() {
+    let _serial = serial();
     if skip_reason("unregistered_vcpu_thread_is_ignored_until_added").is_some() {
         return;
     }
@@ -199,6 +212,7 @@ fn unregistered_vcpu_thread_is_ignored_until_added() {
 
 #[test]
 fn long_mode_guest_exits_and_pushes_are_counted() {
+    let _serial = serial();
     if skip_reason("long_mode_guest_exits_and_pushes_are_counted").is_some() {
         return;
     }
@@ -243,6 +257,7 @@ fn long_mode_guest_exits_and_pushes_are_counted() {
 
 #[test]
 fn dirty_ring_set_counts_the_same_pushes_and_nothing_else() {
+    let _serial = serial();
     if skip_reason("dirty_ring_set_counts_the_same_pushes_and_nothing_else").is_some() {
         return;
     }
@@ -291,6 +306,7 @@ fn dirty_ring_set_counts_the_same_pushes_and_nothing_else() {
 /// new window counts every page again.
 #[test]
 fn colliding_vcpu_tid_and_windows_count_the_same() {
+    let _serial = serial();
     if skip_reason("colliding_vcpu_tid_and_windows_count_the_same").is_some() {
         return;
     }
