@@ -14,11 +14,17 @@ pub mod qemu;
 /// Where a benchmark writes its JSON results: `$CARGO_TARGET_DIR` (or the workspace's
 /// `target/`), created if missing.
 pub fn results_path(file: &str) -> PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let dir = target_dir();
     let _ = std::fs::create_dir_all(&dir);
     dir.join(file)
+}
+
+/// The workspace's target folder (`CARGO_TARGET_DIR`, else `target/` at the root), where
+/// `cargo xtask bench` builds the release `vmig` the benches run.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
 /// Two (or more) agents in a temporary folder.

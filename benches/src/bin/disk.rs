@@ -18,21 +18,14 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use serde_json::{json, Value};
-use vmig_benches::{median, results_path, Cluster};
+use vmig_benches::{median, results_path, target_dir, Cluster};
 
 const MIB: u64 = 1 << 20;
 const RUNS: usize = 3;
-
-fn target_dir() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or(root.join("target"))
-}
 
 /// Fills the first `data_mib` MiB of `path` with non-zero bytes.
 fn fill(path: &Path, data_mib: u64) {

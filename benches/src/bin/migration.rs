@@ -11,19 +11,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vmig::transport::IoPath;
-use vmig_benches::{assert_verified, frame_sender, loopback_rtt_us, loopback_tcp, median, Cluster};
+use vmig_benches::{
+    assert_verified, frame_sender, loopback_rtt_us, loopback_tcp, median, target_dir, Cluster,
+};
 
 const GIB: u64 = 1 << 30;
 const MIB: f64 = 1048576.0;
 
 /// The target folder: `$CARGO_TARGET_DIR`, else the workspace's `target`.
-fn target_dir() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or(root.join("target"))
-}
-
 fn exe() -> PathBuf {
     let p = target_dir().join("release/vmig");
     assert!(

@@ -15,11 +15,7 @@ use vmig_benches::{assert_verified, median, results_path, Cluster};
 const PAIRS: usize = 3;
 
 fn exe() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let p = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or(root.join("target"))
-        .join("release/vmig");
+    let p = vmig_benches::target_dir().join("release/vmig");
     assert!(
         p.exists(),
         "{} missing: run `cargo xtask bench qemu` (it builds it)",

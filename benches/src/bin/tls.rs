@@ -11,23 +11,15 @@
 //! each page into the TLS records in user space; kTLS would let io_uring send from guest
 //! memory again, and cannot be tried here.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vmig::transport::IoPath;
-use vmig_benches::{assert_verified, frame_sender, median, tls_frame_sender, Cluster};
+use vmig_benches::{assert_verified, frame_sender, median, target_dir, tls_frame_sender, Cluster};
 
 const GIB: u64 = 1 << 30;
 const MIB: f64 = 1048576.0;
 const RUNS: usize = 3;
-
-fn target_dir() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or(root.join("target"))
-}
 
 fn dirty64(c: &Cluster) -> Value {
     c.create(

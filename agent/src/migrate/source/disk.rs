@@ -12,14 +12,12 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
-use super::Outgoing;
+use super::{stream, Outgoing};
 use crate::inventory;
 use crate::migrate::link::Link;
 use crate::migrate::report::{DiskReport, StorageUsed};
 use crate::migrate::{Cancel, MigrateError};
 use crate::storage::{self, BlockDigest, DISK_BLOCK};
-use crate::wire;
-use crate::wire::messages as msg;
 
 /// Pieces of the image go in chunks of up to this size (a multiple of [`DISK_BLOCK`]).
 const CHUNK: usize = 1 << 20;
@@ -213,12 +211,7 @@ impl From<std::io::Error> for Pass {
 }
 
 fn send_piece(link: &mut Link, size: u64, offset: u64, chunk: &[u8]) -> Result<(), MigrateError> {
-    let piece = msg::FileChunk {
-        name: inventory::DISK.into(),
-        size,
-        offset,
-    };
-    Ok(link.writer.send_bytes(wire::data_frame(&piece, chunk))?)
+    stream::send_chunk(link, inventory::DISK, size, offset, chunk)
 }
 
 fn io_other(e: storage::digest::Misaligned) -> MigrateError {

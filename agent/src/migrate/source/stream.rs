@@ -120,7 +120,8 @@ pub(super) fn send_file(link: &mut Link, dir: &Path, name: &str) -> Result<(), M
     Ok(())
 }
 
-fn send_chunk(
+/// Sends one piece of file `name` of `size` bytes, at `offset`.
+pub(super) fn send_chunk(
     link: &mut Link,
     name: &str,
     size: u64,
