@@ -139,6 +139,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         dirty_rate: a.dirty_rate,
         dirty_tracking: DirtyTracking::Auto,
         disk_mib: 16,
+        disk_rate: 0,
+        disk_region_mib: 0,
     };
     super::expect_ok(&sa, Request::Create { def }).await?;
     super::expect_ok(&sa, Request::Start { name: "vm1".into() }).await?;

@@ -152,6 +152,12 @@ struct CreateArgs {
     /// Disk size, MiB.
     #[arg(long, default_value_t = 16)]
     disk_mib: u64,
+    /// Blocks (4 KiB) per second the disk vCPU writes and reads back (0 = flat out).
+    #[arg(long, default_value_t = 0)]
+    disk_rate: u64,
+    /// Region the disk vCPU writes, MiB from the disk's start (0 = the whole disk).
+    #[arg(long, default_value_t = 0)]
+    disk_region_mib: u64,
     /// Boot it right away.
     #[arg(long)]
     start: bool,
@@ -444,6 +450,8 @@ async fn vm(agent: Option<PathBuf>, host: Option<String>, cmd: VmCmd) -> Result<
                 dirty_rate: c.dirty_rate,
                 dirty_tracking: c.dirty_tracking,
                 disk_mib: c.disk_mib,
+                disk_rate: c.disk_rate,
+                disk_region_mib: c.disk_region_mib,
             };
             expect_ok(&a, Request::Create { def }).await?;
             println!("created {}", c.name);

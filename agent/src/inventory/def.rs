@@ -31,6 +31,12 @@ pub struct VmDef {
     /// Disk image size, MiB.
     #[serde(default = "default_disk_mib")]
     pub disk_mib: u64,
+    /// Blocks (4 KiB) per second the `disk` vCPU writes and reads back; 0 = flat out.
+    #[serde(default)]
+    pub disk_rate: u64,
+    /// Size of the region the `disk` vCPU writes, from the disk's start, MiB; 0 = the whole disk.
+    #[serde(default)]
+    pub disk_region_mib: u64,
 }
 
 fn default_dirty_mib() -> u64 {
@@ -97,9 +103,9 @@ impl VmDef {
             dirty_bytes: self.dirty_mib << 20,
             dirty_rate: self.dirty_rate,
             dirty_tracking: self.dirty_tracking,
-            disk_rate: 0,
+            disk_rate: self.disk_rate,
             disk_first_block: 0,
-            disk_blocks: 0,
+            disk_blocks: self.disk_region_mib << 20 >> 12,
         }
     }
 
@@ -130,6 +136,18 @@ impl VmDef {
                 self.disk_mib
             )));
         }
+        if self.disk_region_mib > self.disk_mib {
+            return Err(InventoryError::Invalid(format!(
+                "disk region {} MiB: use 0 (the whole disk) to the disk's {} MiB",
+                self.disk_region_mib, self.disk_mib
+            )));
+        }
+        if self.disk_rate > 1 << 24 {
+            return Err(InventoryError::Invalid(format!(
+                "disk rate {} blocks/s: use 0 (flat out) to 16777216",
+                self.disk_rate
+            )));
+        }
         if !(1..=layout::MAX_VCPUS).contains(&self.vcpus) {
             return Err(InventoryError::Invalid(format!(
                 "{} vCPUs: use 1 to {}",
@@ -158,6 +176,8 @@ mod tests {
             dirty_rate: 0,
             dirty_tracking: DirtyTracking::Auto,
             disk_mib: 4,
+            disk_rate: 0,
+            disk_region_mib: 0,
         }
     }
 
@@ -184,6 +204,14 @@ mod tests {
             (
                 Box::new(|d: &mut VmDef| d.disk_mib = 0),
                 "disk 0 MiB: use 1 to",
+            ),
+            (
+                Box::new(|d: &mut VmDef| d.disk_region_mib = 5),
+                "disk region 5 MiB: use 0 (the whole disk) to the disk's 4 MiB",
+            ),
+            (
+                Box::new(|d: &mut VmDef| d.disk_rate = u64::MAX),
+                "blocks/s: use 0 (flat out) to",
             ),
             (
                 Box::new(|d: &mut VmDef| d.name = "-vm".into()),

@@ -53,6 +53,8 @@ pub(super) fn pair_with(
         dirty_rate: 0,
         dirty_tracking,
         disk_mib: 1,
+        disk_rate: 0,
+        disk_region_mib: 0,
     };
     src.create(def).unwrap();
     src.start(name).unwrap();

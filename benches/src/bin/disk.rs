@@ -41,9 +41,16 @@ fn fill(path: &Path, data_mib: u64) {
 }
 
 /// A stopped VM on hostA whose image holds `data_mib` MiB of data, then started.
-fn vm_with_image(c: &Cluster, vm: &str, workload: &str, disk_mib: u64, data_mib: u64) {
+fn vm_with_image(
+    c: &Cluster,
+    vm: &str,
+    workload: &str,
+    disk_mib: u64,
+    data_mib: u64,
+    extra: &[&str],
+) {
     let disk = disk_mib.to_string();
-    c.cli(&[
+    let mut args = vec![
         "--host",
         "hostA",
         "vm",
@@ -55,8 +62,9 @@ fn vm_with_image(c: &Cluster, vm: &str, workload: &str, disk_mib: u64, data_mib:
         workload,
         "--disk-mib",
         &disk,
-    ])
-    .unwrap_or_else(|e| panic!("create {vm}: {e}"));
+    ];
+    args.extend_from_slice(extra);
+    c.cli(&args).unwrap_or_else(|e| panic!("create {vm}: {e}"));
     fill(&c.datastore("hostA").join(vm).join("disk.img"), data_mib);
     c.cli(&["--host", "hostA", "vm", "start", vm])
         .unwrap_or_else(|e| panic!("start {vm}: {e}"));
@@ -139,7 +147,7 @@ fn main() {
     for run in 0..RUNS {
         let c = Cluster::start(&exe, &["hostA", "hostB"]);
         let vm = format!("img{run}");
-        vm_with_image(&c, &vm, "idle", 1024, 1024);
+        vm_with_image(&c, &vm, "idle", 1024, 1024, &[]);
         let img = c.datastore("hostA").join(&vm).join("disk.img");
         plain.push(plain_copy(&img));
         let r = migrate(&c, &vm);
@@ -165,33 +173,40 @@ fn main() {
         w / p
     );
 
-    // 2. The guest writes its disk during the migration.
-    let c = Cluster::start(&exe, &["hostA", "hostB"]);
-    vm_with_image(&c, "writer", "disk", 1024, 256);
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    let r = migrate(&c, "writer");
-    let d = &r["disk"];
-    let written = f(d, &["guest_written_bytes"]);
-    println!("\na guest writing its 1 GiB disk (256 MiB of data at the start; the `disk` program flat out)");
-    println!(
-        "  total {:.0} ms, downtime {:.1} ms, {:.1} MiB written by the guest during the migration, {} blocks sent again ({} paused)",
-        f(&r, &["total_ms"]),
-        f(&r, &["downtime_ms"]),
-        written / MIB as f64,
-        d["resent_blocks"],
-        d["blocks_at_pause"]
-    );
-    println!(
-        "  disk bytes sent again / bytes the guest wrote: {:.2} (64 KiB blocks for the guest's 4 KiB writes)",
-        f(d, &["resent_bytes"]) / written.max(1.0)
-    );
-    drop(c);
+    // 2. The guest writes its disk during the migration: flat out, then at a fixed rate.
+    let mut writers = Vec::new();
+    for (rate, what) in [
+        ("0", "the `disk` program flat out"),
+        ("2048", "the `disk` program at 2048 blocks/s, 8 MiB/s"),
+    ] {
+        let c = Cluster::start(&exe, &["hostA", "hostB"]);
+        vm_with_image(&c, "writer", "disk", 1024, 256, &["--disk-rate", rate]);
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let r = migrate(&c, "writer");
+        let d = &r["disk"];
+        let written = f(d, &["guest_written_bytes"]);
+        println!("\na guest writing its 1 GiB disk (256 MiB of data at the start; {what})");
+        println!(
+            "  total {:.0} ms, downtime {:.1} ms, {:.1} MiB written by the guest during the migration, {} blocks sent again ({} paused)",
+            f(&r, &["total_ms"]),
+            f(&r, &["downtime_ms"]),
+            written / MIB as f64,
+            d["resent_blocks"],
+            d["blocks_at_pause"]
+        );
+        println!(
+            "  disk bytes sent again / bytes the guest wrote: {:.2} (64 KiB blocks for the guest's 4 KiB writes)",
+            f(d, &["resent_bytes"]) / written.max(1.0)
+        );
+        drop(c);
+        writers.push(json!({ "disk_rate": rate, "report": r }));
+    }
 
     // 3. Peak memory of the source agent, with and without a large image.
     let mut peak = Vec::new();
     for (disk_mib, data_mib) in [(16u64, 0u64), (4096, 1024)] {
         let c = Cluster::start(&exe, &["hostA", "hostB"]);
-        vm_with_image(&c, "mem", "counter", disk_mib, data_mib);
+        vm_with_image(&c, "mem", "counter", disk_mib, data_mib, &[]);
         let r = migrate(&c, "mem");
         assert_eq!(r["vm"], "mem");
         peak.push(hwm_kib(c.pid(0)));
@@ -210,7 +225,7 @@ fn main() {
         "whole_migration_mibs": whole.iter().map(|x| mibs(*x)).collect::<Vec<_>>(),
         "ratio_first_pass": m / p,
         "ratio_whole": w / p,
-        "writer": r,
+        "writers": writers,
         "peak_rss_kib": { "image_16m": peak[0], "image_4g": peak[1] },
     });
     let path = results_path("bench-disk.json");

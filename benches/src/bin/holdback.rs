@@ -60,6 +60,8 @@ fn migrate_once(root: &Path, run: usize, w: &Workload, holdback_rounds: u32) -> 
         dirty_rate: w.dirty_rate,
         dirty_tracking: DirtyTracking::Ring,
         disk_mib: 1,
+        disk_rate: 0,
+        disk_region_mib: 0,
     })
     .expect("create");
     src.start(w.name).expect("start");

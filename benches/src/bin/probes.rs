@@ -168,6 +168,8 @@ fn main() {
         dirty_rate: 0,
         dirty_tracking: DirtyTracking::Ring,
         disk_mib: 1,
+        disk_rate: 0,
+        disk_region_mib: 0,
     })
     .expect("create the VM");
     inv.start("dirty").expect("start the VM");

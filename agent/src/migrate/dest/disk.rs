@@ -1,11 +1,12 @@
 //! The disk image arriving on the destination (`--storage copy`): pieces written into the
 //! staged image as they come (first pass, then the blocks the guest wrote meanwhile), hashed
-//! block by block under `--verify`, synced to disk during the rounds and once more before the
-//! VM runs here.
+//! block by block under `--verify`, synced to disk during the rounds (on a thread of its own,
+//! so the receive loop never waits for the disk) and once more before the VM runs here.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 
 use crate::migrate::MigrateError;
 use crate::storage::{BlockDigest, DISK_BLOCK};
@@ -19,6 +20,8 @@ pub(super) struct DiskSink {
     digest: Option<BlockDigest>,
     verify: bool,
     unsynced: bool,
+    /// The round-end sync in flight, if any.
+    syncing: Option<JoinHandle<std::io::Result<()>>>,
     /// Payload bytes written.
     pub(super) written: u64,
 }
@@ -33,6 +36,7 @@ impl DiskSink {
             digest: None,
             verify,
             unsynced: false,
+            syncing: None,
             written: 0,
         }
     }
@@ -81,13 +85,46 @@ impl DiskSink {
         Ok(())
     }
 
-    /// Flushes what was written to stable storage (`fdatasync`), if anything was.
+    /// Starts flushing what was written so far to stable storage (`fdatasync` on a thread of
+    /// its own), unless a flush is still running: the first pass of a large image can take
+    /// seconds to reach the disk, and the receive loop must go on meanwhile (a pause arriving
+    /// then would otherwise wait for it). A flush that failed is reported here or by [`sync`].
+    ///
+    /// [`sync`]: DiskSink::sync
+    pub(super) fn sync_in_background(&mut self) -> Result<(), MigrateError> {
+        if self.syncing.as_ref().is_some_and(|h| !h.is_finished()) {
+            return Ok(());
+        }
+        self.join()?;
+        if let (true, Some(f)) = (self.unsynced, self.file.as_ref()) {
+            let f = f.try_clone().map_err(|e| self.error("sync", e))?;
+            self.unsynced = false;
+            let h = std::thread::Builder::new()
+                .name("disk-sync".into())
+                .spawn(move || f.sync_data())
+                .map_err(|e| self.error("sync", e))?;
+            self.syncing = Some(h);
+        }
+        Ok(())
+    }
+
+    /// Flushes everything written to stable storage (`fdatasync`), waiting for a flush in flight
+    /// first: when it returns, the image is durable.
     pub(super) fn sync(&mut self) -> Result<(), MigrateError> {
+        self.join()?;
         if let (true, Some(f)) = (self.unsynced, self.file.as_ref()) {
             f.sync_data().map_err(|e| self.error("sync", e))?;
             self.unsynced = false;
         }
         Ok(())
+    }
+
+    fn join(&mut self) -> Result<(), MigrateError> {
+        match self.syncing.take().map(JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(self.error("sync", e)),
+            Some(Err(_)) => Err(self.error("sync", std::io::Error::other("the sync thread died"))),
+        }
     }
 
     /// The image's digest as received (under `--verify`, once a piece came).

@@ -55,8 +55,9 @@ pub(super) fn receive(link: &mut Link, a: &Arrival<'_>) -> Result<Received, Migr
             Kind::RoundEnd => {
                 let r: msg::RoundEnd = f.decode()?;
                 tracing::debug!(round = r.round, pages = r.pages, "round received");
-                // What arrived so far reaches the disk now, not at the pause.
-                disk.sync()?;
+                // What arrived so far goes to the disk now, not at the pause (in the
+                // background: the receive loop does not wait for it).
+                disk.sync_in_background()?;
             }
             Kind::State => {
                 let state: msg::State = f.decode()?;
