@@ -140,7 +140,14 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         dirty_tracking: DirtyTracking::Auto,
         disk_mib: 16,
     };
-    super::expect_ok(&sa, Request::Create { def }).await?;
+    super::expect_ok(
+        &sa,
+        Request::Create {
+            def,
+            datastore: None,
+        },
+    )
+    .await?;
     super::expect_ok(&sa, Request::Start { name: "vm1".into() }).await?;
     say(format!(
         "vm1 on hostA: {} MiB, vCPU0 dirty ({} MiB working set, {}), vCPU1 counter",
