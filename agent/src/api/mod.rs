@@ -22,7 +22,12 @@ pub enum Request {
     Create {
         /// Definition.
         def: VmDef,
+        /// Datastore to create it on (None: the default).
+        #[serde(default)]
+        datastore: Option<String>,
     },
+    /// The agent's datastores.
+    Datastores,
     /// Boot a VM.
     Start {
         /// VM.

@@ -66,8 +66,8 @@ pub enum AgentError {
 pub struct AgentConfig {
     /// Host name.
     pub name: String,
-    /// Datastore folder.
-    pub datastore: PathBuf,
+    /// Datastores; the first is the default.
+    pub datastores: Vec<crate::inventory::Datastore>,
     /// Migration endpoint.
     pub listen: SocketAddr,
     /// Control socket.
@@ -159,14 +159,18 @@ impl AgentLocks {
     fn take(cfg: &AgentConfig) -> Result<Self, AgentError> {
         let mut control_lock = cfg.control.clone().into_os_string();
         control_lock.push(".lock");
-        let files = [
-            (
-                PathBuf::from(control_lock),
-                "the agent name (control socket)",
-            ),
-            (cfg.datastore.join(".agent.lock"), "the datastore"),
-        ]
-        .into_iter()
+        // A shared datastore is seen by other agents on purpose: its VM folders' `.owner`
+        // files say whose each is, and it takes no lock.
+        let files = std::iter::once((
+            PathBuf::from(control_lock),
+            "the agent name (control socket)",
+        ))
+        .chain(
+            cfg.datastores
+                .iter()
+                .filter(|d| !d.shared)
+                .map(|d| (d.path.join(".agent.lock"), "the datastore")),
+        )
         .map(|(path, what)| lock_file(&path, what))
         .collect::<Result<_, _>>()?;
         Ok(Self { _files: files })
@@ -231,7 +235,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         None => HashMap::new(),
     };
     let _locks = AgentLocks::take(&cfg)?;
-    let inv = Inventory::open(&cfg.datastore, capacity)?;
+    let inv = Inventory::open_many(&cfg.name, cfg.datastores.clone(), capacity)?;
     // Computed now, not inside the first migration's round-trip measurement.
     let cpu = migrate::cpu_digest();
     tracing::debug!(%cpu, "CPU feature digest");
@@ -400,14 +404,15 @@ fn handle(agent: &Agent, req: Request) -> Reply {
             return ok(AgentInfo {
                 name: agent.cfg.name.clone(),
                 listen: agent.cfg.listen.to_string(),
-                datastore: agent.cfg.datastore.display().to_string(),
+                datastore: inv.datastore().display().to_string(),
                 pid: std::process::id(),
                 dirty_ring: kvm_ioctls::Kvm::new()
                     .map(|k| k.check_extension(kvm_ioctls::Cap::DirtyLogRing))
                     .unwrap_or(false),
             })
         }
-        Request::Create { def } => inv.create(def).map(ok),
+        Request::Create { def, datastore } => inv.create_on(def, datastore.as_deref()).map(ok),
+        Request::Datastores => Ok(ok(inv.datastore_infos())),
         Request::Start { name } => inv.start(&name).map(ok),
         Request::Stop { name } => {
             // A VM that arrived in post-copy and lost its source waits on its faults: powering

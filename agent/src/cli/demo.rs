@@ -142,7 +142,14 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         disk_rate: 0,
         disk_region_mib: 0,
     };
-    super::expect_ok(&sa, Request::Create { def }).await?;
+    super::expect_ok(
+        &sa,
+        Request::Create {
+            def,
+            datastore: None,
+        },
+    )
+    .await?;
     super::expect_ok(&sa, Request::Start { name: "vm1".into() }).await?;
     say(format!(
         "vm1 on hostA: {} MiB, vCPU0 dirty ({} MiB working set, {}), vCPU1 counter",

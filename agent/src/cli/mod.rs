@@ -42,6 +42,9 @@ enum Cmd {
     /// Manage VMs.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// The agent's datastores.
+    #[command(subcommand)]
+    Datastore(DatastoreCmd),
     /// Migrate a running VM live to another host.
     Migrate(MigrateArgs),
     /// Start two local agents, migrate a busy VM between them, print the report and the proof.
@@ -58,9 +61,11 @@ struct AgentArgs {
     /// Host name.
     #[arg(long)]
     name: String,
-    /// Datastore folder (one folder per VM).
-    #[arg(long)]
-    datastore: PathBuf,
+    /// A datastore (one folder per VM): PATH (named `default`), NAME=PATH, or
+    /// NAME=PATH,shared (a folder other hosts' agents see too); repeatable, the first is the
+    /// default.
+    #[arg(long, required = true, value_parser = parse_datastore)]
+    datastore: Vec<vmig::inventory::Datastore>,
     /// Migration endpoint.
     #[arg(long, default_value = "127.0.0.1:7401")]
     listen: SocketAddr,
@@ -87,6 +92,20 @@ struct AgentArgs {
     /// A group (name or gid) whose members may use the control socket, besides root.
     #[arg(long)]
     control_group: Option<String>,
+}
+
+fn parse_datastore(s: &str) -> Result<vmig::inventory::Datastore, String> {
+    vmig::inventory::Datastore::parse(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Subcommand)]
+enum DatastoreCmd {
+    /// List the agent's datastores: name, folder, shared or not, free space, VMs.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -161,6 +180,9 @@ struct CreateArgs {
     /// Boot it right away.
     #[arg(long)]
     start: bool,
+    /// Datastore to create it on (default: the agent's first).
+    #[arg(long)]
+    datastore: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -241,6 +263,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Agent(a) => agent(a).await,
         Cmd::Agents(a) => agents(a).await,
         Cmd::Vm(v) => vm(cli.agent, cli.host, v).await,
+        Cmd::Datastore(d) => datastores(cli.agent, cli.host, d).await,
         Cmd::Migrate(m) => migrate(cli.agent, cli.host, m).await,
         Cmd::Demo(d) => demo::run(d).await,
         Cmd::Trace(t) => trace::run(cli.agent, cli.host, t).await,
@@ -250,9 +273,10 @@ pub async fn run(cli: Cli) -> Result<()> {
 
 async fn agent(a: AgentArgs) -> Result<()> {
     let control = a.control.unwrap_or_else(|| api::socket_of(&a.name));
+    vmig::inventory::Datastore::check_all(&a.datastore)?;
     let cfg = api::server::AgentConfig {
         name: a.name,
-        datastore: a.datastore,
+        datastores: a.datastore,
         listen: a.listen,
         control,
         hosts: a.hosts,
@@ -453,7 +477,14 @@ async fn vm(agent: Option<PathBuf>, host: Option<String>, cmd: VmCmd) -> Result<
                 disk_rate: c.disk_rate,
                 disk_region_mib: c.disk_region_mib,
             };
-            expect_ok(&a, Request::Create { def }).await?;
+            expect_ok(
+                &a,
+                Request::Create {
+                    def,
+                    datastore: c.datastore,
+                },
+            )
+            .await?;
             println!("created {}", c.name);
             if c.start {
                 expect_ok(
@@ -567,6 +598,60 @@ async fn vm(agent: Option<PathBuf>, host: Option<String>, cmd: VmCmd) -> Result<
             let v = expect_ok(&a, Request::Digest { name }).await?;
             println!("{}", serde_json::to_string(&v)?);
         }
+    }
+    Ok(())
+}
+
+async fn datastores(agent: Option<PathBuf>, host: Option<String>, cmd: DatastoreCmd) -> Result<()> {
+    let DatastoreCmd::List { json } = cmd;
+    let agents = match (agent, host) {
+        (None, None) => local_agents(),
+        (a, h) => vec![pick_agent(a, h, None).await?],
+    };
+    if agents.is_empty() {
+        bail!(
+            "no agent is running (no socket in {})",
+            api::run_dir().display()
+        );
+    }
+    let mut rows = Vec::new();
+    for a in &agents {
+        let host = a
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let v = expect_ok(a, Request::Datastores).await?;
+        let list: Vec<vmig::inventory::DatastoreInfo> = serde_json::from_value(v)?;
+        rows.extend(list.into_iter().map(|d| (host.clone(), d)));
+    }
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(h, d)| serde_json::json!({"host": h, "datastore": d}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<12} {:<7} {:>10} {:>10}  {:<30} VMS",
+        "HOST", "NAME", "SHARED", "FREE", "TOTAL", "PATH"
+    );
+    let gib = |b: Option<u64>| {
+        b.map_or("?".into(), |b| {
+            format!("{:.1}GiB", b as f64 / (1u64 << 30) as f64)
+        })
+    };
+    for (h, d) in rows {
+        println!(
+            "{:<10} {:<12} {:<7} {:>10} {:>10}  {:<30} {}",
+            h,
+            d.name,
+            if d.shared { "yes" } else { "no" },
+            gib(d.free_bytes),
+            gib(d.total_bytes),
+            d.path.display(),
+            d.vms.join(",")
+        );
     }
     Ok(())
 }

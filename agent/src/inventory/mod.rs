@@ -1,7 +1,9 @@
-//! The host's datastore: one folder per VM holding its definition (`vm.toml`), NVRAM
-//! (`nvram.bin`), log (`vm.log`) and disk image (`disk.img`); and the table of the VMs this
-//! agent owns, with memory reservations for incoming migrations.
+//! The host's datastores ([`datastore`]): one folder per VM holding its definition
+//! (`vm.toml`), NVRAM (`nvram.bin`), log (`vm.log`, rotated as `vm.log.1`...) and disk image
+//! (`disk.img`); and the table of the VMs this agent owns, with memory reservations for
+//! incoming migrations.
 
+pub mod datastore;
 mod def;
 
 use std::collections::BTreeMap;
@@ -11,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+pub use datastore::Datastore;
 pub use def::VmDef;
 
 use crate::vm::{Vm, VmError, VmStats};
@@ -80,6 +83,23 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> InventoryError + '_ {
     }
 }
 
+/// A datastore as `vmig datastore list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatastoreInfo {
+    /// Name.
+    pub name: String,
+    /// Folder.
+    pub path: PathBuf,
+    /// Seen by other hosts too.
+    pub shared: bool,
+    /// Free bytes of its file system (None: `statvfs` failed).
+    pub free_bytes: Option<u64>,
+    /// Size of its file system.
+    pub total_bytes: Option<u64>,
+    /// The VMs this agent keeps on it.
+    pub vms: Vec<String>,
+}
+
 /// What a VM is doing on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -114,6 +134,9 @@ pub struct VmInfo {
     pub state: VmState,
     /// Folder on the datastore.
     pub dir: PathBuf,
+    /// Name of its datastore.
+    #[serde(default)]
+    pub datastore: String,
     /// Counters, when running.
     pub stats: Option<VmStats>,
     /// Process id of the VMM (this agent), when running.
@@ -128,11 +151,27 @@ struct Entry {
     def: VmDef,
     vm: Option<Arc<Vm>>,
     migrating: bool,
+    /// Index of its datastore.
+    ds: usize,
+}
+
+impl Entry {
+    fn new(def: VmDef, ds: usize) -> Self {
+        Entry {
+            def,
+            vm: None,
+            migrating: false,
+            ds,
+        }
+    }
 }
 
 /// The VMs of this host.
 pub struct Inventory {
-    datastore: PathBuf,
+    /// This agent's name (the owner recorded in VM folders of shared datastores).
+    agent: String,
+    /// Its datastores; the first is the default.
+    datastores: Vec<Datastore>,
     capacity: u64,
     inner: Mutex<Inner>,
 }
@@ -147,7 +186,7 @@ struct Inner {
 impl std::fmt::Debug for Inventory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inventory")
-            .field("datastore", &self.datastore)
+            .field("datastores", &self.datastores)
             .finish()
     }
 }
@@ -178,67 +217,178 @@ impl Drop for Reservation {
 }
 
 impl Inventory {
-    /// Opens (or creates) a datastore and loads the VM definitions in it. `capacity` is the
-    /// guest memory this host may run, in bytes.
+    /// Opens (or creates) one datastore, named `default` and not shared, and loads the VM
+    /// definitions in it. `capacity` is the guest memory this host may run, in bytes.
     pub fn open(datastore: &Path, capacity: u64) -> Result<Arc<Self>, InventoryError> {
-        fs::create_dir_all(datastore).map_err(io_err(datastore))?;
-        let staging = datastore.join(".incoming");
-        // Anything staged by an agent that died mid-migration is not registered: drop it.
-        let _ = fs::remove_dir_all(&staging);
-        let mut inner = Inner::default();
-        for e in fs::read_dir(datastore).map_err(io_err(datastore))? {
-            let e = e.map_err(io_err(datastore))?;
+        let ds = Datastore {
+            name: "default".into(),
+            path: datastore.to_path_buf(),
+            shared: false,
+        };
+        Self::open_many("", vec![ds], capacity)
+    }
+
+    /// Opens (or creates) the datastores of agent `agent` (the first is the default) and loads
+    /// the VM definitions in them: every VM folder of a private datastore, and the folders of a
+    /// shared one whose `.owner` names this agent.
+    pub fn open_many(
+        agent: &str,
+        datastores: Vec<Datastore>,
+        capacity: u64,
+    ) -> Result<Arc<Self>, InventoryError> {
+        Datastore::check_all(&datastores).map_err(|e| InventoryError::Invalid(e.to_string()))?;
+        let inv = Self {
+            agent: agent.into(),
+            datastores,
+            capacity,
+            inner: Mutex::new(Inner::default()),
+        };
+        for (i, ds) in inv.datastores.iter().enumerate() {
+            fs::create_dir_all(&ds.path).map_err(io_err(&ds.path))?;
+            // Anything staged by an agent that died mid-migration is not registered: drop it.
+            let _ = fs::remove_dir_all(inv.staging_root(i));
+            inv.load(i)?;
+        }
+        Ok(Arc::new(inv))
+    }
+
+    /// Loads the VM folders of datastore `i` that belong to this agent.
+    fn load(&self, i: usize) -> Result<(), InventoryError> {
+        let ds = &self.datastores[i];
+        let mut inner = self.inner();
+        for e in fs::read_dir(&ds.path).map_err(io_err(&ds.path))? {
+            let e = e.map_err(io_err(&ds.path))?;
             let path = e.path().join(DEFINITION);
             if !path.is_file() {
                 continue;
             }
+            if ds.shared && datastore::owner_of(&e.path()).as_deref() != Some(&self.agent) {
+                tracing::debug!(dir = %e.path().display(), "another agent's VM on a shared datastore");
+                continue;
+            }
             let text = fs::read_to_string(&path).map_err(io_err(&path))?;
             match VmDef::parse(&text) {
+                Ok(def) if inner.vms.contains_key(&def.name) => {
+                    tracing::warn!(path = %path.display(), vm = %def.name, "skipping a second VM of the same name")
+                }
                 Ok(def) => {
-                    inner.vms.insert(
-                        def.name.clone(),
-                        Entry {
-                            def,
-                            vm: None,
-                            migrating: false,
-                        },
-                    );
+                    inner.vms.insert(def.name.clone(), Entry::new(def, i));
                 }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), cause = %e, "skipping bad definition")
                 }
             }
         }
-        Ok(Arc::new(Self {
-            datastore: datastore.to_path_buf(),
-            capacity,
-            inner: Mutex::new(inner),
-        }))
+        Ok(())
     }
 
-    /// The datastore folder.
+    /// The default datastore's folder.
     pub fn datastore(&self) -> &Path {
-        &self.datastore
+        &self.datastores[0].path
     }
 
-    /// Folder of VM `name`.
+    /// This agent's datastores; the first is the default.
+    pub fn datastores(&self) -> &[Datastore] {
+        &self.datastores
+    }
+
+    /// This agent's name.
+    pub fn agent(&self) -> &str {
+        &self.agent
+    }
+
+    /// The index of the datastore named `name` (None: the default), or an error naming the
+    /// valid ones.
+    pub fn datastore_index(&self, name: Option<&str>) -> Result<usize, InventoryError> {
+        let Some(name) = name else { return Ok(0) };
+        self.datastores
+            .iter()
+            .position(|d| d.name == name)
+            .ok_or_else(|| {
+                let valid: Vec<&str> = self.datastores.iter().map(|d| d.name.as_str()).collect();
+                InventoryError::Invalid(format!(
+                    "no datastore named {name:?} on this host (valid: {})",
+                    valid.join(", ")
+                ))
+            })
+    }
+
+    /// Where this agent stages incoming VM folders on datastore `i` (per agent on a shared
+    /// one, so that agents never clean each other's).
+    pub fn staging_root(&self, i: usize) -> PathBuf {
+        let ds = &self.datastores[i];
+        if ds.shared {
+            ds.path.join(format!(".incoming-{}", self.agent))
+        } else {
+            ds.path.join(".incoming")
+        }
+    }
+
+    /// The datastore index of VM `name` (None: not here).
+    pub fn datastore_of(&self, name: &str) -> Option<usize> {
+        self.inner().vms.get(name).map(|e| e.ds)
+    }
+
+    /// Folder of VM `name`: in its datastore, or the default one for a VM not here.
     pub fn dir(&self, name: &str) -> PathBuf {
-        self.datastore.join(name)
+        let ds = self.datastore_of(name).unwrap_or(0);
+        self.datastores[ds].path.join(name)
+    }
+
+    /// What `vmig datastore list` shows of each datastore.
+    pub fn datastore_infos(&self) -> Vec<DatastoreInfo> {
+        let inner = self.inner();
+        self.datastores
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let space = d.space().ok();
+                DatastoreInfo {
+                    name: d.name.clone(),
+                    path: d.path.clone(),
+                    shared: d.shared,
+                    free_bytes: space.map(|s| s.free),
+                    total_bytes: space.map(|s| s.total),
+                    vms: inner
+                        .vms
+                        .iter()
+                        .filter(|(_, e)| e.ds == i)
+                        .map(|(n, _)| n.clone())
+                        .collect(),
+                }
+            })
+            .collect()
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("inventory")
     }
 
-    /// Creates a VM folder: definition, NVRAM, empty log, sparse disk.
+    /// Creates a VM folder on the default datastore: definition, NVRAM, empty log, sparse
+    /// disk.
     pub fn create(&self, def: VmDef) -> Result<VmInfo, InventoryError> {
+        self.create_on(def, None)
+    }
+
+    /// Creates a VM folder on the datastore named `datastore` (None: the default).
+    pub fn create_on(&self, def: VmDef, datastore: Option<&str>) -> Result<VmInfo, InventoryError> {
         def.validate()?;
+        let ds = self.datastore_index(datastore)?;
         let mut inner = self.inner();
         if inner.vms.contains_key(&def.name) || inner.reserved.contains_key(&def.name) {
             return Err(InventoryError::Exists(def.name));
         }
-        let dir = self.dir(&def.name);
+        let dir = self.datastores[ds].path.join(&def.name);
+        if dir.exists() {
+            return Err(InventoryError::Invalid(format!(
+                "{} exists already (another agent's VM on a shared datastore?)",
+                dir.display()
+            )));
+        }
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        if self.datastores[ds].shared {
+            datastore::set_owner(&dir, &self.agent).map_err(io_err(&dir))?;
+        }
         let write = |name: &str, data: &[u8]| {
             let p = dir.join(name);
             fs::write(&p, data).map_err(io_err(&p))
@@ -252,14 +402,9 @@ impl Inventory {
         let disk = dir.join(DISK);
         let f = fs::File::create(&disk).map_err(io_err(&disk))?;
         f.set_len(def.disk_mib << 20).map_err(io_err(&disk))?;
-        inner.vms.insert(
-            def.name.clone(),
-            Entry {
-                def: def.clone(),
-                vm: None,
-                migrating: false,
-            },
-        );
+        inner
+            .vms
+            .insert(def.name.clone(), Entry::new(def.clone(), ds));
         drop(inner);
         self.info(&def.name)
     }
@@ -302,12 +447,13 @@ impl Inventory {
                     op: "start it",
                 });
             }
-            e.def.clone()
+            (e.def.clone(), self.datastores[e.ds].path.join(name))
         };
+        let (def, dir) = def;
         self.check_memory(&inner, def.memory_bytes())?;
-        let log = self.open_log(&self.dir(name))?;
+        let log = self.open_log(&dir)?;
         let vm = Vm::create(&def.spec(), name, Box::new(log))?;
-        vm.attach_disk(&self.dir(name).join(DISK), name)?;
+        vm.attach_disk(&dir.join(DISK), name)?;
         vm.boot(name)?;
         vm.devices().log_line("started");
         vm.resume();
@@ -355,8 +501,8 @@ impl Inventory {
                 op: "destroy it (stop it first)",
             });
         }
+        let dir = self.datastores[e.ds].path.join(name);
         inner.vms.remove(name);
-        let dir = self.dir(name);
         fs::remove_dir_all(&dir).map_err(io_err(&dir))
     }
 
@@ -382,7 +528,8 @@ impl Inventory {
         Ok(VmInfo {
             def: e.def.clone(),
             state,
-            dir: self.dir(name),
+            dir: self.datastores[e.ds].path.join(name),
+            datastore: self.datastores[e.ds].name.clone(),
             stats: e.vm.as_ref().map(|v| v.stats()),
             pid: e.vm.as_ref().map(|_| std::process::id()),
             vcpu_tids: e.vm.as_ref().map(|v| v.vcpu_tids()).unwrap_or_default(),
@@ -450,7 +597,7 @@ impl Inventory {
             if let Some(e) = inner.vms.remove(name) {
                 drop(inner);
                 drop(e.vm);
-                let _ = fs::remove_dir_all(self.dir(name));
+                let _ = fs::remove_dir_all(self.datastores[e.ds].path.join(name));
             }
         } else if let Some(e) = inner.vms.get_mut(name) {
             e.migrating = false;
@@ -469,7 +616,7 @@ impl Inventory {
             return Err(InventoryError::Exists(def.name.clone()));
         }
         self.check_memory(&inner, def.memory_bytes())?;
-        let staging = self.datastore.join(".incoming").join(&def.name);
+        let staging = self.staging_root(0).join(&def.name);
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging).map_err(io_err(&staging))?;
         inner.reserved.insert(def.name.clone(), def.memory_bytes());
@@ -496,14 +643,9 @@ impl Inventory {
         }
         let mut inner = self.inner();
         inner.reserved.remove(&def.name);
-        inner.vms.insert(
-            def.name.clone(),
-            Entry {
-                def,
-                vm: Some(vm),
-                migrating: false,
-            },
-        );
+        let mut e = Entry::new(def, 0);
+        e.vm = Some(vm);
+        inner.vms.insert(e.def.name.clone(), e);
         r.committed = true;
         Ok(())
     }
