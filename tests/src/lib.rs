@@ -75,6 +75,10 @@ pub struct AgentOpts {
     pub fault: Option<String>,
     /// Run the agent inside this network namespace, listening on its address there.
     pub netns: Option<NetnsAddr>,
+    /// More `--datastore` arguments after the agent's default one (`NAME=PATH[,shared]`), in
+    /// which `{dir}` stands for the cluster's temp folder: `shared={dir}/shared,shared` is one
+    /// folder both agents of a cluster see.
+    pub datastores: Vec<String>,
 }
 
 /// A network namespace and the agent's address inside it.
@@ -195,6 +199,14 @@ impl AgentOpts {
             pki_dir: Some(dir.into()),
             ..Self::default()
         }
+    }
+
+    /// An agent that also serves the datastore folder `{dir}/NAME`, marked shared: the same
+    /// folder for every agent of the cluster given this option.
+    pub fn with_shared(mut self, name: &str) -> Self {
+        self.datastores
+            .push(format!("{name}={{dir}}/{name},shared"));
+        self
     }
 
     /// An agent that may run only `mib` MiB of guest memory.
@@ -754,6 +766,13 @@ fn spawn_agent(bin: &Path, a: &mut Agent, run_dir: &Path, hosts: &Path, pki: &Pa
     if let Some(g) = &a.opts.control_group {
         c.args(["--control-group", g]);
     }
+    let cluster_dir = run_dir
+        .parent()
+        .expect("the run folder is in the cluster's");
+    for d in &a.opts.datastores {
+        c.arg("--datastore")
+            .arg(d.replace("{dir}", &cluster_dir.display().to_string()));
+    }
     match &a.opts.fault {
         Some(f) => c.env("VMIG_INJECT_FAULT", f),
         None => c.env_remove("VMIG_INJECT_FAULT"),
@@ -925,9 +944,17 @@ impl Cluster {
             self.show(from, vm).is_none(),
             "{vm} still on {from} after the migration"
         );
-        let src_dir = self.datastore(from).join(vm);
-        assert!(!src_dir.exists(), "{} still exists", src_dir.display());
-        let dst_dir = self.datastore(to).join(vm);
+        let shown = self.show(to, vm).expect("the VM shows on the destination");
+        let dst_dir = PathBuf::from(shown["dir"].as_str().expect("vm show: dir"));
+        if report["disk"]["mode"] == "shared" {
+            // One folder on the shared datastore: it stays, and names its new owner.
+            let owner = fs::read_to_string(dst_dir.join(".owner")).unwrap_or_default();
+            assert_eq!(owner.trim(), to, "{}: .owner", dst_dir.display());
+        } else {
+            let src_dir = self.datastore(from).join(vm);
+            assert!(!src_dir.exists(), "{} still exists", src_dir.display());
+            assert_eq!(dst_dir, self.datastore(to).join(vm), "{shown:#}");
+        }
         for f in VM_FILES {
             assert!(
                 dst_dir.join(f).is_file(),
@@ -958,7 +985,12 @@ impl Cluster {
         if counting {
             self.assert_counting(from, vm, counter_of(&before).0);
         }
-        assert!(self.datastore(from).join(vm).join("vm.toml").is_file());
+        let dir = PathBuf::from(before["dir"].as_str().expect("vm show: dir"));
+        assert!(
+            dir.join("vm.toml").is_file(),
+            "{}: no vm.toml",
+            dir.display()
+        );
         if let Some(to) = to {
             self.assert_clean(vm, to);
         }

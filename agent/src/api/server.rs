@@ -479,12 +479,14 @@ fn handle(agent: &Agent, req: Request) -> Reply {
             return match inv.running(&name) {
                 Ok((def, vm)) => {
                     let dir = inv.dir(&name);
+                    let shared = inv.shared_datastore_of(&name);
                     let out = migrate::source::Outgoing {
                         vm: &vm,
                         def: &def,
                         dir: &dir,
                         agent: &agent.cfg.name,
                         security: &agent.security,
+                        shared_datastore: shared.as_deref(),
                     };
                     let dest = parked.dest_name().to_string();
                     migrate::source::rollback(&out, parked);
@@ -622,12 +624,14 @@ async fn migrate_out(
     let n = name.clone();
     let worker = std::thread::Builder::new().name(format!("migrate-{name}")).spawn(move || {
         let dir = a.inv.dir(&n);
+        let shared = a.inv.shared_datastore_of(&n);
         let out = migrate::source::Outgoing {
             vm: &vm,
             def: &def,
             dir: &dir,
             agent: &a.cfg.name,
             security: &a.security,
+            shared_datastore: shared.as_deref(),
         };
         let ptx = tx.clone();
         let t = tracker.clone();

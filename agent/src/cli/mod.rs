@@ -16,7 +16,9 @@ use vmig::api::client::{call, Call};
 use vmig::api::{self, Reply, Request};
 use vmig::dirty::DirtyTracking;
 use vmig::inventory::{VmDef, VmInfo};
-use vmig::migrate::{validate, MigrateOptions, NoConverge, PostcopyPolicy, ProgressPhase, Report};
+use vmig::migrate::{
+    validate, MigrateOptions, NoConverge, PostcopyPolicy, ProgressPhase, Report, StorageMode,
+};
 use vmig::transport::IoPath;
 
 /// vmig: live migration of KVM virtual machines between host agents.
@@ -255,6 +257,11 @@ struct MigrateArgs {
     /// stop-and-copy instead of being sent again (0: off).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
     holdback_rounds: u32,
+    /// How the disk goes: `copy` mirrors it live into the destination's datastore; `shared`
+    /// leaves it on a datastore both hosts see (the destination opens it in place); `auto` is
+    /// shared when the VM's datastore is shared with the destination, a copy otherwise.
+    #[arg(long, value_enum, default_value_t = StorageMode::Auto)]
+    storage: StorageMode,
 }
 
 /// Runs a command.
@@ -749,6 +756,7 @@ fn migrate_options(m: &MigrateArgs) -> MigrateOptions {
         min_rounds: m.min_rounds,
         resume_window_s: m.resume_window.unwrap_or(30),
         holdback_rounds: m.holdback_rounds,
+        storage: m.storage,
     }
 }
 

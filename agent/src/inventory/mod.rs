@@ -26,6 +26,9 @@ pub const NVRAM: &str = "nvram.bin";
 pub const LOG: &str = "vm.log";
 /// Disk image.
 pub const DISK: &str = "disk.img";
+/// The file a source writes into a VM folder on a shared datastore for the destination to
+/// read back: proof that both see the same folder.
+pub const PROBE: &str = ".vmig-probe";
 /// Every file of a VM folder, in the order a migration sends them.
 pub const FILES: [&str; 4] = [DEFINITION, NVRAM, DISK, LOG];
 /// Size of a new NVRAM file.
@@ -43,6 +46,9 @@ pub enum InventoryError {
     /// Bad name or definition.
     #[error("invalid VM definition: {0}")]
     Invalid(String),
+    /// No such datastore, or not one the operation can use.
+    #[error("{0}")]
+    Datastore(String),
     /// Wrong state for the operation.
     #[error("VM {name:?} is {state}: cannot {op}")]
     State {
@@ -196,15 +202,27 @@ impl std::fmt::Debug for Inventory {
 pub struct Reservation {
     inv: Arc<Inventory>,
     name: String,
-    /// Where the incoming VM's files are written until commitment.
+    /// Where the incoming VM's files are: its staging folder, written until commitment; or,
+    /// on a shared datastore, the VM's own folder there (never removed by the reservation).
     pub staging: PathBuf,
+    /// The shared datastore the VM stays on, by index.
+    shared: Option<usize>,
     committed: bool,
+}
+
+impl Reservation {
+    /// Whether the VM's files stay in place on a shared datastore (nothing is copied).
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.committed {
-            let _ = fs::remove_dir_all(&self.staging);
+            if self.shared.is_none() {
+                let _ = fs::remove_dir_all(&self.staging);
+            }
             self.inv
                 .inner
                 .lock()
@@ -306,7 +324,7 @@ impl Inventory {
             .position(|d| d.name == name)
             .ok_or_else(|| {
                 let valid: Vec<&str> = self.datastores.iter().map(|d| d.name.as_str()).collect();
-                InventoryError::Invalid(format!(
+                InventoryError::Datastore(format!(
                     "no datastore named {name:?} on this host (valid: {})",
                     valid.join(", ")
                 ))
@@ -327,6 +345,14 @@ impl Inventory {
     /// The datastore index of VM `name` (None: not here).
     pub fn datastore_of(&self, name: &str) -> Option<usize> {
         self.inner().vms.get(name).map(|e| e.ds)
+    }
+
+    /// The name of VM `name`'s datastore, if that datastore is shared with other hosts.
+    pub fn shared_datastore_of(&self, name: &str) -> Option<String> {
+        self.datastore_of(name)
+            .map(|i| &self.datastores[i])
+            .filter(|d| d.shared)
+            .map(|d| d.name.clone())
     }
 
     /// Folder of VM `name`: in its datastore, or the default one for a VM not here.
@@ -589,7 +615,8 @@ impl Inventory {
         Ok((e.def.clone(), vm))
     }
 
-    /// Ends an outgoing migration: on success the VM is released and its folder removed;
+    /// Ends an outgoing migration: on success the VM is released and its folder removed (but
+    /// a folder on a shared datastore that the destination now owns, which stays for it);
     /// otherwise it stays, running, as before.
     pub fn end_migration(&self, name: &str, moved: bool) {
         let mut inner = self.inner();
@@ -597,7 +624,15 @@ impl Inventory {
             if let Some(e) = inner.vms.remove(name) {
                 drop(inner);
                 drop(e.vm);
-                let _ = fs::remove_dir_all(self.datastores[e.ds].path.join(name));
+                let ds = &self.datastores[e.ds];
+                let dir = ds.path.join(name);
+                let handed_over =
+                    ds.shared && datastore::owner_of(&dir).is_some_and(|o| o != self.agent);
+                if handed_over {
+                    tracing::info!(vm = %name, dir = %dir.display(), "released; its folder stays on the shared datastore for its new owner");
+                } else {
+                    let _ = fs::remove_dir_all(dir);
+                }
             }
         } else if let Some(e) = inner.vms.get_mut(name) {
             e.migrating = false;
@@ -624,6 +659,52 @@ impl Inventory {
             inv: self.clone(),
             name: def.name.clone(),
             staging,
+            shared: None,
+            committed: false,
+        })
+    }
+
+    /// Reserves the name and memory for an incoming VM whose folder stays where it is, on the
+    /// shared datastore `datastore`: refused unless this agent has a datastore of that name,
+    /// marked shared, whose folder holds the VM's folder with the source's probe file in it
+    /// (proof that both agents see the same storage, not two folders of one name).
+    pub fn reserve_in_place(
+        self: &Arc<Self>,
+        def: &VmDef,
+        datastore: &str,
+        probe: &str,
+    ) -> Result<Reservation, InventoryError> {
+        def.validate()?;
+        let i = self.datastore_index(Some(datastore))?;
+        let ds = &self.datastores[i];
+        if !ds.shared {
+            return Err(InventoryError::Datastore(format!(
+                "datastore {datastore:?} ({}) is not marked shared on this host",
+                ds.path.display()
+            )));
+        }
+        let dir = ds.path.join(&def.name);
+        match fs::read_to_string(dir.join(PROBE)) {
+            Ok(p) if p == probe => {}
+            _ => {
+                return Err(InventoryError::Datastore(format!(
+                    "datastore {datastore:?} here ({}) does not show the source's folder of {:?}: not the same storage",
+                    ds.path.display(),
+                    def.name
+                )))
+            }
+        }
+        let mut inner = self.inner();
+        if inner.vms.contains_key(&def.name) || inner.reserved.contains_key(&def.name) {
+            return Err(InventoryError::Exists(def.name.clone()));
+        }
+        self.check_memory(&inner, def.memory_bytes())?;
+        inner.reserved.insert(def.name.clone(), def.memory_bytes());
+        Ok(Reservation {
+            inv: self.clone(),
+            name: def.name.clone(),
+            staging: dir,
+            shared: Some(i),
             committed: false,
         })
     }
@@ -636,14 +717,24 @@ impl Inventory {
         def: VmDef,
         vm: Arc<Vm>,
     ) -> Result<(), InventoryError> {
-        let dir = self.dir(&def.name);
-        fs::rename(&r.staging, &dir).map_err(io_err(&dir))?;
-        if let Some(blk) = vm.devices().blk() {
-            blk.moved_to(&dir.join(DISK));
-        }
+        let ds = match r.shared {
+            // The VM's folder stays on the shared datastore: it becomes this agent's.
+            Some(i) => {
+                datastore::set_owner(&r.staging, &self.agent).map_err(io_err(&r.staging))?;
+                i
+            }
+            None => {
+                let dir = self.dir(&def.name);
+                fs::rename(&r.staging, &dir).map_err(io_err(&dir))?;
+                if let Some(blk) = vm.devices().blk() {
+                    blk.moved_to(&dir.join(DISK));
+                }
+                0
+            }
+        };
         let mut inner = self.inner();
         inner.reserved.remove(&def.name);
-        let mut e = Entry::new(def, 0);
+        let mut e = Entry::new(def, ds);
         e.vm = Some(vm);
         inner.vms.insert(e.def.name.clone(), e);
         r.committed = true;

@@ -28,6 +28,9 @@ pub enum Fault {
     CutPostcopy,
     /// Drop the destination's `PostcopyDone` and the connection with it (once).
     LosePostcopyDone,
+    /// Drop the destination's `Ready` and the connection with it: a failure after the state
+    /// went (and, on shared storage, after the source released the image), before `Go`.
+    LoseReady,
 }
 
 impl std::str::FromStr for Fault {
@@ -39,6 +42,7 @@ impl std::str::FromStr for Fault {
             "bad-version" => Fault::BadVersion,
             "cut-postcopy" => Fault::CutPostcopy,
             "lose-postcopy-done" => Fault::LosePostcopyDone,
+            "lose-ready" => Fault::LoseReady,
             other => return Err(format!("unknown fault {other:?}")),
         })
     }
@@ -154,6 +158,13 @@ impl Link {
         let Some(tap) = &mut self.tap else {
             return Ok(());
         };
+        if f.kind() == Kind::Ready && tap.fire(Fault::LoseReady) {
+            tracing::warn!("injected fault: losing Ready and the connection");
+            let _ = self.socket().shutdown(Shutdown::Both);
+            return Err(MigrateError::Peer(
+                "injected: Ready lost with the connection".into(),
+            ));
+        }
         if f.kind() == Kind::PostcopyDone && tap.fire(Fault::LosePostcopyDone) {
             tracing::warn!("injected fault: losing PostcopyDone and the connection");
             let _ = self.socket().shutdown(Shutdown::Both);

@@ -81,6 +81,33 @@ pub enum NoConverge {
     Abort,
 }
 
+/// How the disk goes with a live migration (libvirt's `--copy-storage-all` or shared storage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageMode {
+    /// Shared when the VM's datastore is shared and the destination sees the same folder;
+    /// otherwise a copy.
+    #[default]
+    Auto,
+    /// A live mirror of the image into the destination's datastore
+    /// (`virsh migrate --copy-storage-all`, `qm migrate --with-local-disks`).
+    Copy,
+    /// The image stays on the shared datastore; the destination opens it in place once the
+    /// source has flushed and closed it at the pause. Refused when the datastore is not shared
+    /// with the destination.
+    Shared,
+}
+
+impl std::fmt::Display for StorageMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StorageMode::Auto => "auto",
+            StorageMode::Copy => "copy",
+            StorageMode::Shared => "shared",
+        })
+    }
+}
+
 /// The user's knobs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrateOptions {
@@ -119,6 +146,9 @@ pub struct MigrateOptions {
     /// sent again before stop-and-copy (0: off). See [`holdback`].
     #[serde(default)]
     pub holdback_rounds: u32,
+    /// How the disk goes.
+    #[serde(default)]
+    pub storage: StorageMode,
 }
 
 fn default_resume_window() -> u64 {
@@ -149,6 +179,7 @@ impl Default for MigrateOptions {
             min_rounds: default_min_rounds(),
             resume_window_s: default_resume_window(),
             holdback_rounds: 0,
+            storage: StorageMode::Auto,
         }
     }
 }

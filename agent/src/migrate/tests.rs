@@ -110,6 +110,7 @@ pub(super) fn migrate(
         dir: &dir,
         agent: "src",
         security: &crate::transport::Security::Insecure,
+        shared_datastore: None,
     };
     let phases = Mutex::new(Vec::<String>::new());
     let progress = |ev: super::Progress| record(&phases, ev);
@@ -397,6 +398,7 @@ fn postcopy_link_cut_parks_then_resume_finishes_it() {
         dir: &dir,
         agent: "src",
         security: &crate::transport::Security::Insecure,
+        shared_datastore: None,
     };
     let phases = Mutex::new(Vec::<String>::new());
     let progress = |ev: super::Progress| record(&phases, ev);

@@ -6,8 +6,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 pub mod digest;
+pub mod writeback;
 
 pub use digest::BlockDigest;
+pub use writeback::WriteBehind;
 
 /// Granularity of a live disk mirror: the device's written-block log, the blocks sent again,
 /// the image digest.

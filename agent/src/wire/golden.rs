@@ -62,9 +62,20 @@ fn frames() -> Vec<(&'static str, String)> {
                 },
                 definition: "d".into(),
                 verify: true,
+                storage: StorageRequest::Shared {
+                    datastore: "s".into(),
+                    probe: "p".into(),
+                    or_copy: true,
+                },
             }),
         ),
-        ("Reserved", frame(Reserved { memory: 7 })),
+        (
+            "Reserved",
+            frame(Reserved {
+                memory: 7,
+                shared: true,
+            }),
+        ),
         ("Refused", frame(Refused { reason: "r".into() })),
         (
             "FileChunk",

@@ -130,6 +130,27 @@ pub struct Reserve {
     /// Whether the source will ask for digests (the destination then hashes the disk image as
     /// it arrives).
     pub verify: bool,
+    /// How the disk travels.
+    pub storage: StorageRequest,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// How the source means the disk to travel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StorageRequest {
+    /// A live mirror of the image into the destination's datastore.
+    Copy,
+    /// The image stays where it is: on datastore `datastore`, which the source shares with
+    /// the destination; the VM's folder there holds the file `.vmig-probe` with `probe` in it,
+    /// the proof that the destination sees the same folder.
+    Shared {
+        /// The shared datastore's name.
+        datastore: String,
+        /// The contents of the VM folder's probe file.
+        probe: String,
+        /// Whether a copy is fine when the destination does not see the folder.
+        or_copy: bool,
+    },
 }
 
 // NOTICE: a change here requires a protocol version bump.
@@ -138,6 +159,9 @@ pub struct Reserve {
 pub struct Reserved {
     /// Memory reserved, bytes.
     pub memory: u64,
+    /// The destination opens the image in place on the shared datastore (nothing of the disk
+    /// is copied); otherwise it expects the mirror.
+    pub shared: bool,
 }
 
 // NOTICE: a change here requires a protocol version bump.

@@ -82,9 +82,9 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"VMIG");
 /// in `Welcome`; wire-owned messages (a VM spec, the machine state as a section, post-copy
 /// figures); `Error` its own message. 4: the disk program and its spec. 5: the disk mirror
 /// (`verify` in `Reserve`, the disk's digest in `Ready`).
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 /// The oldest protocol version this agent still speaks.
-pub const MIN_VERSION: u16 = 5;
+pub const MIN_VERSION: u16 = 6;
 /// Header length.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload a receiver accepts.

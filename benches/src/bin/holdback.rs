@@ -94,6 +94,7 @@ fn migrate_once(root: &Path, run: usize, w: &Workload, holdback_rounds: u32) -> 
         dir: &folder,
         agent: "src",
         security: &vmig::transport::Security::Insecure,
+        shared_datastore: None,
     };
     let opts = MigrateOptions {
         bandwidth_mibs: Some(40.0),

@@ -1,7 +1,9 @@
 //! The disk image arriving on the destination (`--storage copy`): pieces written into the
 //! staged image as they come (first pass, then the blocks the guest wrote meanwhile), hashed
-//! block by block under `--verify`, synced to disk during the rounds (on a thread of its own,
-//! so the receive loop never waits for the disk) and once more before the VM runs here.
+//! block by block under `--verify`, handed to writeback as they land (at most
+//! [`WRITE_BEHIND`] bytes waiting for the disk, so the receive goes at the disk's pace), synced
+//! at each round's end (on a thread of its own: the receive loop does not wait for it) and
+//! once more before the VM runs here: that last sync, inside the downtime, finds little to do.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -9,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
 use crate::migrate::MigrateError;
-use crate::storage::{BlockDigest, DISK_BLOCK};
+use crate::storage::writeback::WRITE_BEHIND;
+use crate::storage::{BlockDigest, WriteBehind, DISK_BLOCK};
 use crate::wire::WireError;
 
 /// The staged image being written.
@@ -22,6 +25,8 @@ pub(super) struct DiskSink {
     unsynced: bool,
     /// The round-end sync in flight, if any.
     syncing: Option<JoinHandle<std::io::Result<()>>>,
+    /// The pieces written and not yet on disk.
+    behind: WriteBehind,
     /// Payload bytes written.
     pub(super) written: u64,
 }
@@ -37,6 +42,7 @@ impl DiskSink {
             verify,
             unsynced: false,
             syncing: None,
+            behind: WriteBehind::new(WRITE_BEHIND),
             written: 0,
         }
     }
@@ -80,6 +86,9 @@ impl DiskSink {
         let file = self.file.as_ref().expect("opened above");
         file.write_all_at(data, offset)
             .map_err(|e| self.error("write", e))?;
+        self.behind
+            .written(file, offset, data.len() as u64)
+            .map_err(|e| self.error("write back", e))?;
         self.written += data.len() as u64;
         self.unsynced = true;
         Ok(())
@@ -115,6 +124,7 @@ impl DiskSink {
         if let (true, Some(f)) = (self.unsynced, self.file.as_ref()) {
             f.sync_data().map_err(|e| self.error("sync", e))?;
             self.unsynced = false;
+            self.behind.synced();
         }
         Ok(())
     }

@@ -108,6 +108,14 @@ fn apply_pages(f: &Frame, vm: &Vm, holds_data: &mut PageBitmap) -> Result<(), Mi
 /// Writes a file piece into the staging folder (the disk's into its sink).
 fn write_chunk(f: &Frame, r: &Reservation, disk: &mut DiskSink) -> Result<(), MigrateError> {
     let c: msg::FileChunk = f.decode()?;
+    if r.is_shared() {
+        // The VM's files stay in its folder on the shared datastore: nothing may overwrite them.
+        return Err(WireError::BadPages(format!(
+            "file {:?} sent for a VM on shared storage",
+            c.name
+        ))
+        .into());
+    }
     if !inventory::FILES.contains(&c.name.as_str()) {
         return Err(WireError::BadPages(format!("unexpected file {:?}", c.name)).into());
     }

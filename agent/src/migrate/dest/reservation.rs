@@ -65,10 +65,25 @@ pub(super) fn reserve<'r>(
             Err(e) => e,
         }
     };
-    let reservation = match to.inv.reserve(&def) {
+    let reservation = match &reserve.storage {
+        msg::StorageRequest::Copy => to.inv.reserve(&def),
+        msg::StorageRequest::Shared {
+            datastore,
+            probe,
+            or_copy,
+        } => match to.inv.reserve_in_place(&def, datastore, probe) {
+            Err(e) if *or_copy => {
+                tracing::info!(vm = %def.name, reason = %e, "shared storage not possible here: the disk will be copied");
+                to.inv.reserve(&def)
+            }
+            r => r,
+        },
+    };
+    let reservation = match reservation {
         Ok(r) => r,
         Err(e) => return Err(refuse(link, e.to_string())),
     };
+    let shared = reservation.is_shared();
     let entry = match to.registry.begin_incoming(&def.name) {
         Ok(g) => g,
         Err(e) => return Err(refuse(link, e.to_string())),
@@ -76,8 +91,9 @@ pub(super) fn reserve<'r>(
     let vm = Vm::create(&def.spec(), &def.name, Box::new(std::io::sink()))?;
     link.send(&msg::Reserved {
         memory: def.memory_bytes(),
+        shared,
     })?;
-    tracing::info!(vm = %def.name, from = %source, "reserved; receiving");
+    tracing::info!(vm = %def.name, from = %source, shared, "reserved; receiving");
     Ok(Next::Arrival(Box::new(Arrival {
         def,
         reservation,

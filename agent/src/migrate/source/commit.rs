@@ -91,7 +91,11 @@ pub(super) fn go(
         postcopy_policy: run.opts.postcopy.to_string(),
         decisions: pre.decisions,
         kernel_rates_off: pre.kernel_rates_off,
-        disk: run.disk.as_ref().map(|d| d.report.clone()),
+        disk: run
+            .disk
+            .as_ref()
+            .map(|d| d.report.clone())
+            .or_else(|| run.shared.clone()),
         ..Default::default()
     };
     let Some(session) = paused.session else {

@@ -51,6 +51,8 @@ pub struct Outgoing<'a> {
     pub agent: &'a str,
     /// How to secure the connections to the destination (mutual TLS, or `--insecure`).
     pub security: &'a crate::transport::Security,
+    /// The name of the VM's datastore, if it is shared with other hosts.
+    pub shared_datastore: Option<&'a str>,
 }
 
 /// How a migration that did not fail ended.
@@ -76,6 +78,8 @@ struct Run<'a> {
     t0: Instant,
     /// The disk mirror, from the reservation on.
     disk: Option<disk::DiskMirror>,
+    /// The disk stays on shared storage (the destination opens it in place): its figures.
+    shared: Option<super::report::DiskReport>,
 }
 
 /// Migrates `out.vm` to the agent at `dest`. On error the VM is running on the source as
@@ -106,6 +110,7 @@ pub fn migrate(
         progress,
         t0,
         disk: None,
+        shared: None,
     };
     // A panic (a bug) must not strand the VM: before Go it is an error like any other, and the
     // VM runs on here again; after Go the outcome is unknown and the VM stays paused.
@@ -178,6 +183,12 @@ impl Run<'_> {
         let _ = vm.dirty().stop();
         if let Some(blk) = vm.devices().blk() {
             blk.stop_block_log();
+            // Released for the destination at the pause (shared storage): this side's again.
+            if let Err(err) = blk.reacquire() {
+                tracing::error!(error = %err, "cannot reopen the disk image: the guest's disk requests fail");
+                vm.devices()
+                    .log_line(&format!("cannot reopen the disk image: {err}"));
+            }
         }
         vm.resume();
         vm.devices().log_line(&format!(

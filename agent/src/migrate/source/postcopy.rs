@@ -73,7 +73,8 @@ fn send_switch(
     })?;
     // The disk is brought in sync before the switch: the destination's device must never
     // read a block the source still holds (docs/storage.md).
-    let sent = stop_and_copy::send_state(out, link, run.disk.as_mut(), opts, "post-copy")?;
+    let shared = run.shared.is_some();
+    let sent = stop_and_copy::send_state(out, link, run.disk.as_mut(), shared, opts, "post-copy")?;
     let source_vcpus = sent.vcpus;
     let ready: msg::Ready = link.recv()?;
     let stats = RoundStats {

@@ -130,6 +130,16 @@ pub fn rollback(out: &Outgoing<'_>, parked: Box<Parked>) {
         "post-copy to {} abandoned: running here again from the switch point",
         parked.dest_name
     ));
+    if let Some(blk) = vm.devices().blk() {
+        // On shared storage the image was released at the switch; it is this side's again
+        // (holding what the destination wrote since, as its memory does not).
+        if !blk.is_open() {
+            tracing::warn!(vm = %out.def.name, "reopening the shared disk image: it holds the destination's writes since the switch");
+        }
+        if let Err(e) = blk.reacquire() {
+            tracing::error!(error = %e, "cannot reopen the disk image: the guest's disk requests fail");
+        }
+    }
     vm.resume();
 }
 

@@ -100,7 +100,15 @@ fn last_pages(
     };
     let mut stats = stream::send_pages(link, vm, pending, batch, progress, run.cancel)?;
     let before = link.writer.bytes_sent();
-    let sent = send_state(run.out, link, run.disk.as_mut(), opts, "stop-and-copy")?;
+    let shared = run.shared.is_some();
+    let sent = send_state(
+        run.out,
+        link,
+        run.disk.as_mut(),
+        shared,
+        opts,
+        "stop-and-copy",
+    )?;
     stats.bytes += link.writer.bytes_sent() - before;
     if let Some(d) = &run.disk {
         stats.disk_blocks = d.report.blocks_at_pause;
@@ -174,18 +182,29 @@ pub(super) struct Sent {
 }
 
 /// With the vCPUs paused: notes the pause in the VM log, sends the log, the disk's last
-/// written blocks and the vCPU and device state; returns the digests of what it sent.
+/// written blocks and the vCPU and device state; returns the digests of what it sent. On
+/// shared storage (`shared`) neither the log nor the disk travels: the image is flushed and
+/// closed here before the state goes, so the destination opens it only once this side let go.
 pub(super) fn send_state(
     out: &Outgoing<'_>,
     link: &mut Link,
     disk: Option<&mut DiskMirror>,
+    shared: bool,
     opts: &MigrateOptions,
     phase: &str,
 ) -> Result<Sent, MigrateError> {
     out.vm
         .devices()
         .log_line(&format!("paused for migration: {phase}"));
-    stream::send_file(link, out.dir, inventory::LOG)?;
+    if shared {
+        if let Some(blk) = out.vm.devices().blk() {
+            blk.release().map_err(|e| {
+                MigrateError::Disk(format!("releasing the image for the destination: {e}"))
+            })?;
+        }
+    } else {
+        stream::send_file(link, out.dir, inventory::LOG)?;
+    }
     let disk = match disk {
         Some(d) => {
             d.finish(link, out)?;
