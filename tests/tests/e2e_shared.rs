@@ -187,3 +187,45 @@ fn e2e_storage_shared_on_a_private_datastore_is_refused_before_anything_moves() 
     );
     c.assert_stayed("vm1", "hostA", Some("hostB"), true);
 }
+
+#[test]
+fn e2e_a_live_migration_copies_onto_the_target_datastore_named() {
+    let mut b = AgentOpts::new();
+    b.datastores.push("fast={dir}/fastB".into());
+    let c = Cluster::new(&[("hostA", AgentOpts::new()), ("hostB", b)]);
+    c.create_vm(
+        "hostA",
+        "vm1",
+        &[
+            "--memory-mib",
+            "32",
+            "--vcpus",
+            "2",
+            "--workload",
+            "disk,counter",
+            "--disk-mib",
+            "4",
+        ],
+    );
+    assert_disk_checks(&c, "hostA", "vm1", 1000);
+    let o = c.migrate_raw("hostA", "vm1", "hostB", &["--target-datastore", "slow"]);
+    assert!(!o.success(), "{o}");
+    assert!(
+        o.stderr.contains("no datastore named \"slow\"")
+            && o.stderr.contains("valid: default, fast"),
+        "the refusal names the valid datastores: {o}"
+    );
+    c.assert_stayed("vm1", "hostA", Some("hostB"), true);
+    let report = c.migrate("hostA", "vm1", "hostB", &["--target-datastore", "fast"]);
+    c.assert_migrated(&report, "vm1", "hostA", "hostB");
+    assert_eq!(report["disk"]["mode"], "copy");
+    let shown = c.show("hostB", "vm1").unwrap();
+    assert_eq!(shown["datastore"], "fast", "{shown:#}");
+    assert_eq!(
+        PathBuf::from(shown["dir"].as_str().unwrap()),
+        c.dir().join("fastB").join("vm1")
+    );
+    assert!(!c.datastore("hostB").join("vm1").exists());
+    let now = disk_stats(&shown).0;
+    assert_disk_checks(&c, "hostB", "vm1", now + 1024);
+}

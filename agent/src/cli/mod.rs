@@ -262,6 +262,9 @@ struct MigrateArgs {
     /// shared when the VM's datastore is shared with the destination, a copy otherwise.
     #[arg(long, value_enum, default_value_t = StorageMode::Auto)]
     storage: StorageMode,
+    /// The destination's datastore to put the VM on (its default one if not given).
+    #[arg(long)]
+    target_datastore: Option<String>,
 }
 
 /// Runs a command.
@@ -757,6 +760,7 @@ fn migrate_options(m: &MigrateArgs) -> MigrateOptions {
         resume_window_s: m.resume_window.unwrap_or(30),
         holdback_rounds: m.holdback_rounds,
         storage: m.storage,
+        target_datastore: m.target_datastore.clone(),
     }
 }
 

@@ -205,22 +205,24 @@ pub struct Reservation {
     /// Where the incoming VM's files are: its staging folder, written until commitment; or,
     /// on a shared datastore, the VM's own folder there (never removed by the reservation).
     pub staging: PathBuf,
-    /// The shared datastore the VM stays on, by index.
-    shared: Option<usize>,
+    /// The datastore the VM joins, by index.
+    ds: usize,
+    /// Its files stay in place on that (shared) datastore.
+    shared: bool,
     committed: bool,
 }
 
 impl Reservation {
     /// Whether the VM's files stay in place on a shared datastore (nothing is copied).
     pub fn is_shared(&self) -> bool {
-        self.shared.is_some()
+        self.shared
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.committed {
-            if self.shared.is_none() {
+            if !self.shared {
                 let _ = fs::remove_dir_all(&self.staging);
             }
             self.inv
@@ -643,15 +645,34 @@ impl Inventory {
         }
     }
 
-    /// Reserves the name and memory for an incoming VM, or refuses with the reason.
-    pub fn reserve(self: &Arc<Self>, def: &VmDef) -> Result<Reservation, InventoryError> {
+    /// Reserves the name and memory for an incoming VM whose files are copied onto datastore
+    /// `datastore` (the default one if none), or refuses with the reason.
+    pub fn reserve(
+        self: &Arc<Self>,
+        def: &VmDef,
+        datastore: Option<&str>,
+    ) -> Result<Reservation, InventoryError> {
         def.validate()?;
+        let ds = self.datastore_index(datastore)?;
         let mut inner = self.inner();
         if inner.vms.contains_key(&def.name) || inner.reserved.contains_key(&def.name) {
             return Err(InventoryError::Exists(def.name.clone()));
         }
         self.check_memory(&inner, def.memory_bytes())?;
-        let staging = self.staging_root(0).join(&def.name);
+        let target = self.datastores[ds].path.join(&def.name);
+        if target.exists() {
+            return Err(InventoryError::Datastore(format!(
+                "{} exists already on datastore {:?}{}",
+                target.display(),
+                self.datastores[ds].name,
+                if self.datastores[ds].shared {
+                    " (a shared datastore: --storage shared leaves the disk where it is)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let staging = self.staging_root(ds).join(&def.name);
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging).map_err(io_err(&staging))?;
         inner.reserved.insert(def.name.clone(), def.memory_bytes());
@@ -659,7 +680,8 @@ impl Inventory {
             inv: self.clone(),
             name: def.name.clone(),
             staging,
-            shared: None,
+            ds,
+            shared: false,
             committed: false,
         })
     }
@@ -704,7 +726,8 @@ impl Inventory {
             inv: self.clone(),
             name: def.name.clone(),
             staging: dir,
-            shared: Some(i),
+            ds: i,
+            shared: true,
             committed: false,
         })
     }
@@ -717,21 +740,22 @@ impl Inventory {
         def: VmDef,
         vm: Arc<Vm>,
     ) -> Result<(), InventoryError> {
-        let ds = match r.shared {
+        let ds = &self.datastores[r.ds];
+        if r.shared {
             // The VM's folder stays on the shared datastore: it becomes this agent's.
-            Some(i) => {
+            datastore::set_owner(&r.staging, &self.agent).map_err(io_err(&r.staging))?;
+        } else {
+            let dir = ds.path.join(&def.name);
+            if ds.shared {
+                // Owned from the moment it appears there: no other agent loads it.
                 datastore::set_owner(&r.staging, &self.agent).map_err(io_err(&r.staging))?;
-                i
             }
-            None => {
-                let dir = self.dir(&def.name);
-                fs::rename(&r.staging, &dir).map_err(io_err(&dir))?;
-                if let Some(blk) = vm.devices().blk() {
-                    blk.moved_to(&dir.join(DISK));
-                }
-                0
+            fs::rename(&r.staging, &dir).map_err(io_err(&dir))?;
+            if let Some(blk) = vm.devices().blk() {
+                blk.moved_to(&dir.join(DISK));
             }
-        };
+        }
+        let ds = r.ds;
         let mut inner = self.inner();
         inner.reserved.remove(&def.name);
         let mut e = Entry::new(def, ds);

@@ -149,6 +149,9 @@ pub struct MigrateOptions {
     /// How the disk goes.
     #[serde(default)]
     pub storage: StorageMode,
+    /// The destination's datastore a copied VM goes onto (its default one if none).
+    #[serde(default)]
+    pub target_datastore: Option<String>,
 }
 
 fn default_resume_window() -> u64 {
@@ -180,6 +183,7 @@ impl Default for MigrateOptions {
             resume_window_s: default_resume_window(),
             holdback_rounds: 0,
             storage: StorageMode::Auto,
+            target_datastore: None,
         }
     }
 }

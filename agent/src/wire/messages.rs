@@ -132,6 +132,8 @@ pub struct Reserve {
     pub verify: bool,
     /// How the disk travels.
     pub storage: StorageRequest,
+    /// The destination's datastore to copy the VM onto (its default one if none).
+    pub target_datastore: Option<String>,
 }
 
 // NOTICE: a change here requires a protocol version bump.

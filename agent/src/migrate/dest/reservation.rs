@@ -65,8 +65,9 @@ pub(super) fn reserve<'r>(
             Err(e) => e,
         }
     };
+    let target = reserve.target_datastore.as_deref();
     let reservation = match &reserve.storage {
-        msg::StorageRequest::Copy => to.inv.reserve(&def),
+        msg::StorageRequest::Copy => to.inv.reserve(&def, target),
         msg::StorageRequest::Shared {
             datastore,
             probe,
@@ -74,7 +75,7 @@ pub(super) fn reserve<'r>(
         } => match to.inv.reserve_in_place(&def, datastore, probe) {
             Err(e) if *or_copy => {
                 tracing::info!(vm = %def.name, reason = %e, "shared storage not possible here: the disk will be copied");
-                to.inv.reserve(&def)
+                to.inv.reserve(&def, target)
             }
             r => r,
         },

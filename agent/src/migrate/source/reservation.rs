@@ -22,6 +22,7 @@ pub(super) fn reserve(run: &mut Run<'_>) -> Result<(), MigrateError> {
         definition: out.def.to_toml(),
         verify: run.opts.verify,
         storage: storage.clone(),
+        target_datastore: run.opts.target_datastore.clone(),
     })?;
     let reserved: msg::Reserved = run.link.recv()?;
     (run.progress)(Progress::new(ProgressPhase::Reserved, 0, 0, 0));
