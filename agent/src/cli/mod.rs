@@ -773,13 +773,16 @@ pub async fn run_migration(a: &Path, name: &str, req: Request, bar: bool) -> Res
     } else {
         ProgressBar::hidden()
     };
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>18} [{bar:30}] {pos}/{len} pages, {elapsed} elapsed, pass ETA {eta} {msg}",
-        )
+    let style = |unit: &str| {
+        ProgressStyle::with_template(&format!(
+            "{{prefix:>18}} [{{bar:30}}] {{pos}}/{{len}} {unit}, {{elapsed}} elapsed, pass ETA {{eta}} {{msg}}"
+        ))
         .expect("template")
-        .progress_chars("=> "),
-    );
+        .progress_chars("=> ")
+    };
+    let pages = style("pages");
+    pb.set_style(pages.clone());
+    let mut on_disk = false;
     pb.enable_steady_tick(Duration::from_millis(200));
     let mut cancelled = false;
     loop {
@@ -807,6 +810,20 @@ pub async fn run_migration(a: &Path, name: &str, req: Request, bar: bool) -> Res
                     other => other.to_string(),
                 };
                 pb.set_prefix(prefix);
+                if p.phase == ProgressPhase::DiskCopy {
+                    // MiB of the image, not pages.
+                    if !on_disk {
+                        on_disk = true;
+                        pb.set_style(style("MiB of the disk image"));
+                    }
+                    pb.set_length(p.total >> 20);
+                    pb.set_position(p.sent >> 20);
+                    continue;
+                }
+                if on_disk {
+                    on_disk = false;
+                    pb.set_style(pages.clone());
+                }
                 pb.set_length(p.total);
                 pb.set_position(p.sent);
                 if let Some(d) = &p.decision {

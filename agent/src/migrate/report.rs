@@ -126,6 +126,8 @@ pub enum ProgressPhase {
     Connecting,
     /// The destination reserved room for the VM.
     Reserved,
+    /// The disk mirror's first pass: `sent` and `total` are bytes of the image.
+    DiskCopy,
     /// A pre-copy round.
     PreCopy,
     /// The vCPUs are paused: the last pages and the state.
@@ -136,6 +138,7 @@ pub enum ProgressPhase {
 named!(ProgressPhase {
     Connecting => "connecting",
     Reserved => "reserved",
+    DiskCopy => "disk-copy",
     PreCopy => "pre-copy",
     StopAndCopy => "stop-and-copy",
     PostCopy => "post-copy",

@@ -63,6 +63,19 @@ pub struct Ram {
     pub postcopy_requests: u64,
 }
 
+/// Disk figures, as in `query-migrate`'s `disk` object (block migration).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Disk {
+    /// Bytes of the image's first pass read and sent so far (holes and zero chunks count as
+    /// passed, not sent).
+    pub transferred: u64,
+    /// Bytes of the image still to pass.
+    pub remaining: u64,
+    /// Image size, bytes.
+    pub total: u64,
+}
+
 /// One migration's status (`vmig migrate --status --json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -89,6 +102,10 @@ pub struct MigrationStatus {
     pub eta_s: Option<f64>,
     /// RAM figures.
     pub ram: Ram,
+    /// Disk figures of a live disk mirror, as in `query-migrate`'s `disk` object of block
+    /// migration (none without a mirror).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<Disk>,
     /// Why it failed, if it did.
     pub error: Option<String>,
 }
@@ -136,6 +153,7 @@ impl Tracker {
                     total: memory,
                     ..Ram::default()
                 },
+                disk: None,
                 error: None,
             },
         }
@@ -149,7 +167,24 @@ impl Tracker {
         let s = &mut self.status;
         s.phase = p.phase.to_string();
         s.round = p.round;
+        if p.phase == ProgressPhase::DiskCopy {
+            s.status = State::Active;
+            s.disk = Some(Disk {
+                transferred: p.sent,
+                remaining: p.total.saturating_sub(p.sent),
+                total: p.total,
+            });
+            if self.setup.is_none() {
+                self.setup = Some(self.t0.elapsed().as_millis() as u64);
+            }
+            return;
+        }
+        if let Some(d) = s.disk.as_mut() {
+            d.transferred = d.total;
+            d.remaining = 0;
+        }
         s.status = match p.phase {
+            ProgressPhase::DiskCopy => State::Active,
             ProgressPhase::PreCopy => State::Active,
             ProgressPhase::StopAndCopy => State::Device,
             ProgressPhase::PostCopy => State::PostcopyActive,
@@ -253,6 +288,14 @@ impl MigrationStatus {
             self.eta_s
                 .map_or("unknown".to_string(), |e| format!("{e:.1} s"))
         );
+        if let Some(d) = &self.disk {
+            s += &format!(
+                "  disk first pass {:.1} of {:.1} MiB, remaining {:.1} MiB\n",
+                mib(d.transferred),
+                mib(d.total),
+                mib(d.remaining)
+            );
+        }
         if let Some(d) = self.downtime {
             s += &format!("  downtime {d:.2} ms\n");
         }
@@ -267,6 +310,26 @@ impl MigrationStatus {
 mod tests {
     use super::*;
     use crate::migrate::RoundStats;
+
+    #[test]
+    fn the_disk_first_pass_shows_in_its_own_section_not_in_ram() {
+        let mut t = Tracker::new("vm1", "hostB", 1 << 30);
+        t.update(&Progress::new(ProgressPhase::DiskCopy, 0, 3 << 20, 8 << 20));
+        let s = t.snapshot();
+        assert_eq!(s.status, State::Active);
+        assert_eq!(s.phase, "disk-copy");
+        let d = s.disk.expect("a disk section");
+        assert_eq!(
+            (d.transferred, d.remaining, d.total),
+            (3 << 20, 5 << 20, 8 << 20)
+        );
+        assert_eq!(s.ram.remaining, 0, "image bytes are not pages");
+        assert_eq!(s.ram.transferred, 0);
+        t.update(&Progress::new(ProgressPhase::PreCopy, 1, 10, 100));
+        let d = t.snapshot().disk.expect("kept");
+        assert_eq!((d.transferred, d.remaining), (8 << 20, 0));
+        assert_eq!(t.snapshot().ram.remaining, 90 * 4096);
+    }
 
     #[test]
     fn the_status_follows_rounds_with_query_migrate_meanings() {

@@ -15,8 +15,8 @@ use std::time::Instant;
 use super::{stream, Outgoing};
 use crate::inventory;
 use crate::migrate::link::Link;
-use crate::migrate::report::{DiskReport, StorageUsed};
-use crate::migrate::{Cancel, MigrateError};
+use crate::migrate::report::{DiskReport, ProgressPhase, StorageUsed};
+use crate::migrate::{Cancel, MigrateError, Progress};
 use crate::storage::{self, BlockDigest, DISK_BLOCK};
 
 /// Pieces of the image go in chunks of up to this size (a multiple of [`DISK_BLOCK`]).
@@ -78,10 +78,13 @@ impl DiskMirror {
         &mut self,
         link: &mut Link,
         cancel: &Cancel,
+        progress: &dyn Fn(Progress),
     ) -> Result<(), MigrateError> {
         let t = Instant::now();
         let size = self.size;
         let mut sent = 0u64;
+        let mut shown = t;
+        progress(Progress::new(ProgressPhase::DiskCopy, 0, 0, size));
         let digest = &mut self.digest;
         let read = storage::for_each_aligned_data_chunk(
             &self.file,
@@ -97,6 +100,11 @@ impl DiskMirror {
                 }
                 send_piece(link, size, offset, chunk).map_err(Pass::Send)?;
                 sent += chunk.len() as u64;
+                if shown.elapsed().as_millis() >= 200 {
+                    shown = Instant::now();
+                    let at = offset + chunk.len() as u64;
+                    progress(Progress::new(ProgressPhase::DiskCopy, 0, at, size));
+                }
                 Ok(())
             },
         )

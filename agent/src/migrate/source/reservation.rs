@@ -57,7 +57,7 @@ pub(super) fn reserve(run: &mut Run<'_>) -> Result<(), MigrateError> {
     }
     // The disk: its written-block log starts before the first chunk is read.
     let mut disk = DiskMirror::open(out, run.opts.verify)?;
-    let sent = disk.send_image(&mut run.link, run.cancel);
+    let sent = disk.send_image(&mut run.link, run.cancel, run.progress);
     run.disk = Some(disk);
     sent
 }
