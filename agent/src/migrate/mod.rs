@@ -14,6 +14,7 @@ mod disk_tests;
 pub mod fault;
 pub mod holdback;
 mod link;
+pub mod local_move;
 mod owner;
 pub mod phase;
 pub mod probe;

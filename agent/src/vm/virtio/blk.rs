@@ -353,6 +353,42 @@ impl VirtioBlk {
         Ok(())
     }
 
+    /// Moves the disk onto another image at `path` (a copy of this one, synced): drains the
+    /// requests in flight, flushes the old image, then every later request goes to the new
+    /// one. The VM is meant to be paused meanwhile (a storage move's switch). On error the
+    /// device stays on the old image.
+    pub fn switch_to(&self, path: &Path) -> Result<(), BlkError> {
+        self.drain();
+        let new = open_image(path)?;
+        let len = new
+            .metadata()
+            .map_err(|cause| BlkError::Open {
+                path: path.to_path_buf(),
+                cause,
+            })?
+            .len();
+        if len / SECTOR != self.shared.capacity {
+            return Err(BlkError::Open {
+                path: path.to_path_buf(),
+                cause: std::io::Error::other(format!(
+                    "{len} bytes, the disk has {}",
+                    self.shared.capacity * SECTOR
+                )),
+            });
+        }
+        let mut file = self.shared.file.write().expect("blk file");
+        if let Some(f) = file.as_ref() {
+            f.sync_data().map_err(|cause| BlkError::Flush {
+                path: self.path(),
+                cause,
+            })?;
+        }
+        *file = Some(new);
+        *self.shared.path.lock().expect("blk path") = path.to_path_buf();
+        tracing::info!(path = %path.display(), "virtio-blk disk switched to another image");
+        Ok(())
+    }
+
     /// Whether the image is open (not released).
     pub fn is_open(&self) -> bool {
         self.shared.file.read().expect("blk file").is_some()
