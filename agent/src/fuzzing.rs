@@ -53,6 +53,14 @@ fn control(f: &Frame) {
     let _ = f.decode::<msg::PageRequest>();
     let _ = f.decode::<msg::PagesPlaced>();
     let _ = f.decode::<msg::PostcopyDone>();
+    let _ = f.decode::<msg::ColdOffer>();
+    let _ = f.decode::<msg::ColdAccepted>();
+    let _ = f.decode::<msg::ColdFileDone>();
+    let _ = f.decode::<msg::ColdCommit>();
+    let _ = f.decode::<msg::ColdRegistered>();
+    let _ = f.decode::<msg::ColdReleased>();
+    let _ = f.decode::<msg::ColdQuery>();
+    let _ = f.decode::<msg::ColdAnswer>();
 }
 
 fn as_every<M: Message>(meta: &[u8]) {
@@ -89,6 +97,14 @@ pub fn message(data: &[u8]) {
     as_every::<msg::PageRequest>(data);
     as_every::<msg::PagesPlaced>(data);
     as_every::<msg::PostcopyDone>(data);
+    as_every::<msg::ColdOffer>(data);
+    as_every::<msg::ColdAccepted>(data);
+    as_every::<msg::ColdFileDone>(data);
+    as_every::<msg::ColdCommit>(data);
+    as_every::<msg::ColdRegistered>(data);
+    as_every::<msg::ColdReleased>(data);
+    as_every::<msg::ColdQuery>(data);
+    as_every::<msg::ColdAnswer>(data);
 }
 
 /// A VM definition file (`vm.toml`), as the destination parses it from the stream.

@@ -3,6 +3,7 @@
 //! progress lines and then the report or an error.
 
 pub mod client;
+mod cold;
 pub mod guard;
 pub mod local;
 pub mod server;
@@ -10,6 +11,7 @@ pub mod server;
 use serde::{Deserialize, Serialize};
 
 use crate::inventory::VmDef;
+use crate::migrate::cold::{ColdOptions, ColdProgress, ColdReport};
 use crate::migrate::{MigrateOptions, Progress, Report};
 
 /// A request from the CLI.
@@ -77,6 +79,30 @@ pub enum Request {
         /// VM.
         name: String,
     },
+    /// Move a stopped VM to another host (progress, then a cold report).
+    MigrateCold {
+        /// VM.
+        name: String,
+        /// Destination host name (hosts file) or address.
+        dest: String,
+        /// What moves where.
+        opts: ColdOptions,
+    },
+    /// Move a VM's files to another datastore of this host (progress, then a cold report).
+    StorageMove {
+        /// VM.
+        name: String,
+        /// Target datastore.
+        to: String,
+    },
+    /// Take back the copy a `--keep-source` cold migration left (once the host it moved to
+    /// no longer has the VM).
+    Reclaim {
+        /// VM.
+        name: String,
+    },
+    /// What the agent's start recovered.
+    Recovered,
     /// The live state of the VM's migration (or the last one's outcome).
     Status {
         /// VM.
@@ -99,6 +125,10 @@ pub enum Reply {
     Progress(Box<Progress>),
     /// Migration done.
     Report(Box<Report>),
+    /// Cold migration or storage move progress.
+    ColdProgress(Box<ColdProgress>),
+    /// Cold migration or storage move done.
+    ColdReport(Box<ColdReport>),
     /// Failure, with the reason.
     Error(String),
 }

@@ -274,6 +274,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     })?;
     guard::protect_socket(&cfg.control, control_gid)?;
     info!(name = %cfg.name, listen = %cfg.listen, control = %cfg.control.display(), capacity_mib = capacity >> 20, "agent ready");
+    if !inv.in_doubt().is_empty() {
+        let hosts = hosts.clone();
+        crate::migrate::cold::recover::spawn_resolver(
+            inv.clone(),
+            security.clone(),
+            Box::new(move |h| hosts.get(h).and_then(|a| a.to_socket_addrs().ok()?.next())),
+        );
+    }
     let agent = Arc::new(Agent {
         cfg: cfg.clone(),
         inv,
@@ -378,6 +386,31 @@ async fn control(agent: Arc<Agent>, s: UnixStream) {
         migrate_out(agent, name, Job::Migrate { dest, opts }, lines, w).await;
         return;
     }
+    if let Request::MigrateCold { name, dest, opts } = req {
+        let work = match resolve(&agent, &dest) {
+            Ok(addr) => super::cold::ColdWork::Migrate { dest, addr, opts },
+            Err(e) => {
+                let _ = send(&mut w, &Reply::Error(e)).await;
+                return;
+            }
+        };
+        let (inv, sec, me) = (
+            agent.inv.clone(),
+            agent.security.clone(),
+            agent.cfg.name.clone(),
+        );
+        super::cold::serve(inv, sec, me, name, work, w).await;
+        return;
+    }
+    if let Request::StorageMove { name, to } = req {
+        let (inv, sec, me) = (
+            agent.inv.clone(),
+            agent.security.clone(),
+            agent.cfg.name.clone(),
+        );
+        super::cold::serve(inv, sec, me, name, super::cold::ColdWork::Move { to }, w).await;
+        return;
+    }
     if let Request::Resume {
         name,
         resume_window_s,
@@ -413,6 +446,14 @@ fn handle(agent: &Agent, req: Request) -> Reply {
         }
         Request::Create { def, datastore } => inv.create_on(def, datastore.as_deref()).map(ok),
         Request::Datastores => Ok(ok(inv.datastore_infos())),
+        Request::Recovered => Ok(ok(inv.recovered())),
+        Request::Reclaim { name } => {
+            return match super::cold::reclaim(inv, &agent.security, &|h| resolve(agent, h), &name)
+            {
+                Ok(m) => ok(m),
+                Err(e) => Reply::Error(e),
+            }
+        }
         Request::Start { name } => inv.start(&name).map(ok),
         Request::Stop { name } => {
             // A VM that arrived in post-copy and lost its source waits on its faults: powering
@@ -501,8 +542,11 @@ fn handle(agent: &Agent, req: Request) -> Reply {
                 }
             };
         }
-        Request::Migrate { .. } | Request::Resume { .. } => {
-            unreachable!("handled by migrate_out")
+        Request::Migrate { .. }
+        | Request::Resume { .. }
+        | Request::MigrateCold { .. }
+        | Request::StorageMove { .. } => {
+            unreachable!("handled by migrate_out and cold::serve")
         }
     };
     r.unwrap_or_else(|e| Reply::Error(e.to_string()))

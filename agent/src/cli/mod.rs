@@ -1,6 +1,7 @@
 //! Command-line interface.
 
 mod certs;
+mod cold;
 mod demo;
 mod trace;
 
@@ -47,6 +48,9 @@ enum Cmd {
     /// The agent's datastores.
     #[command(subcommand)]
     Datastore(DatastoreCmd),
+    /// Move a VM's storage between datastores of its host.
+    #[command(subcommand)]
+    Storage(cold::StorageCmd),
     /// Migrate a running VM live to another host.
     Migrate(MigrateArgs),
     /// Start two local agents, migrate a busy VM between them, print the report and the proof.
@@ -147,6 +151,9 @@ enum VmCmd {
     },
     /// Pause a VM briefly and print a digest of its memory.
     Digest { name: String },
+    /// Take back the copy `migrate --offline --keep-source` left here (refused while the host
+    /// it moved to still has the VM).
+    Reclaim { name: String },
 }
 
 #[derive(Debug, Args)]
@@ -253,6 +260,17 @@ struct MigrateArgs {
     /// Rounds before the convergence judgement starts.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     min_rounds: u32,
+    /// Cold migration: move the stopped VM (its definition, NVRAM, logs and, unless it stays
+    /// on a datastore both hosts share, its disk), register it on DEST, then delete it here.
+    #[arg(long, conflicts_with_all = ["cancel", "resume", "rollback", "status"])]
+    offline: bool,
+    /// With --offline: copy the files even when both hosts share the VM's datastore.
+    #[arg(long, requires = "offline")]
+    move_storage: bool,
+    /// With --offline: copy instead of move; the copy here stays, marked `moved` (it cannot
+    /// start until `vmig vm reclaim`).
+    #[arg(long, requires = "offline")]
+    keep_source: bool,
     /// Hot-page holdback: a page dirty again within this many rounds is held back until
     /// stop-and-copy instead of being sent again (0: off).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
@@ -262,7 +280,8 @@ struct MigrateArgs {
     /// shared when the VM's datastore is shared with the destination, a copy otherwise.
     #[arg(long, value_enum, default_value_t = StorageMode::Auto)]
     storage: StorageMode,
-    /// The destination's datastore to put the VM on (its default one if not given).
+    /// The destination's datastore to put the VM on (its default one if not given), live or
+    /// --offline.
     #[arg(long)]
     target_datastore: Option<String>,
 }
@@ -274,6 +293,14 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Agents(a) => agents(a).await,
         Cmd::Vm(v) => vm(cli.agent, cli.host, v).await,
         Cmd::Datastore(d) => datastores(cli.agent, cli.host, d).await,
+        Cmd::Storage(cold::StorageCmd::Move(m)) => {
+            let a = pick_agent(cli.agent, cli.host, Some(&m.name)).await?;
+            let req = Request::StorageMove {
+                name: m.name.clone(),
+                to: m.to.clone(),
+            };
+            cold::run(&a, &m.name, req, m.json).await.map(|_| ())
+        }
         Cmd::Migrate(m) => migrate(cli.agent, cli.host, m).await,
         Cmd::Demo(d) => demo::run(d).await,
         Cmd::Trace(t) => trace::run(cli.agent, cli.host, t).await,
@@ -551,6 +578,17 @@ async fn vm(agent: Option<PathBuf>, host: Option<String>, cmd: VmCmd) -> Result<
             for s in &silent {
                 eprintln!("warning: no answer from agent {s}");
             }
+            let mut recovered = Vec::new();
+            for a in &agents {
+                let host = a
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if let Ok(v) = expect_ok(a, Request::Recovered).await {
+                    let notes: Vec<String> = serde_json::from_value(v).unwrap_or_default();
+                    recovered.extend(notes.into_iter().map(|n| format!("{host}: {n}")));
+                }
+            }
             if silent.len() == agents.len() {
                 bail!("no agent answered");
             }
@@ -575,6 +613,15 @@ async fn vm(agent: Option<PathBuf>, host: Option<String>, cmd: VmCmd) -> Result<
                         i.def.vcpus,
                         i.def.workload.join(",")
                     );
+                    if let Some(n) = &i.note {
+                        println!("{:<10} {:<16} ^ {n}", "", "");
+                    }
+                }
+                if !recovered.is_empty() {
+                    println!("recovered at the agents' start:");
+                    for r in &recovered {
+                        println!("  {r}");
+                    }
                 }
             }
         }
@@ -602,6 +649,11 @@ async fn vm(agent: Option<PathBuf>, host: Option<String>, cmd: VmCmd) -> Result<
                     );
                 }
             }
+        }
+        VmCmd::Reclaim { name } => {
+            let a = pick_agent(agent, host, Some(&name)).await?;
+            let v = expect_ok(&a, Request::Reclaim { name }).await?;
+            println!("{}", v.as_str().unwrap_or("reclaimed"));
         }
         VmCmd::Digest { name } => {
             let a = pick_agent(agent, host, Some(&name)).await?;
@@ -721,6 +773,19 @@ async fn migrate_inner(agent: Option<PathBuf>, host: Option<String>, m: MigrateA
     if m.rollback {
         let v = expect_ok(&a, Request::Rollback { name: m.name }).await?;
         println!("{}", v.as_str().unwrap_or("rolled back"));
+        return Ok(());
+    }
+    if m.offline {
+        let req = Request::MigrateCold {
+            name: m.name.clone(),
+            dest: m.dest.clone().unwrap_or_default(),
+            opts: vmig::migrate::cold::ColdOptions {
+                move_storage: m.move_storage,
+                target_datastore: m.target_datastore.clone(),
+                keep_source: m.keep_source,
+            },
+        };
+        cold::run(&a, &m.name, req, m.json).await?;
         return Ok(());
     }
     let req = if m.resume {
@@ -857,6 +922,7 @@ pub async fn run_migration(a: &Path, name: &str, req: Request, bar: bool) -> Res
                 bail!("migration of {name} failed: {e}");
             }
             Reply::Ok(v) => bail!("unexpected reply {v}"),
+            other => bail!("unexpected reply {other:?}"),
         }
     }
 }

@@ -3,8 +3,10 @@
 //! (`disk.img`); and the table of the VMs this agent owns, with memory reservations for
 //! incoming migrations.
 
+mod cold;
 pub mod datastore;
 mod def;
+pub mod journal;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -13,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+pub use cold::{ColdEnd, ColdSource, Mark};
 pub use datastore::Datastore;
 pub use def::VmDef;
 
@@ -77,6 +80,26 @@ pub enum InventoryError {
         /// Cause.
         cause: std::io::Error,
     },
+    /// A copy left behind or a VM being recovered.
+    #[error("VM {name:?} {why}")]
+    Marked {
+        /// VM.
+        name: String,
+        /// Why it may not start.
+        why: String,
+    },
+    /// Not enough room on a datastore.
+    #[error(
+        "not enough space on datastore {datastore:?}: {need_mib} MiB needed, {free_mib} MiB free"
+    )]
+    NoSpace {
+        /// Datastore.
+        datastore: String,
+        /// Needed.
+        need_mib: u64,
+        /// Free.
+        free_mib: u64,
+    },
     /// VMM.
     #[error(transparent)]
     Vm(#[from] VmError),
@@ -118,6 +141,11 @@ pub enum VmState {
     Migrating,
     /// Its vCPUs are paused.
     Paused,
+    /// A copy left behind by `migrate --offline --keep-source`: the VM is owned by the host it
+    /// moved to; this copy cannot start until `vmig vm reclaim`.
+    Moved,
+    /// An interrupted cold migration out is being resolved with its destination.
+    Recovering,
 }
 
 impl std::fmt::Display for VmState {
@@ -127,6 +155,8 @@ impl std::fmt::Display for VmState {
             VmState::Running => "running",
             VmState::Migrating => "migrating",
             VmState::Paused => "paused",
+            VmState::Moved => "moved",
+            VmState::Recovering => "recovering",
         })
     }
 }
@@ -143,6 +173,9 @@ pub struct VmInfo {
     /// Name of its datastore.
     #[serde(default)]
     pub datastore: String,
+    /// Why it is `moved` or `recovering`.
+    #[serde(default)]
+    pub note: Option<String>,
     /// Counters, when running.
     pub stats: Option<VmStats>,
     /// Process id of the VMM (this agent), when running.
@@ -159,6 +192,8 @@ struct Entry {
     migrating: bool,
     /// Index of its datastore.
     ds: usize,
+    /// Why it may not start (a copy left behind, a migration being recovered).
+    mark: Option<Mark>,
 }
 
 impl Entry {
@@ -168,6 +203,7 @@ impl Entry {
             vm: None,
             migrating: false,
             ds,
+            mark: None,
         }
     }
 }
@@ -187,6 +223,11 @@ struct Inner {
     vms: BTreeMap<String, Entry>,
     /// Incoming VMs: name → bytes reserved.
     reserved: BTreeMap<String, u64>,
+    /// What the agent's start recovered (interrupted operations finished or undone).
+    recovered: Vec<String>,
+    /// Cold migrations coming in: operation → registered yet. A recovering source's question
+    /// about an unregistered one aborts it (`None`).
+    cold_in: BTreeMap<String, Option<bool>>,
 }
 
 impl std::fmt::Debug for Inventory {
@@ -267,8 +308,13 @@ impl Inventory {
             fs::create_dir_all(&ds.path).map_err(io_err(&ds.path))?;
             // Anything staged by an agent that died mid-migration is not registered: drop it.
             let _ = fs::remove_dir_all(inv.staging_root(i));
+        }
+        // Interrupted operations finished or undone before the folders are read.
+        inv.recover_local();
+        for i in 0..inv.datastores.len() {
             inv.load(i)?;
         }
+        inv.mark_in_doubt();
         Ok(Arc::new(inv))
     }
 
@@ -292,7 +338,9 @@ impl Inventory {
                     tracing::warn!(path = %path.display(), vm = %def.name, "skipping a second VM of the same name")
                 }
                 Ok(def) => {
-                    inner.vms.insert(def.name.clone(), Entry::new(def, i));
+                    let mut entry = Entry::new(def, i);
+                    entry.mark = cold::moved_mark(&e.path());
+                    inner.vms.insert(entry.def.name.clone(), entry);
                 }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), cause = %e, "skipping bad definition")
@@ -475,6 +523,19 @@ impl Inventory {
                     op: "start it",
                 });
             }
+            if let Some(m) = &e.mark {
+                return Err(InventoryError::Marked {
+                    name: name.into(),
+                    why: m.to_string(),
+                });
+            }
+            if e.migrating {
+                return Err(InventoryError::State {
+                    name: name.into(),
+                    state: "migrating",
+                    op: "start it",
+                });
+            }
             (e.def.clone(), self.datastores[e.ds].path.join(name))
         };
         let (def, dir) = def;
@@ -529,6 +590,13 @@ impl Inventory {
                 op: "destroy it (stop it first)",
             });
         }
+        if e.migrating || matches!(e.mark, Some(Mark::InDoubt { .. })) {
+            return Err(InventoryError::State {
+                name: name.into(),
+                state: "migrating",
+                op: "destroy it now",
+            });
+        }
         let dir = self.datastores[e.ds].path.join(name);
         inner.vms.remove(name);
         fs::remove_dir_all(&dir).map_err(io_err(&dir))
@@ -548,6 +616,8 @@ impl Inventory {
             .get(name)
             .ok_or_else(|| InventoryError::NotFound(name.into()))?;
         let state = match (&e.vm, e.migrating) {
+            (None, _) if matches!(e.mark, Some(Mark::Moved { .. })) => VmState::Moved,
+            (None, _) if e.mark.is_some() => VmState::Recovering,
             (None, _) => VmState::Stopped,
             (Some(_), true) => VmState::Migrating,
             (Some(vm), false) if vm.is_running() => VmState::Running,
@@ -558,6 +628,7 @@ impl Inventory {
             state,
             dir: self.datastores[e.ds].path.join(name),
             datastore: self.datastores[e.ds].name.clone(),
+            note: e.mark.as_ref().map(Mark::to_string),
             stats: e.vm.as_ref().map(|v| v.stats()),
             pid: e.vm.as_ref().map(|_| std::process::id()),
             vcpu_tids: e.vm.as_ref().map(|v| v.vcpu_tids()).unwrap_or_default(),
@@ -611,7 +682,7 @@ impl Inventory {
         let vm = e.vm.clone().ok_or(InventoryError::State {
             name: name.into(),
             state: "stopped",
-            op: "migrate it live",
+            op: "migrate it live (a cold migration of a stopped VM: add --offline)",
         })?;
         e.migrating = true;
         Ok((e.def.clone(), vm))

@@ -5,6 +5,7 @@
 //! `State`), commitment (`Ready`, `Go`, `Running`). Until the source sends `Go` it owns the
 //! VM: any failure resumes it there and the destination drops everything it staged.
 
+pub mod cold;
 pub mod controller;
 mod convert;
 pub mod dest;

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
+pub mod cold;
 pub mod digest;
 pub mod writeback;
 

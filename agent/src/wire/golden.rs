@@ -161,6 +161,56 @@ fn frames() -> Vec<(&'static str, String)> {
                 memory_digest: None,
             }),
         ),
+        (
+            "ColdOffer",
+            frame(ColdOffer {
+                op: "o".into(),
+                name: "v".into(),
+                definition: "d".into(),
+                source_datastore: "s".into(),
+                source_shared: true,
+                target_datastore: Some("t".into()),
+                move_storage: true,
+                files: vec![ColdFile {
+                    name: "f".into(),
+                    size: 3,
+                }],
+            }),
+        ),
+        (
+            "ColdAccepted",
+            frame(ColdAccepted {
+                datastore: "t".into(),
+                copy: true,
+            }),
+        ),
+        (
+            "ColdFileDone",
+            frame(ColdFileDone {
+                name: "f".into(),
+                size: 3,
+                digest: "h".into(),
+            }),
+        ),
+        ("ColdCommit", frame(ColdCommit {})),
+        (
+            "ColdRegistered",
+            frame(ColdRegistered {
+                digests: vec![ColdDigest {
+                    name: "f".into(),
+                    digest: "h".into(),
+                }],
+            }),
+        ),
+        ("ColdReleased", frame(ColdReleased {})),
+        (
+            "ColdQuery",
+            frame(ColdQuery {
+                op: "o".into(),
+                name: "v".into(),
+            }),
+        ),
+        ("ColdAnswer", frame(ColdAnswer { registered: true })),
         ("Pages", hex(&pages.head())),
         ("DemandPages", hex(&demand.head_checked([&[0u8; 4096][..]]))),
     ]
@@ -187,6 +237,14 @@ const GOLDEN: &[(&str, &str)] = &[
     ("PageRequest", "564d494706001100010000001800000018000000062ea8df020000000000000005000000000000000600000000000000"),
     ("PagesPlaced", "564d494706001600010000000800000008000000d2e9a7d90000010000000000"),
     ("PostcopyDone", "564d494706001300010000007100000071000000f666e8960100000000000000020000000000000003000000000000000400000000000000050000000000000006000000000000000700000000000000080000000000000009000000000000000a000000000000000b000000000000000c000000000000000d00000000000000000000000000d03f00"),
+    ("ColdOffer", "564d49470600280001000000490000004900000013d45fbc01000000000000006f01000000000000007601000000000000006401000000000000007301010100000000000000740101000000000000000100000000000000660300000000000000"),
+    ("ColdAccepted", "564d494706002900010000000a0000000a000000151aff3b01000000000000007401"),
+    ("ColdFileDone", "564d494706002a00010000001a0000001a0000004408b5c90100000000000000660300000000000000010000000000000068"),
+    ("ColdCommit", "564d494706002b000100000000000000000000001d61eea7"),
+    ("ColdRegistered", "564d494706002c00010000001a0000001a0000008f74c3bc0100000000000000010000000000000066010000000000000068"),
+    ("ColdReleased", "564d494706002d0001000000000000000000000098dd92a9"),
+    ("ColdQuery", "564d494706002e0001000000120000001200000045d89b2d01000000000000006f010000000000000076"),
+    ("ColdAnswer", "564d494706002f00010000000100000001000000879d21e501"),
     ("Pages", "564d4947060006000000000014100000140000000967d29a0200000001000000000000800200000000000000"),
     ("DemandPages", "564d494706001200010000000c1000000c0000007d910f2f010000000300000000000000"),
 ];

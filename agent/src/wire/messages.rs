@@ -39,6 +39,14 @@ message! {
     PageRequest => PageRequest,
     PagesPlaced => PagesPlaced,
     PostcopyDone => PostcopyDone,
+    ColdOffer => ColdOffer,
+    ColdAccepted => ColdAccepted,
+    ColdFileDone => ColdFileDone,
+    ColdCommit => ColdCommit,
+    ColdRegistered => ColdRegistered,
+    ColdReleased => ColdReleased,
+    ColdQuery => ColdQuery,
+    ColdAnswer => ColdAnswer,
 }
 
 // NOTICE: a change here requires a protocol version bump.
@@ -361,4 +369,106 @@ pub struct PostcopyDone {
     pub stats: PostcopyFigures,
     /// Post-copy memory digest (see `migrate::digest`), when the source asked to verify.
     pub memory_digest: Option<String>,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// One file of a VM folder in a cold migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColdFile {
+    /// Name inside the VM folder (a plain name: no separators).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// Source → destination: take this stopped VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColdOffer {
+    /// Names the operation in both sides' journals (and in a later `ColdQuery`).
+    pub op: String,
+    /// VM name.
+    pub name: String,
+    /// The VM's definition file, verbatim.
+    pub definition: String,
+    /// The source's datastore of the VM.
+    pub source_datastore: String,
+    /// Whether that datastore is shared.
+    pub source_shared: bool,
+    /// The datastore to put the VM on (None: the destination's default, or on a shared
+    /// datastore both see, that one).
+    pub target_datastore: Option<String>,
+    /// Copy the files even when both sides see the VM's shared datastore.
+    pub move_storage: bool,
+    /// The files of the VM folder, in the order they come.
+    pub files: Vec<ColdFile>,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// Destination → source: accepted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColdAccepted {
+    /// The destination's datastore the VM goes to.
+    pub datastore: String,
+    /// Whether the files travel (false: a shared datastore, only the registration moves).
+    pub copy: bool,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// Source → destination: every piece of file `name` was sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColdFileDone {
+    /// File name.
+    pub name: String,
+    /// Its size.
+    pub size: u64,
+    /// Its digest on the source (`storage::BlockDigest`, BLAKE3).
+    pub digest: String,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// Source → destination: every file is there; make them durable and register the VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColdCommit {}
+
+// NOTICE: a change here requires a protocol version bump.
+/// A file's digest as one side computed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColdDigest {
+    /// File name.
+    pub name: String,
+    /// Digest.
+    pub digest: String,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// Destination → source: the VM is registered here, its files and folder synced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColdRegistered {
+    /// Each file's digest as written on the destination.
+    pub digests: Vec<ColdDigest>,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// Source → destination: the source's copy is gone (or marked moved).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColdReleased {}
+
+// NOTICE: a change here requires a protocol version bump.
+/// Either side, recovering: is operation `op` (VM `name`) registered on the destination?
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColdQuery {
+    /// The operation.
+    pub op: String,
+    /// Its VM.
+    pub name: String,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// The answer to a `ColdQuery`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColdAnswer {
+    /// The VM of the operation is registered on the destination (false: it never will be:
+    /// the question aborted an operation still under way).
+    pub registered: bool,
 }

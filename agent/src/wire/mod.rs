@@ -17,6 +17,20 @@
 //! ```
 //! Either side may send `Abort`/`Error` instead; until `Go` the source owns the VM.
 //!
+//! Cold migration of a stopped VM (`migrate --offline`, [`messages::ColdOffer`]):
+//! ```text
+//!   Hello                           ───►
+//!                                   ◄───   Welcome
+//!   ColdOffer{op, definition, files, datastores}  ───►  checks name, space, definition
+//!                                   ◄───   ColdAccepted{datastore, copy} | Refused{reason}
+//!   (copy) FileChunk* ColdFileDone{digest}, for each file  ───►  staged, digests compared
+//!   ColdCommit                      ───►     fsync files + folder, rename into the datastore
+//!                                   ◄───   ColdRegistered{digests}   (durable)
+//!   ColdReleased                    ───►     (the source deleted or marked its copy)
+//! ```
+//! After a crash, the side in doubt asks on a new connection: `Hello`, `ColdQuery{op}` →
+//! `ColdAnswer{registered}` (an operation not registered yet is aborted by the question).
+//!
 //! Post-copy (the controller's switch, or `--postcopy always`) replaces the last dirty pages:
 //! ```text
 //!   ... vCPUs paused ...
@@ -81,7 +95,8 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"VMIG");
 /// 2: post-copy flow control (`PagesPlaced`). 3: a version range in `Hello`, the chosen version
 /// in `Welcome`; wire-owned messages (a VM spec, the machine state as a section, post-copy
 /// figures); `Error` its own message. 4: the disk program and its spec. 5: the disk mirror
-/// (`verify` in `Reserve`, the disk's digest in `Ready`).
+/// (`verify` in `Reserve`, the disk's digest in `Ready`). 6: cold migration (kinds 40-47),
+/// shared storage and the target datastore in `Reserve`, `shared` in `Reserved`.
 pub const VERSION: u16 = 6;
 /// The oldest protocol version this agent still speaks.
 pub const MIN_VERSION: u16 = 6;
@@ -156,11 +171,27 @@ pub enum Kind {
     Resumed = 21,
     /// Destination placed the post-copy page frames up to a byte count (flow control).
     PagesPlaced = 22,
+    /// Cold migration: the source offers a stopped VM and its files.
+    ColdOffer = 40,
+    /// Cold migration: the destination accepts (where, and whether files travel).
+    ColdAccepted = 41,
+    /// Cold migration: one file was sent whole, with its digest.
+    ColdFileDone = 42,
+    /// Cold migration: every file was sent; register the VM.
+    ColdCommit = 43,
+    /// Cold migration: the VM is registered on the destination, durably.
+    ColdRegistered = 44,
+    /// Cold migration: the source let its copy go.
+    ColdReleased = 45,
+    /// Recovery: is the VM of this operation registered on the destination?
+    ColdQuery = 46,
+    /// Recovery: the destination's answer.
+    ColdAnswer = 47,
 }
 
 impl Kind {
     /// Every kind that may be sent.
-    pub const ALL: [Kind; 22] = [
+    pub const ALL: [Kind; 30] = [
         Kind::Hello,
         Kind::Welcome,
         Kind::Reserve,
@@ -183,6 +214,14 @@ impl Kind {
         Kind::Resume,
         Kind::Resumed,
         Kind::PagesPlaced,
+        Kind::ColdOffer,
+        Kind::ColdAccepted,
+        Kind::ColdFileDone,
+        Kind::ColdCommit,
+        Kind::ColdRegistered,
+        Kind::ColdReleased,
+        Kind::ColdQuery,
+        Kind::ColdAnswer,
     ];
 
     fn from_u16(v: u16) -> Option<Kind> {
@@ -509,6 +548,14 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Resume => "Resume",
         Kind::Resumed => "Resumed",
         Kind::PagesPlaced => "PagesPlaced",
+        Kind::ColdOffer => "ColdOffer",
+        Kind::ColdAccepted => "ColdAccepted",
+        Kind::ColdFileDone => "ColdFileDone",
+        Kind::ColdCommit => "ColdCommit",
+        Kind::ColdRegistered => "ColdRegistered",
+        Kind::ColdReleased => "ColdReleased",
+        Kind::ColdQuery => "ColdQuery",
+        Kind::ColdAnswer => "ColdAnswer",
     }
 }
 

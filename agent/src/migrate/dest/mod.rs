@@ -89,9 +89,18 @@ fn run(link: &mut Link, to: &Destination<'_>) -> Result<String, MigrateError> {
     // 1. Pre-migration checks.
     let source = handshake::welcome(link, to.agent)?;
     // 2. Reservation (or the resumption of a post-copy that lost its connection).
-    let arrival = match reservation::reserve(link, to, source)? {
+    let arrival = match reservation::reserve(link, to, source.clone())? {
         reservation::Next::Arrival(a) => a,
         reservation::Next::Resume(r) => return resume::resume_session(link, to, r),
+        reservation::Next::Cold(offer) => {
+            return super::cold::dest::receive(link, to, &source, offer)
+        }
+        reservation::Next::ColdQuery(q) => {
+            let registered = to.inv.cold_query(&q.op, &q.name);
+            tracing::info!(vm = %q.name, op = %q.op, registered, "a recovering source asked about a cold migration");
+            link.send(&msg::ColdAnswer { registered })?;
+            return Ok(q.name);
+        }
     };
     // 3. Pages and files, until the state arrives.
     let received = precopy::receive(link, &arrival)?;

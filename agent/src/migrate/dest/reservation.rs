@@ -32,6 +32,10 @@ pub(super) enum Next<'r> {
     Arrival(Box<Arrival<'r>>),
     /// The resumption of a post-copy session.
     Resume(msg::Resume),
+    /// A cold migration of a stopped VM.
+    Cold(msg::ColdOffer),
+    /// A recovering source's question about a cold migration.
+    ColdQuery(msg::ColdQuery),
 }
 
 /// Reserves room for the VM the source announces (or hands a `Resume` on).
@@ -43,6 +47,8 @@ pub(super) fn reserve<'r>(
     let f = link.next()?;
     let reserve: msg::Reserve = match f.kind() {
         Kind::Resume => return Ok(Next::Resume(f.decode()?)),
+        Kind::ColdOffer => return Ok(Next::Cold(f.decode()?)),
+        Kind::ColdQuery => return Ok(Next::ColdQuery(f.decode()?)),
         Kind::Reserve => f.decode()?,
         _ => return Err(not_allowed(Phase::Reservation, &f)),
     };

@@ -16,13 +16,13 @@
 
 mod commit;
 mod disk;
-mod handshake;
+pub(super) mod handshake;
 mod postcopy;
 mod precopy;
 mod reservation;
 mod resume;
 mod stop_and_copy;
-mod stream;
+pub(super) mod stream;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -213,7 +213,7 @@ fn reconnect(
     progress: &dyn Fn(Progress),
 ) -> Result<Link, MigrateError> {
     let mut link = Link::connect(out.security, parked.dest, &parked.dest_name, &parked.opts)?;
-    handshake::greet(&mut link, out)?;
+    handshake::greet(&mut link, out.agent)?;
     link.send(&msg::Resume {
         name: out.def.name.clone(),
         session: parked.session,

@@ -121,7 +121,7 @@ pub(super) fn send_file(link: &mut Link, dir: &Path, name: &str) -> Result<(), M
 }
 
 /// Sends one piece of file `name` of `size` bytes, at `offset`.
-pub(super) fn send_chunk(
+pub(in crate::migrate) fn send_chunk(
     link: &mut Link,
     name: &str,
     size: u64,
