@@ -47,15 +47,8 @@ pub(super) async fn serve(
     work: ColdWork,
     mut w: tokio::net::unix::OwnedWriteHalf,
 ) {
-    if let ColdWork::Move { .. } = work {
-        if inv.info(&name).is_ok_and(|i| i.state != VmState::Stopped) {
-            let why = format!(
-                "a storage move of a running VM is not supported yet: stop {name} first (`vmig vm stop {name}`), then move it"
-            );
-            let _ = send(&mut w, &Reply::Error(why)).await;
-            return;
-        }
-    }
+    let live = matches!(work, ColdWork::Move { .. })
+        && inv.info(&name).is_ok_and(|i| i.state != VmState::Stopped);
     let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
     let worker = std::thread::Builder::new()
         .name(format!("cold-{name}"))
@@ -76,6 +69,9 @@ pub(super) async fn serve(
                         opts: &opts,
                     };
                     cold::source::migrate(&job, &progress).map_err(|e| e.to_string())
+                }
+                ColdWork::Move { to } if live => {
+                    storage_move_live(&inv, &agent, &name, &to, &progress)
                 }
                 ColdWork::Move { to } => storage_move(&inv, &agent, &name, &to, &progress),
             };
@@ -169,6 +165,70 @@ fn storage_move(
         total_ms,
         rate_mibs: total as f64 / 1048576.0 / (total_ms / 1e3).max(1e-6),
         all_equal: true,
+        live_disk: None,
+    })
+}
+
+/// `storage move` of a running VM: the small files copied, the disk mirrored live and
+/// switched at a short pause.
+fn storage_move_live(
+    inv: &Inventory,
+    agent: &str,
+    name: &str,
+    to: &str,
+    progress: &dyn Fn(ColdProgress),
+) -> Result<ColdReport, String> {
+    let t0 = std::time::Instant::now();
+    let from = inv.info(name).map_err(|e| e.to_string())?.datastore.clone();
+    let done = std::cell::Cell::new(0u64);
+    let each = |file: &str, n: u64| {
+        done.set(done.get() + n);
+        let (rate_mibs, eta_s) = cold::rate_eta(done.get(), 0, t0.elapsed());
+        progress(ColdProgress {
+            phase: ColdPhase::Copying,
+            file: file.into(),
+            files_done: 0,
+            files: 0,
+            bytes: done.get(),
+            total_bytes: 0,
+            rate_mibs,
+            eta_s,
+        });
+    };
+    let (list, disk) = inv
+        .move_storage_live(name, to, &each)
+        .map_err(|e| e.to_string())?;
+    let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let dir = inv.dir(name);
+    let files: Vec<FileReport> = list
+        .into_iter()
+        .map(|(n, digest, sent)| FileReport {
+            size: std::fs::metadata(dir.join(&n))
+                .map(|m| m.len())
+                .unwrap_or(0),
+            name: n,
+            sent_bytes: sent,
+            source_digest: digest.clone(),
+            dest_digest: digest,
+            equal: true,
+        })
+        .collect();
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    Ok(ColdReport {
+        vm: name.into(),
+        from: agent.into(),
+        to: agent.into(),
+        source_datastore: from,
+        datastore: to.into(),
+        copy: true,
+        keep_source: false,
+        sent_bytes: files.iter().map(|f| f.sent_bytes).sum(),
+        total_bytes: total,
+        files,
+        total_ms,
+        rate_mibs: total as f64 / 1048576.0 / (total_ms / 1e3).max(1e-6),
+        all_equal: true,
+        live_disk: Some(disk),
     })
 }
 

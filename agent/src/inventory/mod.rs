@@ -7,6 +7,7 @@ mod cold;
 pub mod datastore;
 mod def;
 pub mod journal;
+mod live_move;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -9,10 +9,13 @@
 //! 2. Rounds copy the blocks the guest wrote meanwhile, until a round leaves at most
 //!    [`SWITCH_BLOCKS`] blocks (or [`MAX_ROUNDS`] passed).
 //! 3. The pause: the vCPUs stop, the device drains, the last written blocks are copied, the new
-//!    image is `fdatasync`ed, under `verify` both images are hashed and compared, and the
-//!    device switches to the new image ([`crate::vm::virtio::VirtioBlk::switch_to`]); the vCPUs
-//!    run again. Any failure before the switch resumes the VM on its old image and removes the
-//!    copy; the old image is never written by the move.
+//!    image is `fdatasync`ed and the device switches to it
+//!    ([`crate::vm::virtio::VirtioBlk::switch_to`]); the vCPUs run again. Any failure before
+//!    the switch resumes the VM on its old image and removes the copy; the old image is never
+//!    written by the move.
+//! 4. The proof, outside the pause: the copy keeps a per-block digest of what it wrote (the new
+//!    image as it was at the switch); the old image, which nothing writes after the switch, is
+//!    hashed once the VM runs again, and the two must be equal.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -49,8 +52,8 @@ pub enum MoveError {
         /// Why it failed.
         cause: std::io::Error,
     },
-    /// The images differ at the pause (under `verify`).
-    #[error("the new image differs from the old one at the pause: {old} vs {new}")]
+    /// The images differ at the switch: the VM runs on the new image, the old one is kept.
+    #[error("the new image differs from the old one at the switch: {old} vs {new}; the VM runs on the new image, the old one is kept")]
     Mismatch {
         /// Digest of the old image.
         old: String,
@@ -84,22 +87,22 @@ pub struct LiveMoveReport {
     pub blocks_at_pause: u64,
     /// The pause: from the vCPUs' stop to their run, ms.
     pub pause_ms: f64,
-    /// Of the pause, the images' digests (under `verify`), ms.
+    /// Hashing the old image after the switch (the VM running), ms.
     pub verify_ms: f64,
-    /// Digest of both images at the pause, under `verify` (equal, or the move failed).
-    pub digest: Option<String>,
+    /// Digest of both images at the switch (per-block BLAKE3; equal, or the move failed).
+    pub digest: String,
     /// The whole move, ms.
     pub total_ms: f64,
 }
 
 /// Copies the running `vm`'s disk image `old` to `new` (created; it must not exist) and
 /// switches the device to it. On success the old image is left for the caller to delete; on
-/// error the VM runs on `old` and `new` is removed.
+/// error before the switch the VM runs on `old` and `new` is removed (a [`MoveError::Mismatch`]
+/// comes after the switch: both stay).
 pub fn move_disk(
     vm: &Vm,
     old: &Path,
     new: &Path,
-    verify: bool,
     cancel: &AtomicBool,
 ) -> Result<LiveMoveReport, MoveError> {
     let blk = vm.devices().blk().ok_or(MoveError::NoDisk)?;
@@ -137,15 +140,6 @@ pub fn move_disk(
             report.resent_blocks += blocks.len() as u64;
             report.blocks_at_pause = blocks.len() as u64;
             copy.sync()?;
-            if verify {
-                let t = Instant::now();
-                let (a, b) = (copy.digest_old()?, copy.digest_new()?);
-                report.verify_ms = t.elapsed().as_secs_f64() * 1e3;
-                if a != b {
-                    return Err(MoveError::Mismatch { old: a, new: b });
-                }
-                report.digest = Some(a);
-            }
             blk.switch_to(new)
                 .map_err(|e| MoveError::Switch(e.to_string()))
         })();
@@ -154,11 +148,30 @@ pub fn move_disk(
         report.pause_ms = t_pause.elapsed().as_secs_f64() * 1e3;
         switched.map(|()| report)
     })();
+    let result = result.and_then(|mut r| {
+        // The old image is frozen from the switch on: its digest against the copy's.
+        let t = Instant::now();
+        let old_digest = copy.digest_old()?;
+        r.verify_ms = t.elapsed().as_secs_f64() * 1e3;
+        let new_digest = copy.digest.digest();
+        if old_digest != new_digest {
+            return Err(MoveError::Mismatch {
+                old: old_digest,
+                new: new_digest,
+            });
+        }
+        r.digest = new_digest;
+        Ok(r)
+    });
     match result {
         Ok(mut r) => {
             r.total_ms = t0.elapsed().as_secs_f64() * 1e3;
             tracing::info!(from = %old.display(), to = %new.display(), pause_ms = r.pause_ms, rounds = r.rounds, "disk moved live");
             Ok(r)
+        }
+        Err(e @ MoveError::Mismatch { .. }) => {
+            tracing::error!(error = %e, "live disk move: the images differ");
+            Err(e)
         }
         Err(e) => {
             blk.stop_block_log();
@@ -178,6 +191,8 @@ struct Copy<'a> {
     new: File,
     size: u64,
     behind: WriteBehind,
+    /// What was written into the new image, block by block.
+    digest: BlockDigest,
 }
 
 impl<'a> Copy<'a> {
@@ -202,6 +217,7 @@ impl<'a> Copy<'a> {
             new,
             size,
             behind: WriteBehind::new(WRITE_BEHIND),
+            digest: BlockDigest::new(size, DISK_BLOCK),
         })
     }
 
@@ -211,6 +227,9 @@ impl<'a> Copy<'a> {
             path: self.new_path.display().to_string(),
             cause,
         };
+        self.digest
+            .update(offset, data)
+            .map_err(|e| err("cannot hash", std::io::Error::other(e.to_string())))?;
         self.new
             .write_all_at(data, offset)
             .map_err(|e| err("cannot write", e))?;
@@ -286,14 +305,6 @@ impl<'a> Copy<'a> {
             cause,
         })
     }
-
-    fn digest_new(&self) -> Result<String, MoveError> {
-        BlockDigest::of_file(&self.new, DISK_BLOCK).map_err(|cause| MoveError::Io {
-            what: "cannot hash",
-            path: self.new_path.display().to_string(),
-            cause,
-        })
-    }
 }
 
 /// Why a pass stopped.
@@ -350,22 +361,17 @@ mod tests {
         });
         let old = inv.dir("vm1").join(crate::inventory::DISK);
         let new = dir.path().join("moved.img");
-        let r = move_disk(&vm, &old, &new, true, &AtomicBool::new(false)).unwrap();
+        let r = move_disk(&vm, &old, &new, &AtomicBool::new(false)).unwrap();
         println!("{r:?}");
         assert_eq!(r.image_bytes, 4 << 20);
         assert!(r.copied_bytes > 0 && r.rounds >= 1, "{r:?}");
-        assert!(r.digest.is_some(), "verified at the pause");
-        assert!(
-            r.pause_ms - r.verify_ms < 50.0,
-            "pause {:.1} ms without the digests",
-            r.pause_ms - r.verify_ms
-        );
+        assert!(r.pause_ms < 50.0, "pause {:.1} ms", r.pause_ms);
         let blk = vm.devices().blk().unwrap();
         assert_eq!(blk.path(), new);
         // The old image is frozen at the pause; the guest writes the new one and its checks
         // (each block read back against the stamp of its last pass) go on with no failure.
         let frozen = BlockDigest::of_file(&File::open(&old).unwrap(), DISK_BLOCK).unwrap();
-        assert_eq!(Some(&frozen), r.digest.as_ref());
+        assert_eq!(frozen, r.digest);
         let seen = vm.stats().disk_blocks_verified;
         wait("a whole pass more on the new image", &|| {
             let s = vm.stats();
@@ -405,7 +411,7 @@ mod tests {
         let old = inv.dir("vm1").join(crate::inventory::DISK);
         let new = dir.path().join("there.img");
         std::fs::write(&new, b"someone's file").unwrap();
-        let e = move_disk(&vm, &old, &new, false, &AtomicBool::new(false)).unwrap_err();
+        let e = move_disk(&vm, &old, &new, &AtomicBool::new(false)).unwrap_err();
         assert!(e.to_string().contains("cannot create"), "{e}");
         assert_eq!(vm.devices().blk().unwrap().path(), old);
         let s = vm.stats().disk_blocks_verified;

@@ -146,6 +146,13 @@ impl Devices {
         }
     }
 
+    /// Sends the console (and the agent's lines) to `log` from now on (the VM's folder moved).
+    pub fn reopen_log(&self, log: Box<dyn Write + Send>) {
+        let mut c = self.console.lock().expect("console");
+        let _ = c.writer_mut().flush();
+        *c.writer_mut() = Box::new(LineWriter::new(log));
+    }
+
     /// Writes a line into the VM's log through the console's writer (agent events).
     pub fn log_line(&self, line: &str) {
         let mut c = self.console.lock().expect("console");

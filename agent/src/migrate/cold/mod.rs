@@ -112,6 +112,9 @@ pub struct ColdReport {
     pub rate_mibs: f64,
     /// Every digest equal.
     pub all_equal: bool,
+    /// A running VM's storage move: its disk's live mirror and switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_disk: Option<crate::migrate::local_move::LiveMoveReport>,
 }
 
 impl ColdReport {
@@ -150,6 +153,18 @@ impl ColdReport {
                 } else {
                     "DIGEST DIFFERS"
                 }
+            );
+        }
+        if let Some(d) = &self.live_disk {
+            s += &format!(
+                "disk moved live: first pass {:.1} MiB at {:.0} MiB/s, {} rounds, {} blocks copied again ({} paused), pause {:.2} ms, digest at the switch equal ({:.0} ms to check)\n",
+                d.copied_bytes as f64 / 1048576.0,
+                d.copy_mibs,
+                d.rounds,
+                d.resent_blocks,
+                d.blocks_at_pause,
+                d.pause_ms,
+                d.verify_ms
             );
         }
         s

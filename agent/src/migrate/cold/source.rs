@@ -210,6 +210,7 @@ fn run(
         total_ms,
         rate_mibs: total as f64 / 1048576.0 / (total_ms / 1e3).max(1e-6),
         all_equal,
+        live_disk: None,
     })
 }
 
