@@ -18,6 +18,9 @@ use super::{io_err, Inventory, InventoryError, DISK};
 use crate::migrate::local_move::{self, LiveMoveReport};
 use crate::storage::cold as files;
 
+/// The small files copied (name, digest, bytes) and the disk's report.
+pub type LiveMoved = (Vec<(String, String, u64)>, LiveMoveReport);
+
 impl Inventory {
     /// Moves the running VM `name` onto datastore `to`; `progress(file, bytes)` as the small
     /// files are copied. Returns the small files copied (name, digest, bytes) and the disk's
@@ -27,7 +30,7 @@ impl Inventory {
         name: &str,
         to: &str,
         progress: &dyn Fn(&str, u64),
-    ) -> Result<(Vec<(String, String, u64)>, LiveMoveReport), InventoryError> {
+    ) -> Result<LiveMoved, InventoryError> {
         let target = self.datastore_index(Some(to))?;
         let (vm, from) = {
             let mut inner = self.inner();
@@ -70,7 +73,7 @@ impl Inventory {
         from: usize,
         target: usize,
         progress: &dyn Fn(&str, u64),
-    ) -> Result<(Vec<(String, String, u64)>, LiveMoveReport), InventoryError> {
+    ) -> Result<LiveMoved, InventoryError> {
         let (src, to) = (&self.datastores[from], &self.datastores[target]);
         if from == target {
             return Err(InventoryError::Datastore(format!(
