@@ -79,6 +79,11 @@ pub struct AgentOpts {
     /// which `{dir}` stands for the cluster's temp folder: `shared={dir}/shared,shared` is one
     /// folder both agents of a cluster see.
     pub datastores: Vec<String>,
+    /// More arguments of `vmig agent` (more datastores: `--datastore fast=PATH`).
+    pub args: Vec<String>,
+    /// A crash point of a cold migration or storage move (`VMIG_CRASH_AT`, see
+    /// `vmig::migrate::cold::crash`) of a binary built with `fault-injection`.
+    pub crash_at: Option<String>,
 }
 
 /// A network namespace and the agent's address inside it.
@@ -723,6 +728,16 @@ impl Cluster {
         self.restart(host);
     }
 
+    /// The options `host`'s agent was started with.
+    pub fn opts(&self, host: &str) -> AgentOpts {
+        self.agent(host).opts.clone()
+    }
+
+    /// Whether the agent of `host` has exited (killed, crashed, aborted).
+    pub fn exited(&self, host: &str) -> bool {
+        self.agent_exited(host)
+    }
+
     /// Starts the agent of `host` again (after [`Cluster::kill`]), same port and datastore.
     pub fn restart(&mut self, host: &str) {
         self.kill(host);
@@ -773,6 +788,11 @@ fn spawn_agent(bin: &Path, a: &mut Agent, run_dir: &Path, hosts: &Path, pki: &Pa
         c.arg("--datastore")
             .arg(d.replace("{dir}", &cluster_dir.display().to_string()));
     }
+    c.args(&a.opts.args);
+    match &a.opts.crash_at {
+        Some(p) => c.env("VMIG_CRASH_AT", p),
+        None => c.env_remove("VMIG_CRASH_AT"),
+    };
     match &a.opts.fault {
         Some(f) => c.env("VMIG_INJECT_FAULT", f),
         None => c.env_remove("VMIG_INJECT_FAULT"),
