@@ -1,8 +1,10 @@
 //! Benchmark helpers: local agents spawned from the release binary, and the loopback
 //! baselines every figure is compared with in the same run.
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -362,4 +364,59 @@ pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Fills the first `data_mib` MiB of `path` with non-zero bytes.
+pub fn fill(path: &Path, data_mib: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let mut chunk = vec![0u8; (1u64 << 20) as usize];
+    for m in 0..data_mib {
+        for (i, b) in chunk.iter_mut().enumerate() {
+            *b = (i as u64).wrapping_mul(m + 7) as u8 | 1;
+        }
+        f.write_all_at(&chunk, m * (1u64 << 20)).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+/// A plain copy of `src` over loopback TCP into a new file beside it, synced. Bytes/s.
+pub fn plain_copy(src: &Path) -> f64 {
+    let dst = src.with_extension("copy");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = Instant::now();
+    let recv = {
+        let dst = dst.clone();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let out = File::create(&dst).unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut at = 0u64;
+            loop {
+                let n = s.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                out.write_all_at(&buf[..n], at).unwrap();
+                at += n as u64;
+            }
+            out.sync_data().unwrap();
+            at
+        })
+    };
+    let mut f = File::open(src).unwrap();
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        s.write_all(&buf[..n]).unwrap();
+    }
+    drop(s);
+    let bytes = recv.join().unwrap();
+    let rate = bytes as f64 / t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&dst);
+    rate
 }

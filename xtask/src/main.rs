@@ -148,9 +148,9 @@ fn bench(rest: &[String]) -> bool {
     let only = rest
         .first()
         .map(String::as_str)
-        .filter(|a| matches!(*a, "probes" | "holdback" | "qemu" | "tls" | "disk"));
+        .filter(|a| matches!(*a, "probes" | "holdback" | "qemu" | "tls" | "disk" | "cold"));
     if let Some(bin) = only {
-        if matches!(bin, "qemu" | "tls" | "disk") && !build_release_vmig() {
+        if matches!(bin, "qemu" | "tls" | "disk" | "cold") && !build_release_vmig() {
             return false;
         }
         return bench_bin(bin, &rest[1..]);
@@ -163,6 +163,7 @@ fn bench(rest: &[String]) -> bool {
         && bench_bin("holdback", &[])
         && bench_bin("tls", &[])
         && bench_bin("disk", &[])
+        && bench_bin("cold", &[])
         && bench_bin("qemu", &[])
 }
 

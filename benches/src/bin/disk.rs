@@ -14,31 +14,11 @@
 //!    4 GiB image (1 GiB of data) against the same VM with a 16 MiB image, each in a fresh
 //!    agent.
 
-use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::time::Instant;
-
 use serde_json::{json, Value};
-use vmig_benches::{median, results_path, target_dir, Cluster};
+use vmig_benches::{fill, median, plain_copy, results_path, target_dir, Cluster};
 
 const MIB: u64 = 1 << 20;
 const RUNS: usize = 3;
-
-/// Fills the first `data_mib` MiB of `path` with non-zero bytes.
-fn fill(path: &Path, data_mib: u64) {
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    let mut chunk = vec![0u8; MIB as usize];
-    for m in 0..data_mib {
-        for (i, b) in chunk.iter_mut().enumerate() {
-            *b = (i as u64).wrapping_mul(m + 7) as u8 | 1;
-        }
-        f.write_all_at(&chunk, m * MIB).unwrap();
-    }
-    f.sync_all().unwrap();
-}
 
 /// A stopped VM on hostA whose image holds `data_mib` MiB of data, then started.
 fn vm_with_image(
@@ -72,48 +52,6 @@ fn vm_with_image(
 
 fn migrate(c: &Cluster, vm: &str) -> Value {
     c.json(&["--host", "hostA", "migrate", vm, "hostB", "--json"])
-}
-
-/// A plain copy of `src` over loopback TCP into a new file beside it, synced. Bytes/s.
-fn plain_copy(src: &Path) -> f64 {
-    let dst = src.with_extension("copy");
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let t = Instant::now();
-    let recv = {
-        let dst = dst.clone();
-        std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let out = File::create(&dst).unwrap();
-            let mut buf = vec![0u8; MIB as usize];
-            let mut at = 0u64;
-            loop {
-                let n = s.read(&mut buf).unwrap();
-                if n == 0 {
-                    break;
-                }
-                out.write_all_at(&buf[..n], at).unwrap();
-                at += n as u64;
-            }
-            out.sync_data().unwrap();
-            at
-        })
-    };
-    let mut f = File::open(src).unwrap();
-    let mut s = TcpStream::connect(addr).unwrap();
-    let mut buf = vec![0u8; MIB as usize];
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        s.write_all(&buf[..n]).unwrap();
-    }
-    drop(s);
-    let bytes = recv.join().unwrap();
-    let rate = bytes as f64 / t.elapsed().as_secs_f64();
-    let _ = std::fs::remove_file(&dst);
-    rate
 }
 
 fn hwm_kib(pid: u32) -> u64 {
