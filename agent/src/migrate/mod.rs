@@ -291,6 +291,13 @@ impl MigrateError {
             // The kernel's verdict (a timeout, or a reset) went to another call on the socket;
             // this one only sees that the connection is gone.
             format!("or closed the connection: {io}")
+        } else if matches!(
+            io.raw_os_error(),
+            Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH)
+        ) {
+            // The link or the route to it went away (a cut cable, a host gone from the
+            // network): the kernel reports it as unreachable rather than as a timeout.
+            format!("(the network to it is gone: {io})")
         } else if crate::transport::is_peer_silent(io) {
             format!(
                 "(no acknowledgement within {} s: {io})",
@@ -308,6 +315,25 @@ impl MigrateError {
             peer: peer.to_string(),
             cause,
         }
+    }
+}
+
+#[cfg(test)]
+mod silent_peer_tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_route_names_the_peer_like_a_timeout_does() {
+        for errno in [libc::ENETUNREACH, libc::EHOSTUNREACH, libc::EPIPE] {
+            let e = MigrateError::Io(std::io::Error::from_raw_os_error(errno));
+            let named = e.name_silent_peer("hostB").to_string();
+            assert!(named.starts_with("hostB stopped answering"), "{named}");
+        }
+        let other = MigrateError::Io(std::io::Error::from_raw_os_error(libc::EACCES));
+        assert!(matches!(
+            other.name_silent_peer("hostB"),
+            MigrateError::Io(_)
+        ));
     }
 }
 
