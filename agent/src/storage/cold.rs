@@ -119,6 +119,9 @@ pub struct FileSink {
     file: File,
     size: u64,
     digest: BlockDigest,
+    /// Pieces handed to writeback and not yet on disk (so that the `fsync` before the
+    /// registration finds little to do).
+    behind: super::WriteBehind,
     /// Payload bytes written.
     pub written: u64,
 }
@@ -144,6 +147,7 @@ impl FileSink {
             file,
             size,
             digest: BlockDigest::new(size, DISK_BLOCK),
+            behind: super::WriteBehind::new(super::writeback::WRITE_BEHIND),
             written: 0,
         })
     }
@@ -159,6 +163,12 @@ impl FileSink {
         self.digest.update(offset, data).map_err(|_| misfit())?;
         self.file
             .write_all_at(data, offset)
+            .map_err(|cause| SinkError::Io {
+                path: self.path.clone(),
+                cause,
+            })?;
+        self.behind
+            .written(&self.file, offset, data.len() as u64)
             .map_err(|cause| SinkError::Io {
                 path: self.path.clone(),
                 cause,
