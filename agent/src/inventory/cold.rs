@@ -200,16 +200,7 @@ impl Inventory {
         }
         let store = &self.datastores[ds];
         if bytes > 0 {
-            let free = store.space().map_err(io_err(&store.path))?.free;
-            // Keep 1 % of the file system (and 64 MiB) for everything else.
-            let margin = (free / 100).max(64 << 20);
-            if bytes.saturating_add(margin) > free {
-                return Err(InventoryError::NoSpace {
-                    datastore: store.name.clone(),
-                    need_mib: bytes.div_ceil(1 << 20),
-                    free_mib: free >> 20,
-                });
-            }
+            check_room(store, bytes)?;
         }
         let staging = self.staging_root(ds).join(&def.name);
         let _ = fs::remove_dir_all(&staging);
@@ -524,23 +515,7 @@ impl Inventory {
                 to.name
             )));
         }
-        let list = files::vm_files(&src.dir).map_err(io_err(&src.dir))?;
-        let bytes: u64 = list.iter().map(|f| f.size).sum();
-        let free = to.space().map_err(io_err(&to.path))?.free;
-        if bytes.saturating_add((free / 100).max(64 << 20)) > free {
-            return Err(InventoryError::NoSpace {
-                datastore: to.name.clone(),
-                need_mib: bytes.div_ceil(1 << 20),
-                free_mib: free >> 20,
-            });
-        }
-        let final_dir = to.path.join(name);
-        if final_dir.exists() {
-            return Err(InventoryError::Invalid(format!(
-                "{} exists already",
-                final_dir.display()
-            )));
-        }
+        let (list, final_dir) = move_target(&src.dir, to, name)?;
         let j = Journal::of(&src.datastore.path);
         let mut r = Record {
             op: journal::new_op(name),
@@ -632,6 +607,39 @@ impl Inventory {
             )))
         }
     }
+}
+
+/// Refuses a copy of `bytes` onto datastore `ds` that would leave it less than 1 % of its
+/// file system (and 64 MiB) for everything else.
+pub(super) fn check_room(ds: &Datastore, bytes: u64) -> Result<(), InventoryError> {
+    let free = ds.space().map_err(io_err(&ds.path))?.free;
+    if bytes.saturating_add((free / 100).max(64 << 20)) > free {
+        return Err(InventoryError::NoSpace {
+            datastore: ds.name.clone(),
+            need_mib: bytes.div_ceil(1 << 20),
+            free_mib: free >> 20,
+        });
+    }
+    Ok(())
+}
+
+/// The checks of a storage move of VM `name` from `src_dir` onto datastore `to`: room for its
+/// files, and no folder of that name there. Returns the files and the folder they go to.
+pub(super) fn move_target(
+    src_dir: &std::path::Path,
+    to: &Datastore,
+    name: &str,
+) -> Result<(Vec<files::VmFile>, PathBuf), InventoryError> {
+    let list = files::vm_files(src_dir).map_err(io_err(src_dir))?;
+    check_room(to, list.iter().map(|f| f.size).sum())?;
+    let final_dir = to.path.join(name);
+    if final_dir.exists() {
+        return Err(InventoryError::Datastore(format!(
+            "{} exists already",
+            final_dir.display()
+        )));
+    }
+    Ok((list, final_dir))
 }
 
 /// Removes a folder and syncs its parent (a no-op when it is gone already).

@@ -82,23 +82,7 @@ impl Inventory {
             )));
         }
         let src_dir = src.path.join(name);
-        let list = files::vm_files(&src_dir).map_err(io_err(&src_dir))?;
-        let bytes: u64 = list.iter().map(|f| f.size).sum();
-        let free = to.space().map_err(io_err(&to.path))?.free;
-        if bytes.saturating_add((free / 100).max(64 << 20)) > free {
-            return Err(InventoryError::NoSpace {
-                datastore: to.name.clone(),
-                need_mib: bytes.div_ceil(1 << 20),
-                free_mib: free >> 20,
-            });
-        }
-        let final_dir = to.path.join(name);
-        if final_dir.exists() {
-            return Err(InventoryError::Datastore(format!(
-                "{} exists already",
-                final_dir.display()
-            )));
-        }
+        let (list, final_dir) = super::cold::move_target(&src_dir, to, name)?;
         let j = Journal::of(&src.path);
         let mut r = Record {
             op: journal::new_op(name),
