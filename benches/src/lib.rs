@@ -379,8 +379,21 @@ pub fn fill(path: &Path, data_mib: u64) {
     f.sync_all().unwrap();
 }
 
-/// A plain copy of `src` over loopback TCP into a new file beside it, synced. Bytes/s.
+/// A plain copy of `src` over loopback TCP into a new file beside it, written through the page
+/// cache and synced (what `nc | dd conv=fdatasync` does). Bytes/s.
 pub fn plain_copy(src: &Path) -> f64 {
+    copy_over_tcp(src, false)
+}
+
+/// [`plain_copy`] with the receiver writing 1 MiB at a time with `O_DIRECT` from an aligned
+/// buffer (what `nc | dd oflag=direct` does): the baseline for a receiver that bypasses the
+/// page cache as vmig's does. Bytes/s.
+pub fn plain_copy_direct(src: &Path) -> f64 {
+    copy_over_tcp(src, true)
+}
+
+fn copy_over_tcp(src: &Path, direct: bool) -> f64 {
+    use std::os::unix::fs::OpenOptionsExt;
     let dst = src.with_extension("copy");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -389,15 +402,38 @@ pub fn plain_copy(src: &Path) -> f64 {
         let dst = dst.clone();
         std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            let out = File::create(&dst).unwrap();
-            let mut buf = vec![0u8; 1 << 20];
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true).create(true).truncate(true);
+            if direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            let out = o.open(&dst).unwrap();
+            let mut raw = vec![0u8; (1 << 20) + 4096];
+            let start = raw.as_ptr().align_offset(4096);
+            let buf = &mut raw[start..start + (1 << 20)];
             let mut at = 0u64;
             loop {
-                let n = s.read(&mut buf).unwrap();
+                // Whole buffers (direct I/O wants aligned lengths), the last one short.
+                let mut n = 0;
+                while n < buf.len() {
+                    match s.read(&mut buf[n..]).unwrap() {
+                        0 => break,
+                        k => n += k,
+                    }
+                }
                 if n == 0 {
                     break;
                 }
-                out.write_all_at(&buf[..n], at).unwrap();
+                if direct && n % 4096 != 0 {
+                    let whole = n / 4096 * 4096;
+                    out.write_all_at(&buf[..whole], at).unwrap();
+                    let tail = std::fs::OpenOptions::new().write(true).open(&dst).unwrap();
+                    tail.write_all_at(&buf[whole..n], at + whole as u64)
+                        .unwrap();
+                    tail.sync_data().unwrap();
+                } else {
+                    out.write_all_at(&buf[..n], at).unwrap();
+                }
                 at += n as u64;
             }
             out.sync_data().unwrap();

@@ -5,11 +5,10 @@
 //! [`DISK_BLOCK`]), computed by the reader from the bytes it sends and by the writer from the
 //! bytes it writes: equal digests mean equal files, holes included.
 
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use super::{for_each_aligned_data_chunk, BlockDigest, DISK_BLOCK};
+use super::{for_each_aligned_data_chunk, BlockDigest, ImageWriter, DISK_BLOCK};
 use crate::inventory::{DEFINITION, DISK, LOG, NVRAM};
 
 /// Pieces are read and sent in chunks of this size (a multiple of [`DISK_BLOCK`]).
@@ -110,18 +109,16 @@ pub enum SinkError {
     },
 }
 
-/// A file being written from pieces: created sparse at its full size, each piece written
-/// where it goes and recorded in the digest.
+/// A file being written from pieces: created sparse at its full size, each piece recorded in
+/// the digest and written where it goes by an [`ImageWriter`] (bypassing the page cache, so
+/// that the `fsync` before the registration finds nothing to do).
 #[derive(Debug)]
 pub struct FileSink {
     name: String,
     path: PathBuf,
-    file: File,
+    writer: ImageWriter,
     size: u64,
     digest: BlockDigest,
-    /// Pieces handed to writeback and not yet on disk (so that the `fsync` before the
-    /// registration finds little to do).
-    behind: super::WriteBehind,
     /// Payload bytes written.
     pub written: u64,
 }
@@ -134,20 +131,13 @@ impl FileSink {
             path: path.clone(),
             cause,
         };
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(io)?;
-        file.set_len(size).map_err(io)?;
+        let writer = ImageWriter::create(&path, size).map_err(io)?;
         Ok(Self {
             name: name.into(),
             path,
-            file,
+            writer,
             size,
             digest: BlockDigest::new(size, DISK_BLOCK),
-            behind: super::WriteBehind::new(super::writeback::WRITE_BEHIND),
             written: 0,
         })
     }
@@ -161,14 +151,8 @@ impl FileSink {
             size: self.size,
         };
         self.digest.update(offset, data).map_err(|_| misfit())?;
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|cause| SinkError::Io {
-                path: self.path.clone(),
-                cause,
-            })?;
-        self.behind
-            .written(&self.file, offset, data.len() as u64)
+        self.writer
+            .write(offset, data)
             .map_err(|cause| SinkError::Io {
                 path: self.path.clone(),
                 cause,
@@ -182,9 +166,9 @@ impl FileSink {
         self.digest.digest()
     }
 
-    /// `fsync`s the file.
-    pub fn sync(&self) -> Result<(), SinkError> {
-        self.file.sync_all().map_err(|cause| SinkError::Io {
+    /// Waits for every piece to be written, then `fdatasync`s the file.
+    pub fn sync(&mut self) -> Result<(), SinkError> {
+        self.writer.sync().map_err(|cause| SinkError::Io {
             path: self.path.clone(),
             cause,
         })
@@ -238,6 +222,7 @@ impl From<SinkError> for SinkWrap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn a_vm_folder_copies_whole_with_its_holes_and_rotated_logs() {

@@ -7,9 +7,11 @@ use std::os::unix::fs::FileExt;
 
 pub mod cold;
 pub mod digest;
+pub mod direct;
 pub mod writeback;
 
 pub use digest::BlockDigest;
+pub use direct::ImageWriter;
 pub use writeback::WriteBehind;
 
 /// Granularity of a live disk mirror: the device's written-block log, the blocks sent again,

@@ -1,12 +1,15 @@
 //! `cargo xtask bench cold`: cold migration (`migrate --offline`) of a stopped VM with a 1 GiB
 //! disk full of data between two agents over loopback with mutual TLS, against a plain copy of
 //! the same image over loopback TCP (read 1 MiB at a time, written on the other side,
-//! `fdatasync`ed) in the same run: interleaved runs, medians. The cold migration's rate is the
+//! `fdatasync`ed), and against the same copy written with `O_DIRECT` (as vmig's receiver
+//! writes), in the same run: interleaved runs, medians. The cold migration's rate is the
 //! bytes it sent over its whole time (offer, every file, the destination's syncs and
 //! registration, the source's delete).
 
 use serde_json::{json, Value};
-use vmig_benches::{fill, median, plain_copy, results_path, target_dir, Cluster};
+use vmig_benches::{
+    fill, median, plain_copy, plain_copy_direct, results_path, target_dir, Cluster,
+};
 
 const MIB: f64 = 1048576.0;
 const RUNS: usize = 3;
@@ -22,7 +25,8 @@ fn main() {
         "{} missing: `cargo xtask bench cold` builds it",
         exe.display()
     );
-    let (mut cold, mut plain, mut reports) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cold, mut plain, mut direct, mut reports) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..RUNS {
         let c = Cluster::start(&exe, &["hostA", "hostB"]);
         let vm = format!("cold{run}");
@@ -43,6 +47,7 @@ fn main() {
         let img = c.datastore("hostA").join(&vm).join("disk.img");
         fill(&img, 1024);
         plain.push(plain_copy(&img));
+        direct.push(plain_copy_direct(&img));
         let r = c.json(&[
             "--host",
             "hostA",
@@ -56,19 +61,26 @@ fn main() {
         cold.push(f(&r, "sent_bytes") / (f(&r, "total_ms") / 1e3));
         reports.push(r);
     }
-    let (c, p) = (median(&cold), median(&plain));
+    let (c, p, d) = (median(&cold), median(&plain), median(&direct));
     println!("cold migration of a stopped VM with a 1 GiB disk (all data), mutual TLS, loopback, median of {RUNS} interleaved runs");
     println!(
         "  plain copy (read, TCP, write, fdatasync)   {:>6.0} MiB/s",
         p / MIB
     );
     println!(
-        "  cold migration (bytes sent / total time)   {:>6.0} MiB/s = {:.2} x plain copy (target >= 0.8)",
+        "  plain copy, direct writes (O_DIRECT)       {:>6.0} MiB/s",
+        d / MIB
+    );
+    println!(
+        "  cold migration (bytes sent / total time)   {:>6.0} MiB/s = {:.2} x plain copy (target >= 0.8), {:.2} x the direct-write copy",
         c / MIB,
-        c / p
+        c / p,
+        c / d
     );
     let out = json!({
         "plain_copy_mibs": plain.iter().map(|x| x / MIB).collect::<Vec<_>>(),
+        "plain_copy_direct_mibs": direct.iter().map(|x| x / MIB).collect::<Vec<_>>(),
+        "ratio_direct": c / d,
         "cold_mibs": cold.iter().map(|x| x / MIB).collect::<Vec<_>>(),
         "ratio": c / p,
         "reports": reports,

@@ -15,7 +15,9 @@
 //!    agent.
 
 use serde_json::{json, Value};
-use vmig_benches::{fill, median, plain_copy, results_path, target_dir, Cluster};
+use vmig_benches::{
+    fill, median, plain_copy, plain_copy_direct, results_path, target_dir, Cluster,
+};
 
 const MIB: u64 = 1 << 20;
 const RUNS: usize = 3;
@@ -81,24 +83,35 @@ fn main() {
     let mibs = |b: f64| b / MIB as f64;
 
     // 1. Throughput against a plain copy, interleaved.
-    let (mut mirror, mut whole, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut mirror, mut whole, mut plain, mut direct) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..RUNS {
         let c = Cluster::start(&exe, &["hostA", "hostB"]);
         let vm = format!("img{run}");
         vm_with_image(&c, &vm, "idle", 1024, 1024, &[]);
         let img = c.datastore("hostA").join(&vm).join("disk.img");
         plain.push(plain_copy(&img));
+        direct.push(plain_copy_direct(&img));
         let r = migrate(&c, &vm);
         let d = &r["disk"];
         let copied = f(d, &["copied_bytes"]);
         mirror.push(copied / (f(d, &["copy_ms"]) / 1e3));
         whole.push(copied / (f(&r, &["total_ms"]) / 1e3));
     }
-    let (m, w, p) = (median(&mirror), median(&whole), median(&plain));
+    let (m, w, p, dp) = (
+        median(&mirror),
+        median(&whole),
+        median(&plain),
+        median(&direct),
+    );
     println!("disk mirror of an idle VM's 1 GiB image (all data), mutual TLS, loopback, median of {RUNS} interleaved runs");
     println!(
         "  plain copy (read, TCP, write, fdatasync)  {:>7.0} MiB/s",
         mibs(p)
+    );
+    println!(
+        "  plain copy, direct writes (O_DIRECT)      {:>7.0} MiB/s",
+        mibs(dp)
     );
     println!(
         "  mirror first pass (source side, unsynced)  {:>7.0} MiB/s = {:.2} x plain copy",
@@ -106,9 +119,10 @@ fn main() {
         m / p
     );
     println!(
-        "  whole migration (image bytes / total time) {:>7.0} MiB/s = {:.2} x plain copy (target >= 0.8)",
+        "  whole migration (image bytes / total time) {:>7.0} MiB/s = {:.2} x plain copy (target >= 0.8), {:.2} x the direct-write copy",
         mibs(w),
-        w / p
+        w / p,
+        w / dp
     );
 
     // 2. The guest writes its disk during the migration: flat out, then at a fixed rate.
@@ -159,6 +173,7 @@ fn main() {
 
     let out = json!({
         "plain_copy_mibs": plain.iter().map(|x| mibs(*x)).collect::<Vec<_>>(),
+        "plain_copy_direct_mibs": direct.iter().map(|x| mibs(*x)).collect::<Vec<_>>(),
         "mirror_first_pass_mibs": mirror.iter().map(|x| mibs(*x)).collect::<Vec<_>>(),
         "whole_migration_mibs": whole.iter().map(|x| mibs(*x)).collect::<Vec<_>>(),
         "ratio_first_pass": m / p,

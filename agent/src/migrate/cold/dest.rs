@@ -251,7 +251,13 @@ fn receive_files(
                 }
                 done.push((d.name, got));
             }
-            Kind::ColdCommit => break,
+            Kind::ColdCommit => {
+                // Every piece written and synced before the files are registered.
+                for sink in sinks.values_mut() {
+                    sink.sync().map_err(disk)?;
+                }
+                break;
+            }
             _ => return Err(not_allowed(Phase::Reservation, &f)),
         }
     }

@@ -1,32 +1,24 @@
 //! The disk image arriving on the destination (`--storage copy`): pieces written into the
 //! staged image as they come (first pass, then the blocks the guest wrote meanwhile), hashed
-//! block by block under `--verify`, handed to writeback as they land (at most
-//! [`WRITE_BEHIND`] bytes waiting for the disk, so the receive goes at the disk's pace), synced
-//! at each round's end (on a thread of its own: the receive loop does not wait for it) and
-//! once more before the VM runs here: that last sync, inside the downtime, finds little to do.
+//! block by block under `--verify`, written by an [`ImageWriter`] (its own thread, bypassing
+//! the page cache, so the receive goes at the disk's pace and does not pay for the copy into
+//! the cache), synced at each round's end (without waiting: the receive loop goes on) and once
+//! more before the VM runs here: that last sync, inside the downtime, finds little to do.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::thread::JoinHandle;
 
 use crate::migrate::MigrateError;
-use crate::storage::writeback::WRITE_BEHIND;
-use crate::storage::{BlockDigest, WriteBehind, DISK_BLOCK};
+use crate::storage::{BlockDigest, ImageWriter, DISK_BLOCK};
 use crate::wire::WireError;
 
 /// The staged image being written.
 pub(super) struct DiskSink {
     path: PathBuf,
-    file: Option<File>,
+    writer: Option<ImageWriter>,
     size: u64,
     digest: Option<BlockDigest>,
     verify: bool,
     unsynced: bool,
-    /// The round-end sync in flight, if any.
-    syncing: Option<JoinHandle<std::io::Result<()>>>,
-    /// The pieces written and not yet on disk.
-    behind: WriteBehind,
     /// Payload bytes written.
     pub(super) written: u64,
 }
@@ -36,13 +28,11 @@ impl DiskSink {
     pub(super) fn new(path: &Path, verify: bool) -> Self {
         Self {
             path: path.to_path_buf(),
-            file: None,
+            writer: None,
             size: 0,
             digest: None,
             verify,
             unsynced: false,
-            syncing: None,
-            behind: WriteBehind::new(WRITE_BEHIND),
             written: 0,
         }
     }
@@ -54,17 +44,11 @@ impl DiskSink {
         offset: u64,
         data: &[u8],
     ) -> Result<(), MigrateError> {
-        if self.file.is_none() {
-            let f = OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .open(&self.path)
-                .map_err(|e| self.error("create", e))?;
-            f.set_len(size).map_err(|e| self.error("size", e))?;
+        if self.writer.is_none() {
+            let w = ImageWriter::create(&self.path, size).map_err(|e| self.error("create", e))?;
             self.size = size;
             self.digest = self.verify.then(|| BlockDigest::new(size, DISK_BLOCK));
-            self.file = Some(f);
+            self.writer = Some(w);
         }
         if size != self.size {
             return Err(WireError::BadPages(format!(
@@ -83,58 +67,39 @@ impl DiskSink {
             d.update(offset, data)
                 .map_err(|e| WireError::BadPages(e.to_string()))?;
         }
-        let file = self.file.as_ref().expect("opened above");
-        file.write_all_at(data, offset)
-            .map_err(|e| self.error("write", e))?;
-        self.behind
-            .written(file, offset, data.len() as u64)
-            .map_err(|e| self.error("write back", e))?;
+        let w = self.writer.as_mut().expect("opened above");
+        if let Err(e) = w.write(offset, data) {
+            return Err(self.error("write", e));
+        }
         self.written += data.len() as u64;
         self.unsynced = true;
         Ok(())
     }
 
-    /// Starts flushing what was written so far to stable storage (`fdatasync` on a thread of
-    /// its own), unless a flush is still running: the first pass of a large image can take
-    /// seconds to reach the disk, and the receive loop must go on meanwhile (a pause arriving
-    /// then would otherwise wait for it). A flush that failed is reported here or by [`sync`].
-    ///
-    /// [`sync`]: DiskSink::sync
+    /// Starts flushing what was written so far to stable storage without waiting for it: the
+    /// first pass of a large image can take seconds to reach the disk, and the receive loop
+    /// must go on meanwhile (a pause arriving then would otherwise wait for it). A flush that
+    /// failed is reported by the next call.
     pub(super) fn sync_in_background(&mut self) -> Result<(), MigrateError> {
-        if self.syncing.as_ref().is_some_and(|h| !h.is_finished()) {
-            return Ok(());
-        }
-        self.join()?;
-        if let (true, Some(f)) = (self.unsynced, self.file.as_ref()) {
-            let f = f.try_clone().map_err(|e| self.error("sync", e))?;
+        if let (true, Some(w)) = (self.unsynced, self.writer.as_mut()) {
             self.unsynced = false;
-            let h = std::thread::Builder::new()
-                .name("disk-sync".into())
-                .spawn(move || f.sync_data())
-                .map_err(|e| self.error("sync", e))?;
-            self.syncing = Some(h);
+            if let Err(e) = w.sync_in_background() {
+                return Err(self.error("sync", e));
+            }
         }
         Ok(())
     }
 
-    /// Flushes everything written to stable storage (`fdatasync`), waiting for a flush in flight
-    /// first: when it returns, the image is durable.
+    /// Waits for every piece to be written, then flushes them to stable storage
+    /// (`fdatasync`): when it returns, the image is durable.
     pub(super) fn sync(&mut self) -> Result<(), MigrateError> {
-        self.join()?;
-        if let (true, Some(f)) = (self.unsynced, self.file.as_ref()) {
-            f.sync_data().map_err(|e| self.error("sync", e))?;
+        if let Some(w) = self.writer.as_mut() {
+            if let Err(e) = w.sync() {
+                return Err(self.error("sync", e));
+            }
             self.unsynced = false;
-            self.behind.synced();
         }
         Ok(())
-    }
-
-    fn join(&mut self) -> Result<(), MigrateError> {
-        match self.syncing.take().map(JoinHandle::join) {
-            None | Some(Ok(Ok(()))) => Ok(()),
-            Some(Ok(Err(e))) => Err(self.error("sync", e)),
-            Some(Err(_)) => Err(self.error("sync", std::io::Error::other("the sync thread died"))),
-        }
     }
 
     /// The image's digest as received (under `--verify`, once a piece came).
