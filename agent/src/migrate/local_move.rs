@@ -4,8 +4,8 @@
 //! milliseconds.
 //!
 //! 1. The device's written-block log starts, then the image is copied in chunks (holes and
-//!    all-zero chunks skipped, the copy sparse; write-behind keeps the copy's page cache
-//!    small so the sync at the pause finds little to do).
+//!    all-zero chunks skipped, the copy sparse, written by a [`ImageWriter`] that bypasses the
+//!    page cache, so the sync at the pause finds little to do).
 //! 2. Rounds copy the blocks the guest wrote meanwhile, until a round leaves at most
 //!    [`SWITCH_BLOCKS`] blocks (or [`MAX_ROUNDS`] passed).
 //! 3. The pause: the vCPUs stop, the device drains, the last written blocks are copied, the new
@@ -17,7 +17,7 @@
 //!    image as it was at the switch); the old image, which nothing writes after the switch, is
 //!    hashed once the VM runs again, and the two must be equal.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,8 +25,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::storage::writeback::WRITE_BEHIND;
-use crate::storage::{self, BlockDigest, WriteBehind, DISK_BLOCK};
+use crate::storage::{self, BlockDigest, ImageWriter, DISK_BLOCK};
 use crate::vm::Vm;
 
 /// A round leaving at most this many written blocks ends the rounds: the pause copies them.
@@ -188,9 +187,8 @@ struct Copy<'a> {
     old_path: &'a Path,
     new_path: &'a Path,
     old: File,
-    new: File,
+    new: ImageWriter,
     size: u64,
-    behind: WriteBehind,
     /// What was written into the new image, block by block.
     digest: BlockDigest,
 }
@@ -203,20 +201,13 @@ impl<'a> Copy<'a> {
         };
         let old = File::open(old_path).map_err(io("cannot open", old_path))?;
         let size = old.metadata().map_err(io("cannot stat", old_path))?.len();
-        let new = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(new_path)
-            .map_err(io("cannot create", new_path))?;
-        new.set_len(size).map_err(io("cannot size", new_path))?;
+        let new = ImageWriter::create_new(new_path, size).map_err(io("cannot create", new_path))?;
         Ok(Self {
             old_path,
             new_path,
             old,
             new,
             size,
-            behind: WriteBehind::new(WRITE_BEHIND),
             digest: BlockDigest::new(size, DISK_BLOCK),
         })
     }
@@ -231,11 +222,8 @@ impl<'a> Copy<'a> {
             .update(offset, data)
             .map_err(|e| err("cannot hash", std::io::Error::other(e.to_string())))?;
         self.new
-            .write_all_at(data, offset)
-            .map_err(|e| err("cannot write", e))?;
-        self.behind
-            .written(&self.new, offset, data.len() as u64)
-            .map_err(|e| err("cannot write back", e))
+            .write(offset, data)
+            .map_err(|e| err("cannot write", e))
     }
 
     fn first_pass(&mut self, cancel: &AtomicBool) -> Result<u64, MoveError> {
@@ -289,13 +277,11 @@ impl<'a> Copy<'a> {
     }
 
     fn sync(&mut self) -> Result<(), MoveError> {
-        self.new.sync_data().map_err(|cause| MoveError::Io {
+        self.new.sync().map_err(|cause| MoveError::Io {
             what: "cannot sync",
             path: self.new_path.display().to_string(),
             cause,
-        })?;
-        self.behind.synced();
-        Ok(())
+        })
     }
 
     fn digest_old(&self) -> Result<String, MoveError> {

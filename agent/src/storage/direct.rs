@@ -99,6 +99,15 @@ impl std::fmt::Debug for ImageWriter {
 impl ImageWriter {
     /// Creates (or truncates) the file at `path` with `size` bytes, all holes.
     pub fn create(path: &Path, size: u64) -> std::io::Result<Self> {
+        Self::open(path, size, false)
+    }
+
+    /// [`ImageWriter::create`] of a file that must not exist yet.
+    pub fn create_new(path: &Path, size: u64) -> std::io::Result<Self> {
+        Self::open(path, size, true)
+    }
+
+    fn open(path: &Path, size: u64, new: bool) -> std::io::Result<Self> {
         let open = |direct: bool| {
             let mut o = OpenOptions::new();
             o.write(true);
@@ -107,11 +116,15 @@ impl ImageWriter {
             }
             o.open(path)
         };
-        let buffered = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(path)?;
+        let buffered = if new {
+            OpenOptions::new().write(true).create_new(true).open(path)?
+        } else {
+            OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(path)?
+        };
         buffered.set_len(size)?;
         let direct = match open(true) {
             Ok(f) => Some(f),
