@@ -290,6 +290,12 @@ impl Background {
         }
     }
 
+    /// SIGKILLs it (as a user's `kill -9` or a lost terminal would end it) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Whether it is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

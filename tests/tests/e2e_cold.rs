@@ -538,3 +538,198 @@ fn crash_matrix_every_step_of_a_cold_migration_and_a_storage_move() {
     }
     assert_eq!(cells.len(), 12);
 }
+
+/// The VM is registered on exactly one of `hosts` (after recovery settles), in `host`, with
+/// the files `want`, and nothing of it is left elsewhere.
+fn assert_once_on(c: &Cluster, vm: &str, host: &str, want: &BTreeMap<String, String>, case: &str) {
+    let at = settle(c, &["hostA", "hostB"], vm);
+    assert_eq!(
+        at.len(),
+        1,
+        "{case}: {vm} registered on {at:?}\n{}",
+        c.logs()
+    );
+    let (on, dir, state) = &at[0];
+    assert_eq!(on, host, "{case}: {vm} on {on}\n{}", c.logs());
+    assert_eq!(state, "stopped", "{case}");
+    assert_eq!(&digests(dir), want, "{case}: the files on {on}");
+    for h in ["hostA", "hostB"] {
+        let ds = c.datastore(h);
+        if h != host {
+            assert!(
+                !ds.join(vm).exists(),
+                "{case}: a folder of {vm} left on {h}"
+            );
+        }
+        assert!(
+            !ds.join(".incoming").join(vm).exists(),
+            "{case}: staging on {h}"
+        );
+        assert!(journal_empty(&ds), "{case}: journal records left on {h}");
+    }
+}
+
+#[test]
+fn recovery_survives_a_crash_during_its_own_question_and_needs_no_restart_of_the_source() {
+    let crash = |p: &str| AgentOpts {
+        crash_at: Some(p.into()),
+        ..AgentOpts::new()
+    };
+    let mut cells = Vec::new();
+
+    // 1. The destination dies after registering, before its confirmation: the source, still
+    //    running, marks the VM recovering; once the destination is back the source's resolver
+    //    asks again by itself, and the VM ends on the destination.
+    let mut c = Cluster::new(&[
+        ("hostA", AgentOpts::new()),
+        ("hostB", crash("dest-registered")),
+    ]);
+    let want = stopped_vm(&c, "hostA", "vm1", 32, &[]);
+    let o = c.cli_timeout(
+        &["--host", "hostA", "migrate", "vm1", "hostB", "--offline"],
+        Duration::from_secs(120),
+    );
+    assert!(
+        !o.success(),
+        "the answer was lost, the CLI must say so: {o}"
+    );
+    assert!(wait_for(Duration::from_secs(10), || c.exited("hostB").then_some(())).is_some());
+    assert_eq!(
+        c.show("hostA", "vm1").map(|s| s["state"].clone()),
+        Some("recovering".into()),
+        "{}",
+        c.logs()
+    );
+    c.restart_with("hostB", AgentOpts::new());
+    assert!(!c.exited("hostA"), "the source was not restarted");
+    assert_once_on(&c, "vm1", "hostB", &want, "lost answer, source running");
+    cells.push((
+        "dest-registered",
+        "hostB",
+        "source kept running; its resolver asked again once hostB was back: on hostB",
+    ));
+
+    drop(c); // one cluster at a time (the e2e lock)
+
+    // 2. The source dies having journaled its commit; restarted, it asks the destination,
+    //    which dies while answering (its answer decided, not sent); restarted, it is asked
+    //    again and gives the same answer: the VM stays on the source.
+    let mut c = Cluster::new(&[
+        ("hostA", crash("source-committing")),
+        ("hostB", AgentOpts::new()),
+    ]);
+    let want = stopped_vm(&c, "hostA", "vm1", 32, &[]);
+    let _ = c.cli_timeout(
+        &["--host", "hostA", "migrate", "vm1", "hostB", "--offline"],
+        Duration::from_secs(120),
+    );
+    assert!(wait_for(Duration::from_secs(10), || c.exited("hostA").then_some(())).is_some());
+    c.restart_with("hostB", crash("dest-answering"));
+    c.restart_with("hostA", AgentOpts::new());
+    assert!(
+        wait_for(Duration::from_secs(20), || c.exited("hostB").then_some(())).is_some(),
+        "hostB was not asked\n{}",
+        c.logs()
+    );
+    c.restart_with("hostB", AgentOpts::new());
+    assert_once_on(&c, "vm1", "hostA", &want, "dest died answering");
+    cells.push((
+        "source-committing, then dest-answering",
+        "both",
+        "asked again after hostB's restart: on hostA",
+    ));
+
+    drop(c);
+
+    // 3. The destination registered, the answer was lost; the source is restarted and dies
+    //    just after the destination's answer came, before acting on it; restarted again, it
+    //    asks again: the VM ends on the destination.
+    let mut c = Cluster::new(&[
+        ("hostA", AgentOpts::new()),
+        ("hostB", crash("dest-registered")),
+    ]);
+    let want = stopped_vm(&c, "hostA", "vm1", 32, &[]);
+    let _ = c.cli_timeout(
+        &["--host", "hostA", "migrate", "vm1", "hostB", "--offline"],
+        Duration::from_secs(120),
+    );
+    assert!(wait_for(Duration::from_secs(10), || c.exited("hostB").then_some(())).is_some());
+    // The source starts while the destination is down (so that it is up before it asks).
+    c.restart_with("hostA", crash("source-answered"));
+    c.restart_with("hostB", AgentOpts::new());
+    assert!(
+        wait_for(Duration::from_secs(20), || c.exited("hostA").then_some(())).is_some(),
+        "hostA did not get its answer\n{}",
+        c.logs()
+    );
+    c.restart_with("hostA", AgentOpts::new());
+    assert_once_on(&c, "vm1", "hostB", &want, "source died on the answer");
+    cells.push((
+        "dest-registered, then source-answered",
+        "both",
+        "asked again after hostA's restart: on hostB",
+    ));
+
+    eprintln!("\nrecovery's own question, crashed:");
+    eprintln!("{:<40} {:<8} outcome", "steps", "crashed");
+    for (p, h, o) in &cells {
+        eprintln!("{p:<40} {h:<8} {o}");
+    }
+}
+
+#[test]
+fn a_cli_killed_mid_operation_leaves_the_agent_to_finish_it() {
+    let mut c = Cluster::new(&[("hostA", AgentOpts::new()), ("hostB", AgentOpts::new())]);
+    // 1 GiB with 256 MiB of data: long enough to kill the CLI while the disk streams.
+    let want = stopped_vm(&c, "hostA", "vm1", 1024, &[]);
+    let mut cli = c.spawn_cli(&["--host", "hostA", "migrate", "vm1", "hostB", "--offline"]);
+    let staging = c.datastore("hostB").join(".incoming").join("vm1");
+    let seen = wait_for(Duration::from_secs(60), || staging.exists().then_some(()));
+    assert!(seen.is_some(), "no staging on hostB\n{}", c.logs());
+    assert!(
+        cli.running(),
+        "the migration ended before the CLI could be killed"
+    );
+    cli.kill();
+    let done = wait_for(Duration::from_secs(60), || {
+        (c.show("hostA", "vm1").is_none() && journal_empty(&c.datastore("hostA"))).then_some(())
+    });
+    assert!(
+        done.is_some(),
+        "the migration did not finish without its CLI
+{}",
+        c.logs()
+    );
+    assert_once_on(&c, "vm1", "hostB", &want, "CLI killed mid-migration");
+    let listed = c.ok(&["--host", "hostB", "vm", "list"]).stdout;
+    assert!(listed.contains("vm1"), "{listed}");
+
+    // The same for a stopped VM's storage move.
+    let fast = c.dir().join("hostB-fast");
+    let args = vec![
+        "--datastore".to_string(),
+        format!("fast={}", fast.display()),
+    ];
+    c.restart_with("hostB", with_args(&args));
+    let mut cli = c.spawn_cli(&["--host", "hostB", "storage", "move", "vm1", "--to", "fast"]);
+    let staging = fast.join(".incoming").join("vm1");
+    let seen = wait_for(Duration::from_secs(60), || staging.exists().then_some(()));
+    assert!(seen.is_some(), "no staging on fast\n{}", c.logs());
+    assert!(
+        cli.running(),
+        "the move ended before the CLI could be killed"
+    );
+    cli.kill();
+    let moved = wait_for(Duration::from_secs(60), || {
+        let s = c.show("hostB", "vm1")?;
+        let dir = PathBuf::from(s["dir"].as_str()?);
+        (dir.starts_with(&fast) && journal_empty(&fast) && journal_empty(&c.datastore("hostB")))
+            .then_some(dir)
+    });
+    let dir = moved.unwrap_or_else(|| panic!("the move did not finish\n{}", c.logs()));
+    assert_eq!(digests(&dir), want, "the moved files");
+    assert!(
+        !c.datastore("hostB").join("vm1").exists(),
+        "the old folder stays"
+    );
+}

@@ -274,7 +274,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     })?;
     guard::protect_socket(&cfg.control, control_gid)?;
     info!(name = %cfg.name, listen = %cfg.listen, control = %cfg.control.display(), capacity_mib = capacity >> 20, "agent ready");
-    if !inv.in_doubt().is_empty() {
+    {
         let hosts = hosts.clone();
         crate::migrate::cold::recover::spawn_resolver(
             inv.clone(),

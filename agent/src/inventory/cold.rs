@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use super::datastore::{self, sync_dir, Datastore};
 use super::journal::{self, Journal, OpKind, Record, Step};
@@ -421,6 +421,24 @@ impl Inventory {
                 peer: r.peer.clone().unwrap_or_default(),
             });
         }
+        let (count, cv) = &self.doubt;
+        *count.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        cv.notify_all();
+    }
+
+    /// How many times a migration out fell in doubt while the agent ran (for
+    /// [`Self::wait_for_doubt`]).
+    pub fn doubt_count(&self) -> u64 {
+        *self.doubt.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Blocks until [`Self::doubt_count`] differs from `seen`.
+    pub fn wait_for_doubt(&self, seen: u64) {
+        let (count, cv) = &self.doubt;
+        let g = count.lock().unwrap_or_else(PoisonError::into_inner);
+        let _g = cv
+            .wait_while(g, |c| *c == seen)
+            .unwrap_or_else(PoisonError::into_inner);
     }
 
     /// The cold migrations out whose outcome is in doubt: (datastore index, record).

@@ -12,7 +12,7 @@ mod live_move;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -217,6 +217,9 @@ pub struct Inventory {
     datastores: Vec<Datastore>,
     capacity: u64,
     inner: Mutex<Inner>,
+    /// Bumped each time a cold migration out falls in doubt while the agent runs, so that the
+    /// resolver wakes (see `migrate::cold::recover`).
+    doubt: (Mutex<u64>, Condvar),
 }
 
 #[derive(Default)]
@@ -304,6 +307,7 @@ impl Inventory {
             datastores,
             capacity,
             inner: Mutex::new(Inner::default()),
+            doubt: (Mutex::new(0), Condvar::new()),
         };
         for (i, ds) in inv.datastores.iter().enumerate() {
             fs::create_dir_all(&ds.path).map_err(io_err(&ds.path))?;

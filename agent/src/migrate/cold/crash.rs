@@ -27,6 +27,11 @@ pub enum Crash {
     DestBeforeRegister,
     /// Destination: just after the registration, before the confirmation goes.
     DestRegistered,
+    /// Destination: a recovering source asked about an operation; the answer is decided (an
+    /// unregistered operation aborted) and not sent yet.
+    DestAnswering,
+    /// Source: recovering, the destination's answer came; not acted on yet.
+    SourceAnswered,
     /// Storage move: the intent record is written.
     MoveIntent,
     /// Storage move: in the middle of the disk image.
@@ -37,7 +42,7 @@ pub enum Crash {
 
 impl Crash {
     /// Every point, in the order an operation reaches them.
-    pub const ALL: [Crash; 12] = [
+    pub const ALL: [Crash; 14] = [
         Crash::SourceIntent,
         Crash::SourceMidFile,
         Crash::SourceCommitting,
@@ -47,6 +52,8 @@ impl Crash {
         Crash::DestSynced,
         Crash::DestBeforeRegister,
         Crash::DestRegistered,
+        Crash::DestAnswering,
+        Crash::SourceAnswered,
         Crash::MoveIntent,
         Crash::MoveMidFile,
         Crash::MoveSwitched,
@@ -64,6 +71,8 @@ impl Crash {
             Crash::DestSynced => "dest-synced",
             Crash::DestBeforeRegister => "dest-before-register",
             Crash::DestRegistered => "dest-registered",
+            Crash::DestAnswering => "dest-answering",
+            Crash::SourceAnswered => "source-answered",
             Crash::MoveIntent => "move-intent",
             Crash::MoveMidFile => "move-mid-file",
             Crash::MoveSwitched => "move-switched",

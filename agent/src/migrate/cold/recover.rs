@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::crash::{point, Crash};
 use crate::inventory::journal::Record;
 use crate::inventory::Inventory;
 use crate::migrate::link::Link;
@@ -51,6 +52,7 @@ pub fn resolve_all(
         };
         match ask(security, addr, &peer, inv.agent(), &rec) {
             Ok(registered) => {
+                point(Crash::SourceAnswered);
                 if let Err(e) = inv.resolve_in_doubt(ds, &rec, registered) {
                     tracing::error!(vm = %rec.vm, cause = %e, "cannot finish an in-doubt cold migration");
                     left += 1;
@@ -68,13 +70,19 @@ pub fn resolve_all(
 /// How a resolver finds a host's address.
 pub type Resolve = Box<dyn Fn(&str) -> Option<SocketAddr> + Send>;
 
-/// Runs [`resolve_all`] every second until nothing is in doubt (on a thread of its own).
+/// Runs [`resolve_all`] on a thread of its own for as long as the agent runs: every second
+/// while anything is in doubt (the agent started with records in doubt, or a migration out
+/// lost its commit's answer and its destination did not answer the question at once), and
+/// otherwise asleep until [`Inventory::mark_recovering`] wakes it.
 pub fn spawn_resolver(inv: Arc<Inventory>, security: Security, resolve: Resolve) {
     let _ = std::thread::Builder::new()
         .name("cold-recover".into())
-        .spawn(move || {
-            while resolve_all(&inv, &security, &*resolve) > 0 {
+        .spawn(move || loop {
+            let seen = inv.doubt_count();
+            if resolve_all(&inv, &security, &*resolve) > 0 {
                 std::thread::sleep(Duration::from_secs(1));
+            } else {
+                inv.wait_for_doubt(seen);
             }
         });
 }

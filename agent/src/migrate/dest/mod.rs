@@ -98,6 +98,7 @@ fn run(link: &mut Link, to: &Destination<'_>) -> Result<String, MigrateError> {
         reservation::Next::ColdQuery(q) => {
             let registered = to.inv.cold_query(&q.op, &q.name);
             tracing::info!(vm = %q.name, op = %q.op, registered, "a recovering source asked about a cold migration");
+            super::cold::crash::point(super::cold::crash::Crash::DestAnswering);
             link.send(&msg::ColdAnswer { registered })?;
             return Ok(q.name);
         }
