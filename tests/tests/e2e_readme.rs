@@ -137,6 +137,12 @@ fn e2e_readme_using_it_runs_as_written() {
         failed, 0,
         "the guest's self-check failed after landing\n{out}"
     );
+    // The cold migration: every file's digest equal on both sides (the definition, NVRAM,
+    // disk and log at least).
+    assert!(out.contains("vm1 moved hostA -> hostB"), "{out}");
+    let equal = out.lines().filter(|l| l.ends_with("digest equal")).count();
+    assert!(equal >= 4, "{equal} files with equal digests\n{out}");
+    assert!(!out.contains("DIFFER"), "{out}");
 }
 
 #[test]
