@@ -523,7 +523,10 @@ static long resolve_page(__u64 i, struct resolve_ctx *rc)
 	pf = bpf_map_lookup_elem(&pending_faults, &page);
 	if (!pf)
 		return 0;
-	latency = rc->now - pf->ts_ns;
+	/* A fault recorded after the copy that resolved it was done (its tracepoint ran late on
+	 * another CPU: a nested guest's vCPU can be descheduled between the exception and the
+	 * probe) waited for nothing here: latency 0, never a wrapped difference. */
+	latency = rc->now > pf->ts_ns ? rc->now - pf->ts_ns : 0;
 	tid = pf->tid;
 	bpf_map_delete_elem(&pending_faults, &page);
 	count(VMIG_C_USER_FAULTS_RESOLVED, 1);

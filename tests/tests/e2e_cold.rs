@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vmig::storage::cold::{digest_of, vm_files};
-use vmig_tests::{wait_for, AgentOpts, Cluster};
+use vmig_tests::{wait_for, AgentOpts, Cluster, Output};
 
 /// A VM whose vCPU0 writes and checks its disk and vCPU1 counts.
 const VM: &[&str] = &[
@@ -430,27 +430,7 @@ fn crash_matrix_every_step_of_a_cold_migration_and_a_storage_move() {
         ("dest-before-register", "hostB"),
         ("dest-registered", "hostB"),
     ] {
-        let crash = AgentOpts {
-            crash_at: Some(point.into()),
-            ..AgentOpts::new()
-        };
-        let (a, b) = if crashes == "hostA" {
-            (crash, AgentOpts::new())
-        } else {
-            (AgentOpts::new(), crash)
-        };
-        let mut c = Cluster::new(&[("hostA", a), ("hostB", b)]);
-        let want = stopped_vm(&c, "hostA", "vm1", 32, &[]);
-        let o = c.cli_timeout(
-            &["--host", "hostA", "migrate", "vm1", "hostB", "--offline"],
-            Duration::from_secs(120),
-        );
-        let crashed = wait_for(Duration::from_secs(10), || c.exited(crashes).then_some(()));
-        assert!(
-            crashed.is_some(),
-            "{point}: {crashes} did not crash: {o}\n{}",
-            c.logs()
-        );
+        let (mut c, want, _) = crashed_cold_migration(point, crashes);
         c.restart_with("hostA", AgentOpts::new());
         c.restart_with("hostB", AgentOpts::new());
         let at = settle(&c, &["hostA", "hostB"], "vm1");
@@ -569,6 +549,37 @@ fn assert_once_on(c: &Cluster, vm: &str, host: &str, want: &BTreeMap<String, Str
     }
 }
 
+/// A cluster whose host `crashes` aborts at `point` during the cold migration of a stopped
+/// `vm1` from hostA to hostB; returns it once that agent has exited, with vm1's digests and
+/// the CLI's output.
+fn crashed_cold_migration(
+    point: &str,
+    crashes: &str,
+) -> (Cluster, BTreeMap<String, String>, Output) {
+    let crash = AgentOpts {
+        crash_at: Some(point.into()),
+        ..AgentOpts::new()
+    };
+    let (a, b) = if crashes == "hostA" {
+        (crash, AgentOpts::new())
+    } else {
+        (AgentOpts::new(), crash)
+    };
+    let c = Cluster::new(&[("hostA", a), ("hostB", b)]);
+    let want = stopped_vm(&c, "hostA", "vm1", 32, &[]);
+    let o = c.cli_timeout(
+        &["--host", "hostA", "migrate", "vm1", "hostB", "--offline"],
+        Duration::from_secs(120),
+    );
+    let crashed = wait_for(Duration::from_secs(10), || c.exited(crashes).then_some(()));
+    assert!(
+        crashed.is_some(),
+        "{point}: {crashes} did not crash: {o}\n{}",
+        c.logs()
+    );
+    (c, want, o)
+}
+
 #[test]
 fn recovery_survives_a_crash_during_its_own_question_and_needs_no_restart_of_the_source() {
     let crash = |p: &str| AgentOpts {
@@ -580,20 +591,11 @@ fn recovery_survives_a_crash_during_its_own_question_and_needs_no_restart_of_the
     // 1. The destination dies after registering, before its confirmation: the source, still
     //    running, marks the VM recovering; once the destination is back the source's resolver
     //    asks again by itself, and the VM ends on the destination.
-    let mut c = Cluster::new(&[
-        ("hostA", AgentOpts::new()),
-        ("hostB", crash("dest-registered")),
-    ]);
-    let want = stopped_vm(&c, "hostA", "vm1", 32, &[]);
-    let o = c.cli_timeout(
-        &["--host", "hostA", "migrate", "vm1", "hostB", "--offline"],
-        Duration::from_secs(120),
-    );
+    let (mut c, want, o) = crashed_cold_migration("dest-registered", "hostB");
     assert!(
         !o.success(),
         "the answer was lost, the CLI must say so: {o}"
     );
-    assert!(wait_for(Duration::from_secs(10), || c.exited("hostB").then_some(())).is_some());
     assert_eq!(
         c.show("hostA", "vm1").map(|s| s["state"].clone()),
         Some("recovering".into()),
@@ -614,16 +616,7 @@ fn recovery_survives_a_crash_during_its_own_question_and_needs_no_restart_of_the
     // 2. The source dies having journaled its commit; restarted, it asks the destination,
     //    which dies while answering (its answer decided, not sent); restarted, it is asked
     //    again and gives the same answer: the VM stays on the source.
-    let mut c = Cluster::new(&[
-        ("hostA", crash("source-committing")),
-        ("hostB", AgentOpts::new()),
-    ]);
-    let want = stopped_vm(&c, "hostA", "vm1", 32, &[]);
-    let _ = c.cli_timeout(
-        &["--host", "hostA", "migrate", "vm1", "hostB", "--offline"],
-        Duration::from_secs(120),
-    );
-    assert!(wait_for(Duration::from_secs(10), || c.exited("hostA").then_some(())).is_some());
+    let (mut c, want, _) = crashed_cold_migration("source-committing", "hostA");
     c.restart_with("hostB", crash("dest-answering"));
     c.restart_with("hostA", AgentOpts::new());
     assert!(
@@ -644,16 +637,7 @@ fn recovery_survives_a_crash_during_its_own_question_and_needs_no_restart_of_the
     // 3. The destination registered, the answer was lost; the source is restarted and dies
     //    just after the destination's answer came, before acting on it; restarted again, it
     //    asks again: the VM ends on the destination.
-    let mut c = Cluster::new(&[
-        ("hostA", AgentOpts::new()),
-        ("hostB", crash("dest-registered")),
-    ]);
-    let want = stopped_vm(&c, "hostA", "vm1", 32, &[]);
-    let _ = c.cli_timeout(
-        &["--host", "hostA", "migrate", "vm1", "hostB", "--offline"],
-        Duration::from_secs(120),
-    );
-    assert!(wait_for(Duration::from_secs(10), || c.exited("hostB").then_some(())).is_some());
+    let (mut c, want, _) = crashed_cold_migration("dest-registered", "hostB");
     // The source starts while the destination is down (so that it is up before it asks).
     c.restart_with("hostA", crash("source-answered"));
     c.restart_with("hostB", AgentOpts::new());

@@ -276,10 +276,14 @@ fn postcopy_destination_faults_are_traced_with_their_latency() {
     );
     assert!(resolved.keys().all(|p| faulted.contains(p)));
     let post_ns = (pc.duration_ms * 1e6) as u64 + 1_000_000_000;
+    // A latency of 0 is a fault whose probe ran after the copy that resolved it (it waited
+    // for nothing); none may exceed the post-copy's duration (a wrapped difference did).
     assert!(
-        lat.iter().all(|&l| l > 0 && l < post_ns),
-        "latencies within post-copy"
+        lat.iter().all(|&l| l < post_ns),
+        "latencies within post-copy: max {:?} ns",
+        lat.iter().max()
     );
+    assert!(lat.iter().any(|&l| l > 0), "some faults waited");
     // Every page the handler waited for (each sent to the source as a page request, or resolved
     // locally as a zero page) is among the probe's resolved pages; the probe resolves more:
     // pages whose fault the background push answered before the handler read the fault message.
