@@ -334,6 +334,69 @@ fn never_with_abort_keeps_the_vm_on_the_source() {
     assert!(p.dst.incoming().is_empty());
 }
 
+/// A round longer than `--timeout` (16 MiB touched at 4 MiB/s: at least 4 s for round 1)
+/// under a 1 s timeout.
+fn slow_round_opts(postcopy: PostcopyPolicy) -> MigrateOptions {
+    MigrateOptions {
+        postcopy,
+        timeout_s: 1,
+        ..busy_opts(4.0)
+    }
+}
+
+#[test]
+fn the_timeout_stops_a_round_in_its_middle_and_the_vm_stays() {
+    let _serial = serial();
+    let p = pair("slowround", 64, &["counter", "dirty"], 16);
+    let t = Instant::now();
+    let (r, _) = migrate(&p, "slowround", &slow_round_opts(PostcopyPolicy::Never));
+    let took = t.elapsed();
+    let err = r.unwrap_err();
+    eprintln!("after {took:?}: {err}");
+    assert!(matches!(err, MigrateError::Timeout(1)), "{err}");
+    // Round 1 alone needs at least 4 s at the cap: the timeout did not wait for its end.
+    assert!(took < Duration::from_millis(3500), "{took:?}");
+    let (_, vm) = p.src.running("slowround").unwrap();
+    let c = vm.stats().counter;
+    wait_for(
+        "the counter goes on at the source",
+        Duration::from_secs(20),
+        || vm.stats().counter > c,
+    );
+    assert!(p.dst.running("slowround").is_err());
+    assert!(p.dst.incoming().is_empty());
+}
+
+#[test]
+fn the_timeout_in_the_middle_of_a_round_switches_to_postcopy_with_the_rest_missing() {
+    let _serial = serial();
+    let p = pair("cutround", 64, &["counter", "dirty"], 16);
+    let (r, _) = migrate(&p, "cutround", &slow_round_opts(PostcopyPolicy::Auto));
+    let report = r.unwrap();
+    print(&report);
+    assert_eq!(
+        report.stop_reason.cause,
+        Cause::Timeout,
+        "{:?}",
+        report.stop_reason
+    );
+    let round1 = &report.rounds[0];
+    assert!(
+        round1.pages < 16384,
+        "round 1 was cut: {} of 16384 pages",
+        round1.pages
+    );
+    let pc = postcopy_landed(&report);
+    // What round 1 did not send is missing at the switch, with what the guest dirtied.
+    assert!(
+        pc.pages_missing >= 16384 - round1.pages,
+        "{} pages missing, {} sent in round 1",
+        pc.pages_missing,
+        round1.pages
+    );
+    runs_on_destination(&p, "cutround", &report);
+}
+
 #[test]
 fn auto_never_switches_for_a_converging_guest() {
     let _serial = serial();

@@ -74,16 +74,32 @@ pub(super) fn rounds(run: &mut Run<'_>, rtt: Duration) -> Result<Precopied, Migr
             round,
             populated: first.as_deref(),
         };
-        let mut stats = stream::send_pages(
+        // `--timeout` acts inside a round too: a long round (a large VM under a low
+        // `--bandwidth`) stops at the deadline, and what it did not send stays pending.
+        let deadline = run.t0 + Duration::from_secs(opts.timeout_s);
+        let sendable = holdback.sendable(&pending);
+        let (mut stats, sent) = stream::send_pages_until(
             &mut run.link,
             vm,
-            &holdback.sendable(&pending),
+            &sendable,
             batch,
             run.progress,
             run.cancel,
+            Some(deadline),
         )?;
-        // The disk's blocks written since the last round go beside the round's pages.
-        if let Some(disk) = run.disk.as_mut() {
+        let unsent = &sendable[sent..];
+        if !unsent.is_empty() {
+            tracing::warn!(
+                round,
+                sent,
+                unsent = unsent.len(),
+                timeout_s = opts.timeout_s,
+                "the timeout came in the middle of the round"
+            );
+        }
+        // The disk's blocks written since the last round go beside the round's pages (not in a
+        // round the timeout cut: they stay in the device's log for the pause).
+        if let Some(disk) = run.disk.as_mut().filter(|_| unsent.is_empty()) {
             let before = run.link.writer.bytes_sent();
             let resent = disk.send_written(&mut run.link, run.out)?;
             run.link.flush()?;
@@ -101,6 +117,11 @@ pub(super) fn rounds(run: &mut Run<'_>, rtt: Duration) -> Result<Precopied, Migr
         stats.dirty_pages = dirty.len() as u64;
         stats.disk_dirty_blocks = DiskMirror::pending(run.out);
         pending = holdback.after_harvest(round, dirty);
+        if !unsent.is_empty() {
+            pending.extend_from_slice(unsent);
+            pending.sort_unstable();
+            pending.dedup();
+        }
         stats.held_pages = holdback.held();
         stats.bandwidth = stats.bytes as f64 / stats.secs;
         controller.assess(

@@ -40,6 +40,21 @@ pub(super) fn send_pages(
     progress: &dyn Fn(Progress),
     cancel: &Cancel,
 ) -> Result<RoundStats, MigrateError> {
+    send_pages_until(link, vm, list, batch, progress, cancel, None).map(|(stats, _)| stats)
+}
+
+/// [`send_pages`], stopping at the first frame boundary past `deadline` (a pre-copy round
+/// cut short by `--timeout`); returns the stats and how many pages of `list` went (the rest
+/// did not).
+pub(super) fn send_pages_until(
+    link: &mut Link,
+    vm: &Vm,
+    list: &[u64],
+    batch: Batch<'_>,
+    progress: &dyn Fn(Progress),
+    cancel: &Cancel,
+    deadline: Option<Instant>,
+) -> Result<(RoundStats, usize), MigrateError> {
     let Batch {
         kind,
         paused,
@@ -61,10 +76,15 @@ pub(super) fn send_pages(
     let mut frame = PageFrameBuilder::new(kind);
     let mut data: Vec<PageRef<'_>> = Vec::with_capacity(pages::MAX_PAGES);
     let mut last_progress = Instant::now();
+    let mut sent = 0usize;
     for chunk in list.chunks(pages::MAX_PAGES) {
         if cancel.is_cancelled() {
             return Err(MigrateError::Cancelled);
         }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        sent += chunk.len();
         data.clear();
         for &p in chunk {
             let page = ram.page(p)?;
@@ -101,7 +121,7 @@ pub(super) fn send_pages(
     }
     link.flush()?;
     stats.bytes = link.writer.bytes_sent() - before;
-    Ok(stats)
+    Ok((stats, sent))
 }
 
 /// Sends one file of the VM folder in chunks, skipping holes and all-zero chunks; a file
