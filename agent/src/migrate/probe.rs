@@ -1,6 +1,8 @@
 //! Kernel-measured dirty rates for the pre-copy controller.
 //!
-//! During a migration the source attaches the `vmig-ebpf` dirty-ring probes
+//! During a migration the source attaches (on a thread of its own, beside round 1: attaching
+//! takes tens of milliseconds that an idle VM's whole migration should not wait for) the
+//! `vmig-ebpf` dirty-ring probes
 //! ([`ProbeSet::DirtyRing`]: counters only, no event ring, nothing on the per-instruction or
 //! per-ioctl tracepoints) to the VM being migrated, filtered to this process (the VMM), the
 //! VM's vCPU threads and its guest memory. After every pre-copy round, right after the dirty log's harvest,
@@ -27,51 +29,100 @@ pub struct RoundProbes {
     state: State,
 }
 
+/// The probes, their counters when attached, and when that was.
+type Attached = Result<(VmProbes, Counters, Instant), String>;
+
 #[derive(Debug)]
 enum State {
+    /// Attaching on a thread of its own (tens of milliseconds: program loads and the
+    /// verifier), so that pre-copy does not wait for it; rounds that end meanwhile have no
+    /// kernel figures.
+    Attaching(std::thread::JoinHandle<Attached>),
     On {
         probes: Box<VmProbes>,
         /// Counters at the start of the current window.
         last: Counters,
+        /// When the current window started (the first starts when the attach is done).
+        since: Instant,
     },
     Off(String),
 }
 
 impl RoundProbes {
-    /// Attaches the probes to `vm` (a VM of this process) and starts the first window. Never
-    /// fails: a failure becomes the off reason.
+    /// Starts attaching the probes to `vm` (a VM of this process) on a thread of its own and
+    /// returns at once: the first window starts when they are attached. Never fails: a
+    /// failure becomes the off reason.
     pub fn attach(vm: &Vm) -> Self {
-        let t = Instant::now();
-        let state = match Self::try_attach(vm) {
-            Ok((probes, last)) => {
-                tracing::info!(
-                    attach_ms = t.elapsed().as_secs_f64() * 1e3,
-                    "kernel-measured dirty rates on (BPF probes attached)"
-                );
-                State::On {
-                    probes: Box::new(probes),
-                    last,
-                }
-            }
-            Err(why) => {
-                tracing::info!(%why, "kernel-measured dirty rates off");
-                State::Off(why)
+        let off = |why: String| {
+            tracing::info!(%why, "kernel-measured dirty rates off");
+            Self {
+                state: State::Off(why),
             }
         };
-        Self { state }
-    }
-
-    fn try_attach(vm: &Vm) -> Result<(VmProbes, Counters), String> {
         if vm.dirty().mode() == DirtyMode::Bitmap {
-            return Err(
+            return off(
                 "the VM tracks dirty pages with the KVM dirty bitmap, where KVM pushes \
-                        no dirty-ring entries for the probes to count (dirty_tracking = \"ring\" \
-                        turns them on)"
+                 no dirty-ring entries for the probes to count (dirty_tracking = \"ring\" \
+                 turns them on)"
                     .into(),
             );
         }
         let filter = filter_of(vm);
-        let mut probes = VmProbes::attach_set(&filter, false, ProbeSet::DirtyRing)
+        match std::thread::Builder::new()
+            .name("probe-attach".into())
+            .spawn(move || {
+                let t = Instant::now();
+                let r = Self::try_attach(&filter);
+                if r.is_ok() {
+                    tracing::info!(
+                        attach_ms = t.elapsed().as_secs_f64() * 1e3,
+                        "kernel-measured dirty rates on (BPF probes attached)"
+                    );
+                }
+                r
+            }) {
+            Ok(h) => Self {
+                state: State::Attaching(h),
+            },
+            Err(e) => off(format!("cannot start attaching the BPF probes: {e}")),
+        }
+    }
+
+    /// Attaches the probes synchronously (tests that need them on from the first round).
+    pub fn attach_now(vm: &Vm) -> Self {
+        let mut p = Self::attach(vm);
+        p.settle(true);
+        p
+    }
+
+    /// Takes the attach's outcome if it is done (or, with `wait`, once it is).
+    fn settle(&mut self, wait: bool) {
+        let State::Attaching(h) = &self.state else {
+            return;
+        };
+        if !wait && !h.is_finished() {
+            return;
+        }
+        let State::Attaching(h) = std::mem::replace(&mut self.state, State::Off(String::new()))
+        else {
+            unreachable!("checked above");
+        };
+        self.state = match h.join() {
+            Ok(Ok((probes, last, since))) => State::On {
+                probes: Box::new(probes),
+                last,
+                since,
+            },
+            Ok(Err(why)) => {
+                tracing::info!(%why, "kernel-measured dirty rates off");
+                State::Off(why)
+            }
+            Err(_) => State::Off("attaching the BPF probes panicked".into()),
+        };
+    }
+
+    fn try_attach(filter: &VmFilter) -> Attached {
+        let mut probes = VmProbes::attach_set(filter, false, ProbeSet::DirtyRing)
             .map_err(|e| vmig_ebpf::chain_to_string(&e))?;
         probes
             .start_dirty_window()
@@ -79,32 +130,46 @@ impl RoundProbes {
         let last = probes
             .counters()
             .map_err(|e| vmig_ebpf::chain_to_string(&e))?;
-        Ok((probes, last))
+        Ok((probes, last, Instant::now()))
     }
 
     /// Why the kernel's figures are off, if they are.
-    pub fn off_reason(&self) -> Option<&str> {
+    pub fn off_reason(&mut self) -> Option<&str> {
+        self.settle(false);
         match &self.state {
             State::On { .. } => None,
+            State::Attaching(_) => Some(
+                "pre-copy ended before the BPF probes were attached (they attach beside round 1)",
+            ),
             State::Off(why) => Some(why),
         }
     }
 
-    /// Ends round `round`, which took `secs`: returns the kernel's counts since the previous
-    /// call (or since attach) and starts the next window. `None` when the probes are off; a
-    /// failure to read them turns them off for the rest of the migration.
-    pub fn end_round(&mut self, round: u32, secs: f64) -> Option<KernelRound> {
-        let State::On { probes, last } = &mut self.state else {
+    /// Ends round `round`: returns the kernel's counts since the previous call (or since the
+    /// attach) over that window's length, and starts the next window. `None` when the probes
+    /// are off or still attaching; a failure to read them turns them off for the rest of the
+    /// migration.
+    pub fn end_round(&mut self, round: u32) -> Option<KernelRound> {
+        self.settle(false);
+        let State::On {
+            probes,
+            last,
+            since,
+        } = &mut self.state
+        else {
             return None;
         };
+        // The round's figures cover the window since the previous harvest, or since the
+        // probes were attached if that was during this round.
         let read = probes
             .start_dirty_window()
             .and_then(|()| probes.counters())
             .map_err(|e| vmig_ebpf::chain_to_string(&e));
         match read {
             Ok(now) => {
-                let k = round_of(last, &now, secs);
+                let k = round_of(last, &now, since.elapsed().as_secs_f64());
                 *last = now;
+                *since = Instant::now();
                 Some(k)
             }
             Err(why) => {
@@ -138,6 +203,7 @@ fn round_of(before: &Counters, after: &Counters, secs: f64) -> KernelRound {
         .saturating_sub(before.dirty_ring_pushes);
     KernelRound {
         pushes,
+        window_s: secs,
         pushes_per_s: if secs > 0.0 {
             pushes as f64 / secs
         } else {
@@ -204,6 +270,7 @@ mod tests {
             k,
             KernelRound {
                 pushes: 4000,
+                window_s: 0.5,
                 pushes_per_s: 8000.0,
                 distinct_pages: 400,
                 ring_full_exits: 1,

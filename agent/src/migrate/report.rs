@@ -240,7 +240,11 @@ pub struct KernelRound {
     /// Entries KVM pushed onto the VM's dirty rings (`kvm:kvm_dirty_ring_push`), duplicates
     /// included: a page written many times in a round can be pushed many times.
     pub pushes: u64,
-    /// `pushes` per second of the round.
+    /// Seconds the kernel counted for this round: since the previous round's harvest, or since
+    /// the probes were attached when that was during this round (they attach beside round 1).
+    #[serde(default)]
+    pub window_s: f64,
+    /// `pushes` per second of `window_s`.
     pub pushes_per_s: f64,
     /// Distinct pages among those pushes (counted once per window in BPF).
     pub distinct_pages: u64,

@@ -113,7 +113,7 @@ pub(super) fn rounds(run: &mut Run<'_>, rtt: Duration) -> Result<Precopied, Migr
         })?;
         let dirty = vm.dirty().harvest()?;
         stats.secs = t.elapsed().as_secs_f64();
-        stats.kernel = probes.end_round(round, stats.secs);
+        stats.kernel = probes.end_round(round);
         stats.dirty_pages = dirty.len() as u64;
         stats.disk_dirty_blocks = DiskMirror::pending(run.out);
         pending = holdback.after_harvest(round, dirty);
