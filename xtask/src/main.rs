@@ -24,6 +24,7 @@ fn main() {
                  \n  bench probes   only the BPF probe overhead (guest dirtying rate with/without)\
                  \n  bench holdback only the hot-page holdback experiment (bytes sent, downtime)\
                  \n  bench qemu     vmig against QEMU (installed if missing) on the same guest work\
+                 \n  bench qemu idle  only its idle 1 GiB row\
                  \n  bench tls      only the cost of mutual TLS (sender throughput, downtime) vs plaintext\
                  \n  bench disk     the live disk mirror against a plain copy of the same image, and its memory"
             );

@@ -176,6 +176,13 @@ fn main() {
         ));
     }
     results["idle_1g"] = idle.print();
+    // `cargo xtask bench qemu idle`: only this row.
+    if std::env::args().nth(1).as_deref() == Some("idle") {
+        let out = results_path("bench-qemu-idle.json");
+        let _ = std::fs::write(&out, serde_json::to_string_pretty(&results).expect("json"));
+        println!("\nresults: {}", out.display());
+        return;
+    }
 
     // 64 MiB flat out: QEMU's guest first; vmig's held to its rate if it would write faster.
     let pages = 16384u32;
