@@ -71,6 +71,7 @@ impl RoundProbes {
         match std::thread::Builder::new()
             .name("probe-attach".into())
             .spawn(move || {
+                lower_priority();
                 let t = Instant::now();
                 let r = Self::try_attach(&filter);
                 if r.is_ok() {
@@ -133,15 +134,19 @@ impl RoundProbes {
         Ok((probes, last, Instant::now()))
     }
 
-    /// Why the kernel's figures are off, if they are.
-    pub fn off_reason(&mut self) -> Option<&str> {
-        self.settle(false);
+    /// Why the kernel's figures were off, for the report, once pre-copy is over: an attach
+    /// still running then came too late for any round, and is waited for here (after the
+    /// pause, off the critical path) so that one that failed says why.
+    pub fn final_off_reason(&mut self) -> Option<String> {
+        let late = matches!(self.state, State::Attaching(_));
+        self.settle(true);
         match &self.state {
-            State::On { .. } => None,
-            State::Attaching(_) => Some(
-                "pre-copy ended before the BPF probes were attached (they attach beside round 1)",
+            State::Off(why) => Some(why.clone()),
+            State::On { .. } if late => Some(
+                "pre-copy ended before the BPF probes were attached (they attach beside round 1)"
+                    .into(),
             ),
-            State::Off(why) => Some(why),
+            _ => None,
         }
     }
 
@@ -179,6 +184,26 @@ impl RoundProbes {
                 None
             }
         }
+    }
+}
+
+/// Nice value of the attaching thread: the program loads and the verifier take tens of
+/// milliseconds of CPU, which an idle VM's whole migration (its pause included) is shorter
+/// than; at nice 0 they took the pause's CPU on a 2-core host (idle 1 GiB downtime 3.5 ->
+/// 5-7 ms). At 10 they yield to the migration and the vCPUs and still finish within a busy
+/// VM's first round.
+const ATTACH_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's scheduling priority to [`ATTACH_NICE`] (best effort: a failure
+/// only leaves it at the process's).
+fn lower_priority() {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority reads no memory of this process; with PRIO_PROCESS and a thread id
+    // Linux sets that one thread's nice value, and the thread is the caller.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, ATTACH_NICE) };
+    if r != 0 {
+        tracing::debug!(cause = %std::io::Error::last_os_error(), "cannot lower the probe attach's priority");
     }
 }
 

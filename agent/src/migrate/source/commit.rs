@@ -16,7 +16,7 @@ use crate::wire::messages as msg;
 /// Sends `Go`, waits for `Running`, writes the report; releases the VM or serves post-copy.
 pub(super) fn go(
     run: &mut Run<'_>,
-    pre: Precopied,
+    mut pre: Precopied,
     paused: Paused,
 ) -> Result<Outcome, MigrateError> {
     let (out, vm) = (run.out, run.out.vm);
@@ -38,6 +38,9 @@ pub(super) fn go(
         (v.dest_verify_ms.max(v.source_verify_ms) / 1e3).min(downtime.as_secs_f64())
     });
     let downtime = downtime.as_secs_f64();
+    // Why the kernel's dirty rates were not used, if they were not (an attach still running
+    // is waited for here, with the VM running on the destination).
+    let kernel_rates_off = pre.probes.final_off_reason();
     let t_detach = Instant::now();
     drop(pre.probes);
     tracing::debug!(
@@ -90,7 +93,7 @@ pub(super) fn go(
         },
         postcopy_policy: run.opts.postcopy.to_string(),
         decisions: pre.decisions,
-        kernel_rates_off: pre.kernel_rates_off,
+        kernel_rates_off,
         disk: run
             .disk
             .as_ref()

@@ -39,8 +39,6 @@ pub(super) struct Precopied {
     pub(super) touched: u64,
     /// Dirty-ring counters (entries, full exits) when pre-copy began.
     pub(super) ring_before: (u64, u64),
-    /// Why the kernel's dirty rates were not used, if they were not.
-    pub(super) kernel_rates_off: Option<String>,
     /// The round trip measured at the hello.
     pub(super) rtt: Duration,
     /// How it ended.
@@ -175,7 +173,6 @@ pub(super) fn rounds(run: &mut Run<'_>, rtt: Duration) -> Result<Precopied, Migr
     // The probes only serve pre-copy decisions, but detaching takes tens of milliseconds:
     // not between the last harvest and the pause (the guest would dirty on meanwhile), nor
     // during the pause; after the destination runs the VM.
-    let kernel_rates_off = probes.off_reason().map(String::from);
     Ok(Precopied {
         rounds,
         decisions,
@@ -183,7 +180,6 @@ pub(super) fn rounds(run: &mut Run<'_>, rtt: Duration) -> Result<Precopied, Migr
         probes,
         touched,
         ring_before,
-        kernel_rates_off,
         rtt,
         end,
     })
