@@ -134,19 +134,21 @@ impl RoundProbes {
         Ok((probes, last, Instant::now()))
     }
 
-    /// Why the kernel's figures were off, for the report, once pre-copy is over: an attach
-    /// still running then came too late for any round, and is waited for here (after the
-    /// pause, off the critical path) so that one that failed says why.
+    /// Why the kernel's figures were off, for the report, once the VM runs on the destination.
+    /// An attach still running then came too late for any round; it is not waited for (the
+    /// migration's end would wait with it; dropping the probes lets it finish and detach on
+    /// its own thread), but one that already failed says why.
     pub fn final_off_reason(&mut self) -> Option<String> {
         let late = matches!(self.state, State::Attaching(_));
-        self.settle(true);
+        self.settle(false);
         match &self.state {
             State::Off(why) => Some(why.clone()),
-            State::On { .. } if late => Some(
+            State::On { .. } if !late => None,
+            // Still attaching, or attached since pre-copy ended.
+            _ => Some(
                 "pre-copy ended before the BPF probes were attached (they attach beside round 1)"
                     .into(),
             ),
-            _ => None,
         }
     }
 
