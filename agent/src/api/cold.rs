@@ -180,17 +180,32 @@ fn storage_move_live(
 ) -> Result<ColdReport, String> {
     let t0 = std::time::Instant::now();
     let from = inv.info(name).map_err(|e| e.to_string())?.datastore.clone();
+    // What will be copied: the files' sizes (the disk's holes are counted, and skipped fast).
+    let listed = crate::storage::cold::vm_files(&inv.dir(name)).map_err(|e| e.to_string())?;
+    let total_bytes: u64 = listed.iter().map(|f| f.size).sum();
     let done = std::cell::Cell::new(0u64);
+    let started = std::cell::RefCell::new(Vec::<String>::new());
+    let last = std::cell::Cell::new(std::time::Instant::now());
     let each = |file: &str, n: u64| {
         done.set(done.get() + n);
-        let (rate_mibs, eta_s) = cold::rate_eta(done.get(), 0, t0.elapsed());
+        let mut started = started.borrow_mut();
+        let new_file = !started.iter().any(|f| f == file);
+        if new_file {
+            started.push(file.into());
+        }
+        // At most ten lines a second (the disk's first pass reports every chunk).
+        if !new_file && last.get().elapsed() < std::time::Duration::from_millis(100) {
+            return;
+        }
+        last.set(std::time::Instant::now());
+        let (rate_mibs, eta_s) = cold::rate_eta(done.get(), total_bytes, t0.elapsed());
         progress(ColdProgress {
             phase: ColdPhase::Copying,
             file: file.into(),
-            files_done: 0,
-            files: 0,
-            bytes: done.get(),
-            total_bytes: 0,
+            files_done: started.len() - 1,
+            files: listed.len(),
+            bytes: done.get().min(total_bytes),
+            total_bytes,
             rate_mibs,
             eta_s,
         });

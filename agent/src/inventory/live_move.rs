@@ -127,6 +127,7 @@ impl Inventory {
             &src_dir.join(DISK),
             &staging.join(DISK),
             &AtomicBool::new(false),
+            &|n| progress(DISK, n),
         );
         let disk = match disk {
             Ok(d) => d,

@@ -103,6 +103,7 @@ pub fn move_disk(
     old: &Path,
     new: &Path,
     cancel: &AtomicBool,
+    progress: &dyn Fn(u64),
 ) -> Result<LiveMoveReport, MoveError> {
     let blk = vm.devices().blk().ok_or(MoveError::NoDisk)?;
     let t0 = Instant::now();
@@ -114,7 +115,7 @@ pub fn move_disk(
             ..Default::default()
         };
         let t = Instant::now();
-        report.copied_bytes = copy.first_pass(cancel)?;
+        report.copied_bytes = copy.first_pass(cancel, progress)?;
         report.copy_ms = t.elapsed().as_secs_f64() * 1e3;
         report.copy_mibs = report.copied_bytes as f64 / 1048576.0 / t.elapsed().as_secs_f64();
         loop {
@@ -226,23 +227,38 @@ impl<'a> Copy<'a> {
             .map_err(|e| err("cannot write", e))
     }
 
-    fn first_pass(&mut self, cancel: &AtomicBool) -> Result<u64, MoveError> {
+    /// Copies every chunk holding data; `progress(n)` is told of each `n` more bytes of the
+    /// image the pass has covered (holes and zero chunks included, so that it ends at the
+    /// image's size).
+    fn first_pass(
+        &mut self,
+        cancel: &AtomicBool,
+        progress: &dyn Fn(u64),
+    ) -> Result<u64, MoveError> {
         let old = self.old.try_clone().map_err(|cause| MoveError::Io {
             what: "cannot reopen",
             path: self.old_path.display().to_string(),
             cause,
         })?;
         let mut sent = 0u64;
+        // How far into the image the pass is: holes and zero chunks count as covered.
+        let covered = std::cell::Cell::new(0u64);
         let read = storage::for_each_aligned_data_chunk(&old, CHUNK, DISK_BLOCK, |off, chunk| {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Pass::Move(MoveError::Cancelled));
             }
             self.write(off, chunk).map_err(Pass::Move)?;
             sent += chunk.len() as u64;
+            let end = off + chunk.len() as u64;
+            progress(end - covered.get());
+            covered.set(end);
             Ok(())
         });
         match read {
-            Ok(_) => Ok(sent),
+            Ok(_) => {
+                progress(self.size.saturating_sub(covered.get()));
+                Ok(sent)
+            }
             Err(Pass::Move(e)) => Err(e),
             Err(Pass::Read(cause)) => Err(MoveError::Io {
                 what: "cannot read",
@@ -347,9 +363,18 @@ mod tests {
         });
         let old = inv.dir("vm1").join(crate::inventory::DISK);
         let new = dir.path().join("moved.img");
-        let r = move_disk(&vm, &old, &new, &AtomicBool::new(false)).unwrap();
+        let covered = std::cell::Cell::new(0u64);
+        let r = move_disk(&vm, &old, &new, &AtomicBool::new(false), &|n| {
+            covered.set(covered.get() + n)
+        })
+        .unwrap();
         println!("{r:?}");
         assert_eq!(r.image_bytes, 4 << 20);
+        assert_eq!(
+            covered.get(),
+            4 << 20,
+            "the first pass's progress ends at the image's size"
+        );
         assert!(r.copied_bytes > 0 && r.rounds >= 1, "{r:?}");
         assert!(r.pause_ms < 50.0, "pause {:.1} ms", r.pause_ms);
         let blk = vm.devices().blk().unwrap();
@@ -397,7 +422,7 @@ mod tests {
         let old = inv.dir("vm1").join(crate::inventory::DISK);
         let new = dir.path().join("there.img");
         std::fs::write(&new, b"someone's file").unwrap();
-        let e = move_disk(&vm, &old, &new, &AtomicBool::new(false)).unwrap_err();
+        let e = move_disk(&vm, &old, &new, &AtomicBool::new(false), &|_| {}).unwrap_err();
         assert!(e.to_string().contains("cannot create"), "{e}");
         assert_eq!(vm.devices().blk().unwrap().path(), old);
         let s = vm.stats().disk_blocks_verified;
