@@ -26,7 +26,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     dirty_rate: u64,
     /// Largest acceptable downtime, ms.
-    #[arg(long, default_value_t = 50.0)]
+    #[arg(long, default_value_t = vmig::migrate::defaults::MAX_DOWNTIME_MS)]
     max_downtime: f64,
     /// Keep the demo's folder (agents' datastores and logs) instead of deleting it.
     #[arg(long)]

@@ -18,7 +18,8 @@ use vmig::api::{self, Reply, Request};
 use vmig::dirty::DirtyTracking;
 use vmig::inventory::{VmDef, VmInfo};
 use vmig::migrate::{
-    validate, MigrateOptions, NoConverge, PostcopyPolicy, ProgressPhase, Report, StorageMode,
+    defaults, validate, MigrateOptions, NoConverge, PostcopyPolicy, ProgressPhase, Report,
+    StorageMode,
 };
 use vmig::transport::IoPath;
 
@@ -222,22 +223,22 @@ struct MigrateArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     resume_window: Option<u64>,
     /// Largest acceptable downtime, ms.
-    #[arg(long, default_value_t = 50.0, value_parser = validate::parse::max_downtime)]
+    #[arg(long, default_value_t = defaults::MAX_DOWNTIME_MS, value_parser = validate::parse::max_downtime)]
     max_downtime: f64,
     /// Most pre-copy rounds before stop-and-copy is forced.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, default_value_t = defaults::MAX_ROUNDS, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_rounds: u32,
     /// Bandwidth cap, MiB/s.
     #[arg(long, value_parser = validate::parse::bandwidth)]
     bandwidth: Option<f64>,
     /// Whole-migration timeout, seconds.
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    #[arg(long, default_value_t = defaults::TIMEOUT_S, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     timeout: u64,
     /// Dirty tracking: ring, bitmap, or auto (what the VM was built with).
-    #[arg(long, value_enum, default_value_t = DirtyTracking::Auto)]
+    #[arg(long, value_enum, default_value_t = defaults::DIRTY_TRACKING)]
     dirty_tracking: DirtyTracking,
     /// io_uring or plain sockets.
-    #[arg(long, value_enum, default_value_t = IoPath::Auto)]
+    #[arg(long, value_enum, default_value_t = defaults::IO)]
     io: IoPath,
     /// Compare memory and vCPU digests of both sides before committing.
     #[arg(long)]
@@ -247,18 +248,18 @@ struct MigrateArgs {
     json: bool,
     /// Post-copy: never (pre-copy only), auto (switch when pre-copy cannot converge), always
     /// (one pre-copy round, then post-copy).
-    #[arg(long, value_enum, default_value_t = PostcopyPolicy::Never)]
+    #[arg(long, value_enum, default_value_t = defaults::POSTCOPY)]
     postcopy: PostcopyPolicy,
     /// With --postcopy never, when pre-copy cannot converge: force (stop and copy anyway),
     /// throttle (auto-converge: slow the vCPUs down), abort (stay on the source).
-    #[arg(long, value_enum, default_value_t = NoConverge::Force)]
+    #[arg(long, value_enum, default_value_t = defaults::ON_NO_CONVERGE)]
     on_no_converge: NoConverge,
     /// Pre-copy is hopeless when dirty rate × page size / bandwidth stays at or above this
     /// for 2 rounds (or the dirty set stops shrinking by 10 % over 2 rounds).
-    #[arg(long, default_value_t = 0.8, value_parser = validate::parse::converge_threshold)]
+    #[arg(long, default_value_t = defaults::CONVERGE_THRESHOLD, value_parser = validate::parse::converge_threshold)]
     converge_threshold: f64,
     /// Rounds before the convergence judgement starts.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    #[arg(long, default_value_t = defaults::MIN_ROUNDS, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     min_rounds: u32,
     /// Cold migration: move the stopped VM (its definition, NVRAM, logs and, unless it stays
     /// on a datastore both hosts share, its disk), register it on DEST, then delete it here.
@@ -273,12 +274,12 @@ struct MigrateArgs {
     keep_source: bool,
     /// Hot-page holdback: a page dirty again within this many rounds is held back until
     /// stop-and-copy instead of being sent again (0: off).
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    #[arg(long, default_value_t = defaults::HOLDBACK_ROUNDS, value_parser = clap::value_parser!(u32).range(0..=1000))]
     holdback_rounds: u32,
     /// How the disk goes: `copy` mirrors it live into the destination's datastore; `shared`
     /// leaves it on a datastore both hosts see (the destination opens it in place); `auto` is
     /// shared when the VM's datastore is shared with the destination, a copy otherwise.
-    #[arg(long, value_enum, default_value_t = StorageMode::Auto)]
+    #[arg(long, value_enum, default_value_t = defaults::STORAGE)]
     storage: StorageMode,
     /// The destination's datastore to put the VM on (its default one if not given), live or
     /// --offline.
@@ -822,7 +823,7 @@ fn migrate_options(m: &MigrateArgs) -> MigrateOptions {
         on_no_converge: m.on_no_converge,
         converge_threshold: m.converge_threshold,
         min_rounds: m.min_rounds,
-        resume_window_s: m.resume_window.unwrap_or(30),
+        resume_window_s: m.resume_window.unwrap_or(defaults::RESUME_WINDOW_S),
         holdback_rounds: m.holdback_rounds,
         storage: m.storage,
         target_datastore: m.target_datastore.clone(),

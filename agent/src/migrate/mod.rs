@@ -156,35 +156,68 @@ pub struct MigrateOptions {
     pub target_datastore: Option<String>,
 }
 
+/// The one place of each migration default: [`MigrateOptions::default`], the serde defaults of
+/// a request that leaves a field out, and the CLI's `--help` all read these.
+pub mod defaults {
+    use super::{NoConverge, PostcopyPolicy, StorageMode};
+    use crate::dirty::DirtyTracking;
+    use crate::transport::IoPath;
+
+    /// `--max-downtime`, ms.
+    pub const MAX_DOWNTIME_MS: f64 = 50.0;
+    /// `--max-rounds`.
+    pub const MAX_ROUNDS: u32 = 30;
+    /// `--timeout`, s.
+    pub const TIMEOUT_S: u64 = 300;
+    /// `--dirty-tracking`.
+    pub const DIRTY_TRACKING: DirtyTracking = DirtyTracking::Auto;
+    /// `--io`.
+    pub const IO: IoPath = IoPath::Auto;
+    /// `--postcopy`.
+    pub const POSTCOPY: PostcopyPolicy = PostcopyPolicy::Never;
+    /// `--on-no-converge`.
+    pub const ON_NO_CONVERGE: NoConverge = NoConverge::Force;
+    /// `--converge-threshold`.
+    pub const CONVERGE_THRESHOLD: f64 = 0.8;
+    /// `--min-rounds`.
+    pub const MIN_ROUNDS: u32 = 3;
+    /// `--resume-window`, s.
+    pub const RESUME_WINDOW_S: u64 = 30;
+    /// `--holdback-rounds`.
+    pub const HOLDBACK_ROUNDS: u32 = 0;
+    /// `--storage`.
+    pub const STORAGE: StorageMode = StorageMode::Auto;
+}
+
 fn default_resume_window() -> u64 {
-    30
+    defaults::RESUME_WINDOW_S
 }
 
 fn default_threshold() -> f64 {
-    0.8
+    defaults::CONVERGE_THRESHOLD
 }
 
 fn default_min_rounds() -> u32 {
-    3
+    defaults::MIN_ROUNDS
 }
 
 impl Default for MigrateOptions {
     fn default() -> Self {
         Self {
-            max_downtime_ms: 50.0,
-            max_rounds: 30,
+            max_downtime_ms: defaults::MAX_DOWNTIME_MS,
+            max_rounds: defaults::MAX_ROUNDS,
             bandwidth_mibs: None,
-            timeout_s: 300,
-            dirty_tracking: DirtyTracking::Auto,
-            io: IoPath::Auto,
+            timeout_s: defaults::TIMEOUT_S,
+            dirty_tracking: defaults::DIRTY_TRACKING,
+            io: defaults::IO,
             verify: false,
-            postcopy: PostcopyPolicy::Never,
-            on_no_converge: NoConverge::Force,
-            converge_threshold: default_threshold(),
-            min_rounds: default_min_rounds(),
-            resume_window_s: default_resume_window(),
-            holdback_rounds: 0,
-            storage: StorageMode::Auto,
+            postcopy: defaults::POSTCOPY,
+            on_no_converge: defaults::ON_NO_CONVERGE,
+            converge_threshold: defaults::CONVERGE_THRESHOLD,
+            min_rounds: defaults::MIN_ROUNDS,
+            resume_window_s: defaults::RESUME_WINDOW_S,
+            holdback_rounds: defaults::HOLDBACK_ROUNDS,
+            storage: defaults::STORAGE,
             target_datastore: None,
         }
     }
