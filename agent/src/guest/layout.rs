@@ -1,7 +1,8 @@
 //! Guest-physical memory layout shared by the VMM and the guest programs.
 
-/// Page size of guest memory and of the migration stream.
-pub const PAGE_SIZE: u64 = 4096;
+/// Page size of guest memory and of the migration stream: the one of `vmig-uffd` (the unit
+/// userfaultfd resolves), as a `u64` for guest-physical arithmetic.
+pub const PAGE_SIZE: u64 = vmig_uffd::PAGE_SIZE as u64;
 /// Level-4 page table.
 pub const PML4: u64 = 0x1000;
 /// Page-directory-pointer table.
