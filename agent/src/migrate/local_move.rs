@@ -242,7 +242,7 @@ impl<'a> Copy<'a> {
         })?;
         let mut sent = 0u64;
         // How far into the image the pass is: holes and zero chunks count as covered.
-        let covered = std::cell::Cell::new(0u64);
+        let mut covered = 0u64;
         let read = storage::for_each_aligned_data_chunk(&old, CHUNK, DISK_BLOCK, |off, chunk| {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Pass::Move(MoveError::Cancelled));
@@ -250,13 +250,13 @@ impl<'a> Copy<'a> {
             self.write(off, chunk).map_err(Pass::Move)?;
             sent += chunk.len() as u64;
             let end = off + chunk.len() as u64;
-            progress(end - covered.get());
-            covered.set(end);
+            progress(end - covered);
+            covered = end;
             Ok(())
         });
         match read {
             Ok(_) => {
-                progress(self.size.saturating_sub(covered.get()));
+                progress(self.size.saturating_sub(covered));
                 Ok(sent)
             }
             Err(Pass::Move(e)) => Err(e),

@@ -89,19 +89,12 @@ impl RoundProbes {
         }
     }
 
-    /// Attaches the probes synchronously (tests that need them on from the first round).
-    pub fn attach_now(vm: &Vm) -> Self {
-        let mut p = Self::attach(vm);
-        p.settle(true);
-        p
-    }
-
-    /// Takes the attach's outcome if it is done (or, with `wait`, once it is).
-    fn settle(&mut self, wait: bool) {
+    /// Takes the attach's outcome if it is done.
+    fn settle(&mut self) {
         let State::Attaching(h) = &self.state else {
             return;
         };
-        if !wait && !h.is_finished() {
+        if !h.is_finished() {
             return;
         }
         let State::Attaching(h) = std::mem::replace(&mut self.state, State::Off(String::new()))
@@ -140,7 +133,7 @@ impl RoundProbes {
     /// its own thread), but one that already failed says why.
     pub fn final_off_reason(&mut self) -> Option<String> {
         let late = matches!(self.state, State::Attaching(_));
-        self.settle(false);
+        self.settle();
         match &self.state {
             State::Off(why) => Some(why.clone()),
             State::On { .. } if !late => None,
@@ -157,7 +150,7 @@ impl RoundProbes {
     /// are off or still attaching; a failure to read them turns them off for the rest of the
     /// migration.
     pub fn end_round(&mut self, round: u32) -> Option<KernelRound> {
-        self.settle(false);
+        self.settle();
         let State::On {
             probes,
             last,

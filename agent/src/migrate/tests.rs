@@ -322,7 +322,13 @@ fn never_with_abort_keeps_the_vm_on_the_source() {
     let err = r.unwrap_err();
     eprintln!("aborted: {err}");
     assert!(matches!(err, MigrateError::NoConvergence(_)), "{err}");
-    let (_, vm) = p.src.running("stays").unwrap();
+    stayed_on_the_source(&p, "stays");
+}
+
+/// After a failed migration: `name` runs on the source, its counter going on, and the
+/// destination holds nothing of it.
+fn stayed_on_the_source(p: &Pair, name: &str) {
+    let (_, vm) = p.src.running(name).unwrap();
     assert!(vm.is_running());
     let c = vm.stats().counter;
     wait_for(
@@ -330,7 +336,7 @@ fn never_with_abort_keeps_the_vm_on_the_source() {
         Duration::from_secs(20),
         || vm.stats().counter > c,
     );
-    assert!(p.dst.running("stays").is_err());
+    assert!(p.dst.running(name).is_err());
     assert!(p.dst.incoming().is_empty());
 }
 
@@ -356,15 +362,7 @@ fn the_timeout_stops_a_round_in_its_middle_and_the_vm_stays() {
     assert!(matches!(err, MigrateError::Timeout(1)), "{err}");
     // Round 1 alone needs at least 4 s at the cap: the timeout did not wait for its end.
     assert!(took < Duration::from_millis(3500), "{took:?}");
-    let (_, vm) = p.src.running("slowround").unwrap();
-    let c = vm.stats().counter;
-    wait_for(
-        "the counter goes on at the source",
-        Duration::from_secs(20),
-        || vm.stats().counter > c,
-    );
-    assert!(p.dst.running("slowround").is_err());
-    assert!(p.dst.incoming().is_empty());
+    stayed_on_the_source(&p, "slowround");
 }
 
 #[test]

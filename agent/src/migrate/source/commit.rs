@@ -39,7 +39,7 @@ pub(super) fn go(
     });
     let downtime = downtime.as_secs_f64();
     // Why the kernel's dirty rates were not used, if they were not (an attach still running
-    // is waited for here, with the VM running on the destination).
+    // is not waited for: it finishes, and detaches, on its own thread).
     let kernel_rates_off = pre.probes.final_off_reason();
     let t_detach = Instant::now();
     drop(pre.probes);

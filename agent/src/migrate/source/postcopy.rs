@@ -371,6 +371,7 @@ fn push_and_answer(
                     paused: true,
                     round: 0,
                     populated: None,
+                    deadline: None,
                 };
                 stream::send_pages(link, vm, &answer, demand, &quiet, &no_cancel)?;
                 stats.source_demand_sent += answer.len() as u64;
@@ -395,6 +396,7 @@ fn push_and_answer(
                 paused: true,
                 round: 0,
                 populated: None,
+                deadline: None,
             };
             stream::send_pages(link, vm, &batch, push, &quiet, &no_cancel)?;
             stats.source_pushed += batch.len() as u64;

@@ -71,20 +71,20 @@ pub(super) fn rounds(run: &mut Run<'_>, rtt: Duration) -> Result<Precopied, Migr
             paused: false,
             round,
             populated: first.as_deref(),
+            // `--timeout` acts inside a round too: a long round (a large VM under a low
+            // `--bandwidth`) stops at the deadline, and what it did not send stays pending.
+            deadline: Some(run.t0 + Duration::from_secs(opts.timeout_s)),
         };
-        // `--timeout` acts inside a round too: a long round (a large VM under a low
-        // `--bandwidth`) stops at the deadline, and what it did not send stays pending.
-        let deadline = run.t0 + Duration::from_secs(opts.timeout_s);
         let sendable = holdback.sendable(&pending);
-        let (mut stats, sent) = stream::send_pages_until(
+        let mut stats = stream::send_pages(
             &mut run.link,
             vm,
             &sendable,
             batch,
             run.progress,
             run.cancel,
-            Some(deadline),
         )?;
+        let sent = stats.pages as usize;
         let unsent = &sendable[sent..];
         if !unsent.is_empty() {
             tracing::warn!(

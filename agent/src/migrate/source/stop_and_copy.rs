@@ -97,6 +97,7 @@ fn last_pages(
         paused: true,
         round,
         populated: None,
+        deadline: None,
     };
     let mut stats = stream::send_pages(link, vm, pending, batch, progress, run.cancel)?;
     let before = link.writer.bytes_sent();

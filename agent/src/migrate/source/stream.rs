@@ -29,9 +29,13 @@ pub(super) struct Batch<'p> {
     pub(super) round: u32,
     /// Round 1: the pages the host ever touched; the others are zero without reading them.
     pub(super) populated: Option<&'p [bool]>,
+    /// Stop at the first frame boundary past this (a pre-copy round cut short by
+    /// `--timeout`): the pages sent are the first `stats.pages` of the list.
+    pub(super) deadline: Option<Instant>,
 }
 
-/// Sends the given pages in frames of up to 256, straight from guest memory.
+/// Sends the given pages in frames of up to 256, straight from guest memory (until
+/// `batch.deadline`, if any).
 pub(super) fn send_pages(
     link: &mut Link,
     vm: &Vm,
@@ -40,26 +44,12 @@ pub(super) fn send_pages(
     progress: &dyn Fn(Progress),
     cancel: &Cancel,
 ) -> Result<RoundStats, MigrateError> {
-    send_pages_until(link, vm, list, batch, progress, cancel, None).map(|(stats, _)| stats)
-}
-
-/// [`send_pages`], stopping at the first frame boundary past `deadline` (a pre-copy round
-/// cut short by `--timeout`); returns the stats and how many pages of `list` went (the rest
-/// did not).
-pub(super) fn send_pages_until(
-    link: &mut Link,
-    vm: &Vm,
-    list: &[u64],
-    batch: Batch<'_>,
-    progress: &dyn Fn(Progress),
-    cancel: &Cancel,
-    deadline: Option<Instant>,
-) -> Result<(RoundStats, usize), MigrateError> {
     let Batch {
         kind,
         paused,
         round,
         populated,
+        deadline,
     } = batch;
     let ram = vm.ram();
     let before = link.writer.bytes_sent();
@@ -76,7 +66,6 @@ pub(super) fn send_pages_until(
     let mut frame = PageFrameBuilder::new(kind);
     let mut data: Vec<PageRef<'_>> = Vec::with_capacity(pages::MAX_PAGES);
     let mut last_progress = Instant::now();
-    let mut sent = 0usize;
     for chunk in list.chunks(pages::MAX_PAGES) {
         if cancel.is_cancelled() {
             return Err(MigrateError::Cancelled);
@@ -84,7 +73,6 @@ pub(super) fn send_pages_until(
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
-        sent += chunk.len();
         data.clear();
         for &p in chunk {
             let page = ram.page(p)?;
@@ -121,7 +109,7 @@ pub(super) fn send_pages_until(
     }
     link.flush()?;
     stats.bytes = link.writer.bytes_sent() - before;
-    Ok((stats, sent))
+    Ok(stats)
 }
 
 /// Sends one file of the VM folder in chunks, skipping holes and all-zero chunks; a file
