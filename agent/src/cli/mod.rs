@@ -261,6 +261,10 @@ struct MigrateArgs {
     /// Rounds before the convergence judgement starts.
     #[arg(long, default_value_t = defaults::MIN_ROUNDS, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     min_rounds: u32,
+    /// Do not judge non-convergence after round 1 from the kernel-measured dirty rate (BPF
+    /// probes on the dirty rings); wait for --min-rounds rounds of the dirty log instead.
+    #[arg(long)]
+    no_kernel_judge: bool,
     /// Cold migration: move the stopped VM (its definition, NVRAM, logs and, unless it stays
     /// on a datastore both hosts share, its disk), register it on DEST, then delete it here.
     #[arg(long, conflicts_with_all = ["cancel", "resume", "rollback", "status"])]
@@ -823,6 +827,7 @@ fn migrate_options(m: &MigrateArgs) -> MigrateOptions {
         on_no_converge: m.on_no_converge,
         converge_threshold: m.converge_threshold,
         min_rounds: m.min_rounds,
+        kernel_judge: !m.no_kernel_judge,
         resume_window_s: m.resume_window.unwrap_or(defaults::RESUME_WINDOW_S),
         holdback_rounds: m.holdback_rounds,
         storage: m.storage,

@@ -73,6 +73,8 @@ pub struct Controller {
     sendable: Option<u64>,
     /// The link's rate, bytes/s, from the last round that sent enough to measure it.
     link_rate: Option<f64>,
+    /// The rate the last `assess` predicted with, bytes/s.
+    assessed_rate: f64,
 }
 
 /// A round that sent less than this measures nothing about the link (a few headers in a
@@ -94,6 +96,7 @@ impl Controller {
             throttle_round: 0,
             sendable: None,
             link_rate: None,
+            assessed_rate: PRIOR_RATE,
         }
     }
 
@@ -133,6 +136,7 @@ impl Controller {
         r.estimate_from = from.into();
         r.dirty_rate = dirty as f64 / r.secs.max(1e-9);
         let rate = self.link_rate(r);
+        self.assessed_rate = rate;
         // The disk's blocks written during the round go at the pause too, and its writes eat
         // the link like dirty pages do.
         let disk_bytes = (r.disk_dirty_blocks * DISK_BLOCK) as f64;
@@ -184,6 +188,39 @@ impl Controller {
             )));
         }
         None
+    }
+
+    /// Whether round 1 already shows pre-copy hopeless from the kernel's rate: the guest's
+    /// distinct dirtying rate at the end of round 1, sustained over two samples (see
+    /// [`super::probe`]), eats at least `--converge-threshold` of the link, so every later
+    /// round would leave at least that fraction of itself to the next. Needs the probes on
+    /// (ring mode), `kernel_judge`, no throttle yet, and a dirty log that saw at least one
+    /// sample's pages (the two counts agree on the order of magnitude).
+    ///
+    /// Why this is sound where the log's own round-1 figure is not: the log's count is the
+    /// union of everything written during round 1, whose rate (that count over the round's
+    /// length) is low for any guest rewriting a working set smaller than what it writes in a
+    /// round; a 50 ms sample is shorter than that, and it is taken at the round's end, so a
+    /// burst at the start of the migration has passed.
+    fn kernel_hopeless(&self, r: &RoundStats) -> Option<StopReason> {
+        let k = r.kernel.as_ref()?;
+        if !self.opts.kernel_judge || r.round != 1 || self.throttle_step > 0 || k.rate_samples < 2 {
+            return None;
+        }
+        // The log's round-1 set holds every page of every sample (the probe can over-count
+        // only by its LRU map's evictions).
+        if k.rate_pages_per_s <= 0.0 || (r.dirty_pages as f64) < 0.9 * k.distinct_pages as f64 {
+            return None;
+        }
+        let ratio = Self::dirty_ratio(k.rate_pages_per_s, self.assessed_rate);
+        let t = self.opts.converge_threshold;
+        (ratio >= t).then(|| StopReason::new(Cause::KernelRate, format!(
+            "kernel-measured dirty rate {:.0} pages/s ({:.1} MiB/s) at the end of round 1 is {ratio:.2} of the link's {:.1} MiB/s >= threshold {t} (predicted downtime {:.2} ms)",
+            k.rate_pages_per_s,
+            k.rate_pages_per_s * PAGE_WIRE_BYTES / 1048576.0,
+            self.assessed_rate / 1048576.0,
+            r.predicted_downtime_ms
+        )))
     }
 
     /// What to do when pre-copy cannot go on (`why`), per policy.
@@ -289,6 +326,9 @@ impl Controller {
                 "hot-page holdback: all {} pending pages are held back until the end, pre-copy has nothing left to send (predicted downtime {:.2} ms)",
                 r.held_pages, r.predicted_downtime_ms
             ));
+            return self.give_up(why, r.round);
+        }
+        if let Some(why) = self.kernel_hopeless(r) {
             return self.give_up(why, r.round);
         }
         if let Some(why) = self.hopeless() {
@@ -488,5 +528,75 @@ mod tests {
         assert!(
             matches!(c.decide(&hot(6, 1100, 0.5), d), Decision::Postcopy(w) if w.cause == Cause::NoShrink)
         );
+    }
+
+    /// Round 1 of a guest whose kernel-measured rate at the round's end is `rate` pages/s, on
+    /// a 64 MiB/s link, with 8192 pages in the log.
+    fn round1(c: &mut Controller, rate: f64, samples: u32) -> Decision {
+        let mut r = RoundStats {
+            round: 1,
+            secs: 2.0,
+            bytes: 128 << 20,
+            bandwidth: 64.0 * 1048576.0,
+            dirty_pages: 8192,
+            kernel: Some(KernelRound {
+                rate_pages_per_s: rate,
+                rate_samples: samples,
+                distinct_pages: (rate * 0.05) as u64,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        c.assess(&mut r, 8192, 8192);
+        c.decide(&r, Duration::from_secs(2))
+    }
+
+    #[test]
+    fn the_kernels_rate_judges_after_round_1() {
+        let opts = MigrateOptions {
+            postcopy: PostcopyPolicy::Auto,
+            ..Default::default()
+        };
+        // 64 MiB/s carries ~16,350 pages/s; at 0.8 the threshold is ~13,080 pages/s.
+        let mut hot = Controller::new(&opts, 0, Duration::ZERO);
+        assert!(matches!(
+            round1(&mut hot, 20_000.0, 40),
+            Decision::Postcopy(w) if w.cause == Cause::KernelRate
+        ));
+        // A guest dirtying at 10,000 pages/s converges (slowly): round 1 says nothing.
+        let mut warm = Controller::new(&opts, 0, Duration::ZERO);
+        assert_eq!(round1(&mut warm, 10_000.0, 40), Decision::Continue);
+        // Fewer than two samples: no sustained rate, no judgement.
+        let mut short = Controller::new(&opts, 0, Duration::ZERO);
+        assert_eq!(round1(&mut short, 20_000.0, 1), Decision::Continue);
+        // Turned off.
+        let off = MigrateOptions {
+            kernel_judge: false,
+            ..opts.clone()
+        };
+        let mut c = Controller::new(&off, 0, Duration::ZERO);
+        assert_eq!(round1(&mut c, 20_000.0, 40), Decision::Continue);
+        // Throttle instead of post-copy: the first step after round 1.
+        let throttle = MigrateOptions {
+            on_no_converge: NoConverge::Throttle,
+            ..Default::default()
+        };
+        let mut c = Controller::new(&throttle, 0, Duration::ZERO);
+        assert!(matches!(
+            round1(&mut c, 20_000.0, 40),
+            Decision::Throttle(20, _)
+        ));
+    }
+
+    #[test]
+    fn a_kernel_rate_the_log_contradicts_is_not_trusted() {
+        let opts = MigrateOptions {
+            postcopy: PostcopyPolicy::Auto,
+            ..Default::default()
+        };
+        let mut c = Controller::new(&opts, 0, Duration::ZERO);
+        // 400,000 pages/s would be 20,000 pages in one 50 ms sample; the log saw 8192 in the
+        // whole round: the two disagree, round 1 is not judged.
+        assert_eq!(round1(&mut c, 400_000.0, 40), Decision::Continue);
     }
 }

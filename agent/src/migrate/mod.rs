@@ -140,6 +140,10 @@ pub struct MigrateOptions {
     /// Rounds before the convergence judgement starts.
     #[serde(default = "default_min_rounds")]
     pub min_rounds: u32,
+    /// Judge non-convergence after round 1 from the kernel-measured dirty rate (BPF probes,
+    /// ring mode) instead of waiting for `min_rounds` rounds of the dirty log.
+    #[serde(default = "default_kernel_judge")]
+    pub kernel_judge: bool,
     /// Seconds the source keeps reconnecting after the connection drops during post-copy,
     /// before it parks the migration for `vmig migrate --resume` (0: park at once).
     #[serde(default = "default_resume_window")]
@@ -181,6 +185,8 @@ pub mod defaults {
     pub const CONVERGE_THRESHOLD: f64 = 0.8;
     /// `--min-rounds`.
     pub const MIN_ROUNDS: u32 = 3;
+    /// Round-1 judgement from the kernel's rate (`--no-kernel-judge` turns it off).
+    pub const KERNEL_JUDGE: bool = true;
     /// `--resume-window`, s.
     pub const RESUME_WINDOW_S: u64 = 30;
     /// `--holdback-rounds`.
@@ -195,6 +201,10 @@ fn default_resume_window() -> u64 {
 
 fn default_threshold() -> f64 {
     defaults::CONVERGE_THRESHOLD
+}
+
+fn default_kernel_judge() -> bool {
+    defaults::KERNEL_JUDGE
 }
 
 fn default_min_rounds() -> u32 {
@@ -215,6 +225,7 @@ impl Default for MigrateOptions {
             on_no_converge: defaults::ON_NO_CONVERGE,
             converge_threshold: defaults::CONVERGE_THRESHOLD,
             min_rounds: defaults::MIN_ROUNDS,
+            kernel_judge: defaults::KERNEL_JUDGE,
             resume_window_s: defaults::RESUME_WINDOW_S,
             holdback_rounds: defaults::HOLDBACK_ROUNDS,
             storage: defaults::STORAGE,

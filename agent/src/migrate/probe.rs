@@ -15,7 +15,9 @@
 //! VM tracking dirty pages with the bitmap, where KVM pushes nothing onto a ring) the migration
 //! goes on without them and [`RoundProbes::off_reason`] says why, once, for the report.
 
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use vmig_ebpf::{Counters, ProbeSet, VmFilter, VmProbes};
 
@@ -23,26 +25,50 @@ use super::KernelRound;
 use crate::dirty::DirtyMode;
 use crate::vm::Vm;
 
+/// Length of one rate sample in round 1. Short enough that two fit in the first round of any
+/// VM worth judging early (a round that ends sooner has no kernel figures and is judged by the
+/// dirty log), long enough for thousands of pages at the rates a guest reaches here.
+pub const SAMPLE: Duration = Duration::from_millis(50);
+
 /// The probes of one outgoing migration, or why there are none.
 #[derive(Debug)]
 pub struct RoundProbes {
     state: State,
 }
 
-/// The probes, their counters when attached, and when that was.
-type Attached = Result<(VmProbes, Counters, Instant), String>;
+/// The round-1 thread's outcome: the probes, the counters at the attach, round 1's rate
+/// samples, and the window that starts when the sampling stops.
+#[derive(Debug)]
+struct Sampled {
+    probes: VmProbes,
+    /// Counters when the probes were attached, and when that was.
+    first: Counters,
+    /// Distinct pages of each sample, and its length in seconds.
+    samples: Vec<(u64, f64)>,
+    /// Counters when the sampling stopped (a new distinct window starts there), and when.
+    last: Counters,
+    since: Instant,
+}
+
+type Attached = Result<Sampled, String>;
 
 #[derive(Debug)]
 enum State {
-    /// Attaching on a thread of its own (tens of milliseconds: program loads and the
-    /// verifier), so that pre-copy does not wait for it; rounds that end meanwhile have no
-    /// kernel figures.
-    Attaching(std::thread::JoinHandle<Attached>),
+    /// Attaching, then sampling round 1's dirtying rate, on a thread of its own (attaching
+    /// takes tens of milliseconds of program loads and the verifier, which pre-copy does not
+    /// wait for); rounds that end before the attach have no kernel figures.
+    Round1 {
+        thread: std::thread::JoinHandle<Attached>,
+        /// Dropped to stop the sampling.
+        stop: Option<mpsc::Sender<()>>,
+        /// Set once the probes are attached (the thread then only samples).
+        attached: Arc<AtomicBool>,
+    },
     On {
         probes: Box<VmProbes>,
         /// Counters at the start of the current window.
         last: Counters,
-        /// When the current window started (the first starts when the attach is done).
+        /// When the current window started.
         since: Instant,
     },
     Off(String),
@@ -50,8 +76,8 @@ enum State {
 
 impl RoundProbes {
     /// Starts attaching the probes to `vm` (a VM of this process) on a thread of its own and
-    /// returns at once: the first window starts when they are attached. Never fails: a
-    /// failure becomes the off reason.
+    /// returns at once; once attached, the thread samples the guest's dirtying rate every
+    /// [`SAMPLE`] until round 1 ends. Never fails: a failure becomes the off reason.
     pub fn attach(vm: &Vm) -> Self {
         let off = |why: String| {
             tracing::info!(%why, "kernel-measured dirty rates off");
@@ -68,6 +94,9 @@ impl RoundProbes {
             );
         }
         let filter = filter_of(vm);
+        let (stop, stopped) = mpsc::channel();
+        let attached = Arc::new(AtomicBool::new(false));
+        let flag = attached.clone();
         match std::thread::Builder::new()
             .name("probe-attach".into())
             .spawn(move || {
@@ -80,51 +109,68 @@ impl RoundProbes {
                         "kernel-measured dirty rates on (BPF probes attached)"
                     );
                 }
-                r
+                flag.store(true, Ordering::Release);
+                let (probes, first) = r?;
+                sample_round1(probes, first, &stopped)
             }) {
-            Ok(h) => Self {
-                state: State::Attaching(h),
+            Ok(thread) => Self {
+                state: State::Round1 {
+                    thread,
+                    stop: Some(stop),
+                    attached,
+                },
             },
             Err(e) => off(format!("cannot start attaching the BPF probes: {e}")),
         }
     }
 
-    /// Takes the attach's outcome if it is done.
-    fn settle(&mut self) {
-        let State::Attaching(h) = &self.state else {
-            return;
+    /// Ends round 1's sampling; takes the thread's outcome when it is done (joining only a
+    /// thread that is attached, which then returns at once).
+    fn settle(&mut self, end_sampling: bool) -> Option<Sampled> {
+        let State::Round1 {
+            thread,
+            stop,
+            attached,
+        } = &mut self.state
+        else {
+            return None;
         };
-        if !h.is_finished() {
-            return;
+        if end_sampling {
+            stop.take();
         }
-        let State::Attaching(h) = std::mem::replace(&mut self.state, State::Off(String::new()))
+        let done = thread.is_finished() || (stop.is_none() && attached.load(Ordering::Acquire));
+        if !done {
+            return None;
+        }
+        let State::Round1 { thread, .. } =
+            std::mem::replace(&mut self.state, State::Off(String::new()))
         else {
             unreachable!("checked above");
         };
-        self.state = match h.join() {
-            Ok(Ok((probes, last, since))) => State::On {
-                probes: Box::new(probes),
-                last,
-                since,
-            },
+        match thread.join() {
+            Ok(Ok(s)) => Some(s),
             Ok(Err(why)) => {
                 tracing::info!(%why, "kernel-measured dirty rates off");
-                State::Off(why)
+                self.state = State::Off(why);
+                None
             }
-            Err(_) => State::Off("attaching the BPF probes panicked".into()),
-        };
+            Err(_) => {
+                self.state = State::Off("attaching the BPF probes panicked".into());
+                None
+            }
+        }
     }
 
-    fn try_attach(filter: &VmFilter) -> Attached {
+    fn try_attach(filter: &VmFilter) -> Result<(VmProbes, (Counters, Instant)), String> {
         let mut probes = VmProbes::attach_set(filter, false, ProbeSet::DirtyRing)
             .map_err(|e| vmig_ebpf::chain_to_string(&e))?;
         probes
             .start_dirty_window()
             .map_err(|e| vmig_ebpf::chain_to_string(&e))?;
-        let last = probes
+        let first = probes
             .counters()
             .map_err(|e| vmig_ebpf::chain_to_string(&e))?;
-        Ok((probes, last, Instant::now()))
+        Ok((probes, (first, Instant::now())))
     }
 
     /// Why the kernel's figures were off, for the report, once the VM runs on the destination.
@@ -132,8 +178,14 @@ impl RoundProbes {
     /// migration's end would wait with it; dropping the probes lets it finish and detach on
     /// its own thread), but one that already failed says why.
     pub fn final_off_reason(&mut self) -> Option<String> {
-        let late = matches!(self.state, State::Attaching(_));
-        self.settle();
+        let late = matches!(self.state, State::Round1 { .. });
+        if let Some(s) = self.settle(true) {
+            self.state = State::On {
+                probes: Box::new(s.probes),
+                last: s.last,
+                since: s.since,
+            };
+        }
         match &self.state {
             State::Off(why) => Some(why.clone()),
             State::On { .. } if !late => None,
@@ -146,11 +198,24 @@ impl RoundProbes {
     }
 
     /// Ends round `round`: returns the kernel's counts since the previous call (or since the
-    /// attach) over that window's length, and starts the next window. `None` when the probes
-    /// are off or still attaching; a failure to read them turns them off for the rest of the
-    /// migration.
+    /// attach) over that window's length, and starts the next window. Round 1 also ends the
+    /// rate sampling and carries its rate. `None` when the probes are off or still attaching;
+    /// a failure to read them turns them off for the rest of the migration.
     pub fn end_round(&mut self, round: u32) -> Option<KernelRound> {
-        self.settle();
+        if let Some(s) = self.settle(true) {
+            // Attached during round 1 (or, if round 1 ended before the attach, during a later
+            // round, which then has no sampled figures: its window starts here).
+            let in_round1 = s.samples.iter().map(|(_, secs)| secs).sum::<f64>() > 0.0;
+            let k = in_round1.then(|| round1_of(&s.first, &s.last, &s.samples));
+            self.state = State::On {
+                probes: Box::new(s.probes),
+                last: s.last,
+                since: s.since,
+            };
+            if let Some(k) = k {
+                return Some(k);
+            }
+        }
         let State::On {
             probes,
             last,
@@ -180,6 +245,57 @@ impl RoundProbes {
             }
         }
     }
+}
+
+/// Samples the guest's dirtying rate every [`SAMPLE`] (each sample a distinct-page window of
+/// its own) until `stop` is dropped, then starts the window of the next round.
+fn sample_round1(
+    mut probes: VmProbes,
+    (first, at): (Counters, Instant),
+    stop: &mpsc::Receiver<()>,
+) -> Attached {
+    let err = |e: vmig_ebpf::EbpfError| vmig_ebpf::chain_to_string(&e);
+    let mut samples = Vec::new();
+    let (mut prev, mut prev_at) = (first.dirty_pages_distinct, at);
+    loop {
+        let ended = !matches!(
+            stop.recv_timeout(SAMPLE),
+            Err(mpsc::RecvTimeoutError::Timeout)
+        );
+        let now = probes.counters().map_err(err)?;
+        probes.start_dirty_window().map_err(err)?;
+        let t = Instant::now();
+        let secs = t.duration_since(prev_at).as_secs_f64();
+        // The last, partial sample counts only if it is long enough to mean something.
+        if !ended || secs >= SAMPLE.as_secs_f64() / 2.0 {
+            samples.push((now.dirty_pages_distinct.saturating_sub(prev), secs));
+        }
+        (prev, prev_at) = (now.dirty_pages_distinct, t);
+        if ended {
+            return Ok(Sampled {
+                probes,
+                first,
+                samples,
+                last: now,
+                since: t,
+            });
+        }
+    }
+}
+
+/// Round 1's figures from its samples: pushes and ring-full exits over the whole window since
+/// the attach; distinct pages the largest sample's (the samples are windows of their own, so
+/// the round's distinct count is not known, only this lower bound); the rate the lower of the
+/// last two samples' (a sustained rate, not a burst).
+fn round1_of(first: &Counters, last: &Counters, samples: &[(u64, f64)]) -> KernelRound {
+    let secs = samples.iter().map(|(_, secs)| secs).sum::<f64>();
+    let mut k = round_of(first, last, secs);
+    k.distinct_pages = samples.iter().map(|(d, _)| *d).max().unwrap_or(0);
+    k.rate_samples = samples.len() as u32;
+    if let [.., (a, sa), (b, sb)] = samples[..] {
+        k.rate_pages_per_s = (a as f64 / sa).min(b as f64 / sb);
+    }
+    k
 }
 
 /// Nice value of the attaching thread: the program loads and the verifier take tens of
@@ -233,6 +349,7 @@ fn round_of(before: &Counters, after: &Counters, secs: f64) -> KernelRound {
             .dirty_pages_distinct
             .saturating_sub(before.dirty_pages_distinct),
         ring_full_exits: after.dirty_ring_full.saturating_sub(before.dirty_ring_full),
+        ..KernelRound::default()
     }
 }
 
@@ -294,8 +411,32 @@ mod tests {
                 pushes_per_s: 8000.0,
                 distinct_pages: 400,
                 ring_full_exits: 1,
+                ..Default::default()
             }
         );
         assert_eq!(round_of(&before, &after, 0.0).pushes_per_s, 0.0);
+    }
+
+    #[test]
+    fn round_1_takes_its_rate_from_the_last_two_samples() {
+        let first = Counters::default();
+        let last = Counters {
+            dirty_ring_pushes: 9000,
+            dirty_pages_distinct: 2600,
+            ..Default::default()
+        };
+        // A burst, then a steady 10,000 pages/s, the last sample partial (30 ms).
+        let samples = [(2000, 0.05), (500, 0.05), (500, 0.05), (300, 0.03)];
+        let k = round1_of(&first, &last, &samples);
+        assert_eq!(k.pushes, 9000);
+        assert!((k.window_s - 0.18).abs() < 1e-9);
+        assert_eq!(k.distinct_pages, 2000, "the largest sample: a lower bound");
+        assert_eq!(k.rate_samples, 4);
+        assert!((k.rate_pages_per_s - 10_000.0).abs() < 1e-6);
+        // One sample is no sustained rate.
+        assert_eq!(
+            round1_of(&first, &last, &samples[..1]).rate_pages_per_s,
+            0.0
+        );
     }
 }

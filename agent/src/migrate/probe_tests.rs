@@ -8,8 +8,11 @@ use std::sync::{Arc, Mutex};
 
 use vmig_ebpf::{Event, EventStream, VmProbes};
 
-use super::tests::{busy_opts, migrate, pair_with, print, runs_on_destination, serial};
-use super::{probe, MigrateOptions, PostcopyPolicy};
+use super::report::Cause;
+use super::tests::{
+    busy_opts, migrate, pair_paced, pair_with, postcopy_landed, print, runs_on_destination, serial,
+};
+use super::{probe, MigrateOptions, Mode, PostcopyPolicy};
 use crate::dirty::DirtyTracking;
 
 /// Why the probes cannot run here (after printing a loud SKIPPED line), or `None`.
@@ -45,6 +48,8 @@ fn ring_mode_rounds_carry_kernel_rates_that_match_the_dirty_log() {
     let p = pair_with("kring", 64, &["dirty", "counter"], 16, DirtyTracking::Ring);
     let opts = MigrateOptions {
         dirty_tracking: DirtyTracking::Ring,
+        // Several rounds to compare: the kernel's rate would end pre-copy after round 1.
+        kernel_judge: false,
         ..busy_opts(20.0)
     };
     let (r, _) = migrate(&p, "kring", &opts);
@@ -73,8 +78,10 @@ fn ring_mode_rounds_carry_kernel_rates_that_match_the_dirty_log() {
             eprintln!("round {}: the probes were still attaching", r.round);
             continue;
         };
-        // A window that began during the round (the attach) covers only part of it.
-        let whole = k.window_s >= 0.9 * r.secs;
+        // A window that began during the round (the attach) covers only part of it; round 1's
+        // is cut into rate samples, and its distinct count is the largest sample's.
+        let whole = k.window_s >= 0.9 * r.secs && k.rate_samples == 0;
+        assert_eq!(k.rate_samples > 0, r.round == 1, "only round 1 is sampled");
         let log = r.dirty_pages as f64;
         let kernel = k.distinct_pages as f64;
         eprintln!(
@@ -132,6 +139,99 @@ fn ring_mode_rounds_carry_kernel_rates_that_match_the_dirty_log() {
     }
     assert!(report.render().contains("kernel: "));
     runs_on_destination(&p, "kring", &report);
+}
+
+/// Round 1 over an 8 MiB/s link takes 2 s for the 16 MiB working set: long enough for the
+/// probes to attach and take their rate samples.
+fn judged_opts() -> MigrateOptions {
+    MigrateOptions {
+        dirty_tracking: DirtyTracking::Ring,
+        postcopy: PostcopyPolicy::Auto,
+        ..busy_opts(8.0)
+    }
+}
+
+/// A guest rewriting its 16 MiB working set flat out (tens of thousands of pages/s) over an
+/// 8 MiB/s link (2,000 pages/s): the kernel's rate at the end of round 1 says pre-copy cannot
+/// converge, and post-copy starts after round 1, not after the three rounds the dirty log's
+/// judgement needs (`--min-rounds`).
+#[test]
+fn a_guest_that_outruns_the_link_switches_to_postcopy_after_round_1() {
+    const TEST: &str = "a_guest_that_outruns_the_link_switches_to_postcopy_after_round_1";
+    if skip_reason(TEST).is_some() {
+        return;
+    }
+    let _serial = serial();
+    let p = pair_with("khot", 64, &["dirty", "counter"], 16, DirtyTracking::Ring);
+    let (r, _) = migrate(&p, "khot", &judged_opts());
+    let report = r.unwrap();
+    print(&report);
+    assert_eq!(
+        report.stop_reason.cause,
+        Cause::KernelRate,
+        "{:?}",
+        report.stop_reason
+    );
+    // Round 1, then the switch pass.
+    assert_eq!(report.rounds.len(), 2);
+    let k = report.rounds[0]
+        .kernel
+        .expect("round 1 carries the kernel's figures");
+    assert!(k.rate_samples >= 2, "{k:?}");
+    let link_pages = 8.0 * 1048576.0 / 4104.0;
+    assert!(
+        k.rate_pages_per_s >= 0.8 * link_pages,
+        "{} pages/s against {link_pages:.0} pages/s of link",
+        k.rate_pages_per_s
+    );
+    postcopy_landed(&report);
+    runs_on_destination(&p, "khot", &report);
+}
+
+/// The same link and working set, the guest held to 1,000 pages/s (half of what the link
+/// carries): the kernel's rate is measured in round 1 and says go on; pre-copy converges.
+#[test]
+fn a_guest_the_link_outruns_is_never_switched_by_the_kernels_rate() {
+    const TEST: &str = "a_guest_the_link_outruns_is_never_switched_by_the_kernels_rate";
+    if skip_reason(TEST).is_some() {
+        return;
+    }
+    let _serial = serial();
+    let p = pair_paced(
+        "kcalm",
+        64,
+        &["dirty", "counter"],
+        16,
+        DirtyTracking::Ring,
+        1000,
+    );
+    // The state alone takes ~50 ms at 8 MiB/s: a limit the tail rounds can reach.
+    let opts = MigrateOptions {
+        max_downtime_ms: 150.0,
+        ..judged_opts()
+    };
+    let (r, _) = migrate(&p, "kcalm", &opts);
+    let report = r.unwrap();
+    print(&report);
+    assert_eq!(report.mode, Mode::PreCopy);
+    assert!(report.postcopy.is_none());
+    assert_eq!(
+        report.stop_reason.cause,
+        Cause::Converged,
+        "{:?}",
+        report.stop_reason
+    );
+    let k = report.rounds[0]
+        .kernel
+        .expect("round 1 carries the kernel's figures");
+    assert!(k.rate_samples >= 2, "the rate was measured: {k:?}");
+    assert!(
+        (500.0..2000.0).contains(&k.rate_pages_per_s),
+        "{} pages/s for a guest held to 1,000",
+        k.rate_pages_per_s
+    );
+    assert!(report.verification.as_ref().unwrap().memory_equal);
+    runs_on_destination(&p, "kcalm", &report);
 }
 
 /// In bitmap mode KVM pushes nothing onto a ring: the migration works, no round carries kernel

@@ -80,6 +80,9 @@ pub enum Cause {
     DirtyRatio,
     /// The dirty set stopped shrinking.
     NoShrink,
+    /// After round 1, the kernel-measured dirty rate (BPF probes) eats at least
+    /// `--converge-threshold` of the link.
+    KernelRate,
     /// The hot-page holdback holds every pending page: nothing left to send.
     NothingLeft,
     /// Auto-converge reached its last throttle step.
@@ -92,6 +95,7 @@ named!(Cause {
     PolicyAlways => "policy-always",
     DirtyRatio => "dirty-ratio",
     NoShrink => "no-shrink",
+    KernelRate => "kernel-rate",
     NothingLeft => "nothing-left",
     ThrottleExhausted => "throttle-exhausted",
 });
@@ -246,10 +250,18 @@ pub struct KernelRound {
     pub window_s: f64,
     /// `pushes` per second of `window_s`.
     pub pushes_per_s: f64,
-    /// Distinct pages among those pushes (counted once per window in BPF).
+    /// Distinct pages among those pushes (counted once per window in BPF). In round 1, whose
+    /// window is cut into rate samples, the largest sample's: a lower bound.
     pub distinct_pages: u64,
     /// vCPU exits with `KVM_EXIT_DIRTY_RING_FULL` during the round.
     pub ring_full_exits: u64,
+    /// Round 1 only: the guest's dirtying rate at the end of the round, distinct pages per
+    /// second, the lower of the last two rate samples (each 50 ms long); 0 with fewer than two.
+    #[serde(default)]
+    pub rate_pages_per_s: f64,
+    /// Round 1 only: rate samples taken (see [`super::probe`]).
+    #[serde(default)]
+    pub rate_samples: u32,
 }
 
 /// Post-copy figures: the destination's fault statistics and the source's serving counts.

@@ -41,6 +41,18 @@ pub(super) fn pair_with(
     dirty_mib: u64,
     dirty_tracking: crate::dirty::DirtyTracking,
 ) -> Pair {
+    pair_paced(name, memory_mib, workload, dirty_mib, dirty_tracking, 0)
+}
+
+/// Like [`pair_with`], the `dirty` vCPU held to `dirty_rate` pages/s (0: flat out).
+pub(super) fn pair_paced(
+    name: &str,
+    memory_mib: u64,
+    workload: &[&str],
+    dirty_mib: u64,
+    dirty_tracking: crate::dirty::DirtyTracking,
+    dirty_rate: u64,
+) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let src = Inventory::open(&dir.path().join("a"), 4 << 30).unwrap();
     let dst = Inventory::open(&dir.path().join("b"), 4 << 30).unwrap();
@@ -50,7 +62,7 @@ pub(super) fn pair_with(
         vcpus: workload.len() as u32,
         workload: workload.iter().map(|w| w.to_string()).collect(),
         dirty_mib,
-        dirty_rate: 0,
+        dirty_rate,
         dirty_tracking,
         disk_mib: 1,
         disk_rate: 0,
@@ -84,11 +96,20 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 /// dirtier, its working set written.
 fn wait_running(p: &Pair, name: &str) {
     let (_, vm) = p.src.running(name).unwrap();
-    let dirty =
-        vm.spec().dirty_rate == 0 && vm.spec().programs.contains(&crate::guest::Program::Dirty);
-    wait_for("the guest runs", Duration::from_secs(30), || {
+    // A flat-out `dirty` vCPU makes 3 passes over 4,096 pages; a paced one covers its working
+    // set once (the migration's round 1 then sends all of it).
+    let spec = vm.spec();
+    let written = match (
+        spec.programs.contains(&crate::guest::Program::Dirty),
+        spec.dirty_rate,
+    ) {
+        (false, _) => 0,
+        (true, 0) => 3 * 4096,
+        (true, _) => spec.dirty_bytes / 4096,
+    };
+    wait_for("the guest runs", Duration::from_secs(60), || {
         let s = vm.stats();
-        s.counter_reports >= 2 && (!dirty || s.dirty_pages_written >= 3 * 4096)
+        s.counter_reports >= 2 && s.dirty_pages_written >= written
     });
 }
 
@@ -217,7 +238,7 @@ pub(super) fn runs_on_destination(p: &Pair, name: &str, report: &Report) {
 
 /// A post-copy report's proof: memory and vCPU digests equal, every page missing at the
 /// switch placed once (on demand or pushed). Returns the post-copy figures.
-fn postcopy_landed(report: &Report) -> super::PostcopyStats {
+pub(super) fn postcopy_landed(report: &Report) -> super::PostcopyStats {
     assert_eq!(report.mode, Mode::PostCopy);
     let v = report.verification.clone().unwrap();
     assert!(v.memory_equal, "{} vs {}", v.source_memory, v.dest_memory);
