@@ -32,6 +32,10 @@ struct VmigRun {
     guest_pages_per_s: f64,
 }
 
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 fn vmig_run(c: &Cluster, vm: &str, create: &[&str], dirty_pages: u64, migrate: &[&str]) -> VmigRun {
     c.create("hostA", vm, create);
     let written = |c: &Cluster| {
@@ -74,11 +78,12 @@ fn vmig_run(c: &Cluster, vm: &str, create: &[&str], dirty_pages: u64, migrate: &
 fn qemu_run(
     dir: &std::path::Path,
     work: Work,
+    mem_mib: u64,
     caps: &[&str],
     params: Value,
     postcopy: bool,
 ) -> QemuRun {
-    let r = qemu::migrate(dir, work, 1024, caps, params, postcopy)
+    let r = qemu::migrate(dir, work, mem_mib, caps, params, postcopy)
         .unwrap_or_else(|e| panic!("QEMU migration failed: {e}"));
     assert!(
         r.continued,
@@ -95,6 +100,14 @@ struct Row {
 }
 
 impl Row {
+    fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            q: vec![],
+            v: vec![],
+        }
+    }
+
     fn print(&self) -> Value {
         let qm = |f: fn(&QemuRun) -> f64| median(&self.q.iter().map(f).collect::<Vec<_>>());
         let vm = |f: fn(&VmigRun) -> f64| median(&self.v.iter().map(f).collect::<Vec<_>>());
@@ -146,7 +159,16 @@ impl Row {
     }
 }
 
+/// The rows `cargo xtask bench qemu [ROW]` runs: all, or the one named.
+const ROWS: [&str; 4] = ["idle", "dirty", "postcopy", "throttle"];
+
 fn main() {
+    let only = std::env::args().nth(1);
+    if let Some(o) = only.as_deref().filter(|o| !ROWS.contains(o)) {
+        eprintln!("unknown row {o:?}: one of {ROWS:?}, or none for all");
+        std::process::exit(2);
+    }
+    let run = |row: &str| only.as_deref().is_none_or(|o| o == row);
     let version =
         qemu::ensure_qemu().unwrap_or_else(|e| panic!("QEMU is needed for this bench: {e}"));
     let exe = exe();
@@ -159,65 +181,137 @@ fn main() {
     let best = json!({"downtime-limit": 50, "max-bandwidth": 100u64 << 30});
     let mut results = json!({"qemu_version": version});
 
-    let mut idle = Row {
-        name: "idle 1 GiB",
-        q: vec![],
-        v: vec![],
-    };
-    for i in 0..PAIRS {
-        idle.q
-            .push(qemu_run(&dir, Work::Idle, &[], best.clone(), false));
-        idle.v.push(vmig_run(
-            &c,
-            &format!("idle{i}"),
-            &["--memory-mib", "1024", "--workload", "idle"],
-            0,
-            &["--max-downtime", "50"],
-        ));
-    }
-    results["idle_1g"] = idle.print();
-    // `cargo xtask bench qemu idle`: only this row.
-    if std::env::args().nth(1).as_deref() == Some("idle") {
-        let out = results_path("bench-qemu-idle.json");
-        let _ = std::fs::write(&out, serde_json::to_string_pretty(&results).expect("json"));
-        println!("\nresults: {}", out.display());
-        return;
+    if run("idle") {
+        let mut idle = Row::new("idle 1 GiB");
+        for i in 0..PAIRS {
+            idle.q
+                .push(qemu_run(&dir, Work::Idle, 1024, &[], best.clone(), false));
+            idle.v.push(vmig_run(
+                &c,
+                &format!("idle{i}"),
+                &["--memory-mib", "1024", "--workload", "idle"],
+                0,
+                &["--max-downtime", "50"],
+            ));
+        }
+        results["idle_1g"] = idle.print();
     }
 
     // 64 MiB flat out: QEMU's guest first; vmig's held to its rate if it would write faster.
-    let pages = 16384u32;
-    let mut dirty = Row {
-        name: "1 GiB, 64 MiB working set rewritten flat out (matched guest rates)",
-        q: vec![],
-        v: vec![],
-    };
-    for i in 0..PAIRS {
-        let q = qemu_run(&dir, Work::Dirty { pages }, &[], best.clone(), false);
-        let rate = (q.guest_pages_per_s as u64).max(1).to_string();
-        dirty.q.push(q);
-        dirty.v.push(vmig_run(
-            &c,
-            &format!("dirty{i}"),
-            &[
-                "--memory-mib",
-                "1024",
-                "--vcpus",
-                "2",
-                "--workload",
-                "dirty,counter",
-                "--dirty-mib",
-                "64",
-                "--dirty-rate",
-                &rate,
-            ],
-            pages as u64,
-            &["--max-downtime", "50"],
-        ));
+    if run("dirty") {
+        let pages = 16384u32;
+        let mut dirty =
+            Row::new("1 GiB, 64 MiB working set rewritten flat out (matched guest rates)");
+        for i in 0..PAIRS {
+            let q = qemu_run(&dir, Work::Dirty { pages }, 1024, &[], best.clone(), false);
+            dirty.v.push(vmig_run(
+                &c,
+                &format!("dirty{i}"),
+                &strs(&dirty_guest(1024, pages, &q)),
+                pages as u64,
+                &["--max-downtime", "50"],
+            ));
+            dirty.q.push(q);
+        }
+        results["dirty64_1g"] = dirty.print();
     }
-    results["dirty64_1g"] = dirty.print();
 
-    let out = results_path("bench-qemu.json");
+    // A guest that cannot converge: 128 MiB, a 32 MiB working set rewritten flat out, a
+    // 64 MiB/s link. QEMU's best: post-copy started as soon as its first pass is done (what
+    // a management layer does when it knows the guest will not converge); vmig decides by
+    // itself, `--postcopy auto`.
+    let capped = json!({"downtime-limit": 50, "max-bandwidth": 64u64 << 20});
+    let pages = 8192u32;
+    if run("postcopy") {
+        let mut row = Row::new(
+            "128 MiB, 32 MiB working set flat out, 64 MiB/s link: post-copy (QEMU after its first pass, vmig --postcopy auto)",
+        );
+        for i in 0..PAIRS {
+            let q = qemu_run(
+                &dir,
+                Work::Dirty { pages },
+                128,
+                &["postcopy-ram"],
+                capped.clone(),
+                true,
+            );
+            row.v.push(vmig_run(
+                &c,
+                &format!("hot{i}"),
+                &strs(&dirty_guest(128, pages, &q)),
+                pages as u64,
+                &[
+                    "--max-downtime",
+                    "50",
+                    "--bandwidth",
+                    "64",
+                    "--postcopy",
+                    "auto",
+                ],
+            ));
+            row.q.push(q);
+        }
+        results["postcopy_128m"] = row.print();
+    }
+    // The same guest with auto-converge (QEMU) against vmig's throttle.
+    if run("throttle") {
+        let mut row =
+            Row::new("the same guest, auto-converge (QEMU) vs --on-no-converge throttle (vmig)");
+        for i in 0..PAIRS {
+            let q = qemu_run(
+                &dir,
+                Work::Dirty { pages },
+                128,
+                &["auto-converge"],
+                capped.clone(),
+                false,
+            );
+            row.v.push(vmig_run(
+                &c,
+                &format!("slow{i}"),
+                &strs(&dirty_guest(128, pages, &q)),
+                pages as u64,
+                &[
+                    "--max-downtime",
+                    "50",
+                    "--bandwidth",
+                    "64",
+                    "--on-no-converge",
+                    "throttle",
+                ],
+            ));
+            row.q.push(q);
+        }
+        results["throttle_128m"] = row.print();
+    }
+
+    let name = match only.as_deref() {
+        None => "bench-qemu.json".to_string(),
+        Some(o) => format!("bench-qemu-{o}.json"),
+    };
+    let out = results_path(&name);
     let _ = std::fs::write(&out, serde_json::to_string_pretty(&results).expect("json"));
     let _ = std::fs::remove_dir_all(&dir);
     println!("\nresults written to {}", out.display());
+}
+
+/// `vmig vm create` arguments of a guest doing what QEMU's `q` did: `mem_mib` of memory, a
+/// `dirty` vCPU over `pages` pages held to the QEMU guest's rate, and a counter.
+fn dirty_guest(mem_mib: u64, pages: u32, q: &QemuRun) -> Vec<String> {
+    let rate = (q.guest_pages_per_s as u64).max(1);
+    let ws_mib = pages as u64 * 4096 / 1048576;
+    [
+        "--memory-mib",
+        &mem_mib.to_string(),
+        "--vcpus",
+        "2",
+        "--workload",
+        "dirty,counter",
+        "--dirty-mib",
+        &ws_mib.to_string(),
+        "--dirty-rate",
+        &rate.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
 }
