@@ -10,7 +10,8 @@ use super::state::{self, MachineState};
 use super::{Vm, VmError};
 
 impl Vm {
-    /// Saves vCPU and device state; the VM must not run ([`Paused::save`](super::Paused::save), [`Vm::read_back`]).
+    /// Saves vCPU and device state; the VM must not run
+    /// ([`Paused::save`](super::Paused::save), [`Vm::read_back`]).
     pub(super) fn save_state(&self) -> Result<MachineState, VmError> {
         let mut vcpus = Vec::new();
         for v in &self.vcpus {
