@@ -82,7 +82,7 @@ impl Inventory {
             )));
         }
         let src_dir = src.path.join(name);
-        let (list, final_dir) = super::cold::move_target(&src_dir, to, name)?;
+        let (list, final_dir) = super::storage_move::move_target(&src_dir, to, name)?;
         let j = Journal::of(&src.path);
         let mut r = Record {
             op: journal::new_op(name),
