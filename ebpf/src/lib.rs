@@ -166,6 +166,27 @@ fn object() -> Result<&'static [u8], EbpfError> {
     Err(EbpfError::NotBuilt(env!("VMIG_BPF_NOT_BUILT_REASON")))
 }
 
+/// The kernel's BTF, parsed once per process: megabytes, which every attach would otherwise
+/// parse twice (the loader's relocations and the BTF tracepoint), tens of milliseconds of CPU
+/// inside an attach that runs beside a migration's first round.
+fn kernel_btf() -> Option<&'static Btf> {
+    static BTF: std::sync::OnceLock<Option<Btf>> = std::sync::OnceLock::new();
+    BTF.get_or_init(|| match Btf::from_sys_fs() {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::debug!(cause = %e, "the kernel's BTF cannot be read");
+            None
+        }
+    })
+    .as_ref()
+}
+
+/// Parses the kernel's BTF now (see [`kernel_btf`]), so that the first attach does not: an
+/// agent calls it once at start, off its critical paths.
+pub fn warm_up() {
+    let _ = kernel_btf();
+}
+
 /// Cheap check that [`VmProbes::attach`] can work here: the object was built, the process has
 /// the capabilities, tracefs is mounted and every tracepoint exists with the expected layout.
 /// Loads nothing.
@@ -222,6 +243,7 @@ impl VmProbes {
         // One dirty_pages entry per guest page (4 KiB), within sane bounds.
         let pages = (filter.mem_len / 4096).clamp(1024, 1 << 24) as u32;
         let mut ebpf = aya::EbpfLoader::new()
+            .btf(kernel_btf())
             .set_max_entries("dirty_pages", pages)
             .set_max_entries("dirty_gen_slot0", pages)
             .load(bytes)
@@ -437,13 +459,13 @@ fn attach_push_btf(ebpf: &mut Ebpf) -> bool {
         return false;
     }
     let mut attach = || -> Result<(), String> {
-        let btf = Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?;
+        let btf = kernel_btf().ok_or("the kernel's BTF (/sys/kernel/btf/vmlinux) cannot be read")?;
         let prog: &mut BtfTracePoint = ebpf
             .program_mut(PUSH_PROGRAM_BTF)
             .ok_or_else(|| format!("{PUSH_PROGRAM_BTF} not in the object"))?
             .try_into()
             .map_err(|e| error::chain_to_string(&e))?;
-        prog.load("kvm_dirty_ring_push", &btf)
+        prog.load("kvm_dirty_ring_push", btf)
             .map_err(|e| format!("loading: {}", error::chain_to_string(&e)))?;
         prog.attach()
             .map_err(|e| format!("attaching: {}", error::chain_to_string(&e)))?;

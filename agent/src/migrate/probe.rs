@@ -15,7 +15,7 @@
 //! VM tracking dirty pages with the bitmap, where KVM pushes nothing onto a ring) the migration
 //! goes on without them and [`RoundProbes::off_reason`] says why, once, for the report.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -52,17 +52,37 @@ struct Sampled {
 
 type Attached = Result<Sampled, String>;
 
+/// What the migration tells the round-1 thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// Round 1 ended (stop sampling).
+    RoundEnded,
+    /// Round 1 ended before the attach began, and pre-copy goes on: attach for later rounds.
+    GoOn,
+}
+
+/// Where the round-1 thread is: waiting for [`ATTACH_DELAY`], attaching, or attached.
+const WAITING: u8 = 0;
+const ATTACHING: u8 = 1;
+const ATTACHED: u8 = 2;
+
+/// How long round 1 runs before the probes attach. An idle VM's whole migration (a 1 GiB one
+/// takes ~20 ms here) is over by then and never pays for the probes; a busy VM's round 1 runs
+/// long after it, and the attach, at full priority, leaves room for the rate samples.
+pub const ATTACH_DELAY: Duration = Duration::from_millis(40);
+
 #[derive(Debug)]
 enum State {
-    /// Attaching, then sampling round 1's dirtying rate, on a thread of its own (attaching
-    /// takes tens of milliseconds of program loads and the verifier, which pre-copy does not
-    /// wait for); rounds that end before the attach have no kernel figures.
+    /// The round-1 thread: it waits [`ATTACH_DELAY`], attaches (tens of milliseconds of
+    /// program loads and the verifier, which pre-copy does not wait for), then samples round
+    /// 1's dirtying rate; rounds that end before the attach have no kernel figures.
     Round1 {
         thread: std::thread::JoinHandle<Attached>,
-        /// Dropped to stop the sampling.
-        stop: Option<mpsc::Sender<()>>,
-        /// Set once the probes are attached (the thread then only samples).
-        attached: Arc<AtomicBool>,
+        /// Dropped when pre-copy is over.
+        signal: Option<mpsc::Sender<Signal>>,
+        round_ended: bool,
+        /// [`WAITING`], [`ATTACHING`] or [`ATTACHED`].
+        phase: Arc<AtomicU8>,
     },
     On {
         probes: Box<VmProbes>,
@@ -75,9 +95,9 @@ enum State {
 }
 
 impl RoundProbes {
-    /// Starts attaching the probes to `vm` (a VM of this process) on a thread of its own and
-    /// returns at once; once attached, the thread samples the guest's dirtying rate every
-    /// [`SAMPLE`] until round 1 ends. Never fails: a failure becomes the off reason.
+    /// Starts the probes' thread for `vm` (a VM of this process) and returns at once: after
+    /// [`ATTACH_DELAY`] of round 1 it attaches them, then samples the guest's dirtying rate
+    /// every [`SAMPLE`] until round 1 ends. Never fails: a failure becomes the off reason.
     pub fn attach(vm: &Vm) -> Self {
         let off = |why: String| {
             tracing::info!(%why, "kernel-measured dirty rates off");
@@ -94,52 +114,63 @@ impl RoundProbes {
             );
         }
         let filter = filter_of(vm);
-        let (stop, stopped) = mpsc::channel();
-        let attached = Arc::new(AtomicBool::new(false));
-        let flag = attached.clone();
+        let (signal, signals) = mpsc::channel();
+        let phase = Arc::new(AtomicU8::new(WAITING));
+        let at = phase.clone();
         match std::thread::Builder::new()
             .name("probe-attach".into())
-            .spawn(move || {
-                lower_priority();
-                let t = Instant::now();
-                let r = Self::try_attach(&filter);
-                if r.is_ok() {
-                    tracing::info!(
-                        attach_ms = t.elapsed().as_secs_f64() * 1e3,
-                        "kernel-measured dirty rates on (BPF probes attached)"
-                    );
-                }
-                flag.store(true, Ordering::Release);
-                let (probes, first) = r?;
-                sample_round1(probes, first, &stopped)
-            }) {
+            .spawn(move || round1_thread(&filter, &signals, &at))
+        {
             Ok(thread) => Self {
                 state: State::Round1 {
                     thread,
-                    stop: Some(stop),
-                    attached,
+                    signal: Some(signal),
+                    round_ended: false,
+                    phase,
                 },
             },
             Err(e) => off(format!("cannot start attaching the BPF probes: {e}")),
         }
     }
 
-    /// Ends round 1's sampling; takes the thread's outcome when it is done (joining only a
-    /// thread that is attached, which then returns at once).
-    fn settle(&mut self, end_sampling: bool) -> Option<Sampled> {
+    /// Round 1 is over and pre-copy goes on: a thread that did not attach yet (round 1 was
+    /// shorter than [`ATTACH_DELAY`]) attaches now, at low priority, for the later rounds.
+    pub fn pre_copy_goes_on(&mut self) {
+        if let State::Round1 {
+            signal: Some(s),
+            round_ended: true,
+            ..
+        } = &self.state
+        {
+            let _ = s.send(Signal::GoOn);
+        }
+    }
+
+    /// Tells the thread that round 1 ended (`end` is [`Signal::RoundEnded`]) or that pre-copy
+    /// is over (`None`), and takes its outcome when it is attached (joining it then waits only
+    /// for its last sample) or done.
+    fn settle(&mut self, end: Option<Signal>) -> Option<Sampled> {
         let State::Round1 {
             thread,
-            stop,
-            attached,
+            signal,
+            round_ended,
+            phase,
         } = &mut self.state
         else {
             return None;
         };
-        if end_sampling {
-            stop.take();
+        match end {
+            Some(Signal::RoundEnded) if !*round_ended => {
+                *round_ended = true;
+                if let Some(s) = signal {
+                    let _ = s.send(Signal::RoundEnded);
+                }
+            }
+            Some(_) => {}
+            None => *round_ended = signal.take().is_some() || *round_ended,
         }
-        let done = thread.is_finished() || (stop.is_none() && attached.load(Ordering::Acquire));
-        if !done {
+        let attached = phase.load(Ordering::Acquire) == ATTACHED;
+        if !(thread.is_finished() || (*round_ended && attached)) {
             return None;
         }
         let State::Round1 { thread, .. } =
@@ -150,7 +181,9 @@ impl RoundProbes {
         match thread.join() {
             Ok(Ok(s)) => Some(s),
             Ok(Err(why)) => {
-                tracing::info!(%why, "kernel-measured dirty rates off");
+                if !why.is_empty() {
+                    tracing::info!(%why, "kernel-measured dirty rates off");
+                }
                 self.state = State::Off(why);
                 None
             }
@@ -178,17 +211,24 @@ impl RoundProbes {
     /// migration's end would wait with it; dropping the probes lets it finish and detach on
     /// its own thread), but one that already failed says why.
     pub fn final_off_reason(&mut self) -> Option<String> {
-        let late = matches!(self.state, State::Round1 { .. });
-        if let Some(s) = self.settle(true) {
+        let waited = match &self.state {
+            State::Round1 { phase, .. } => Some(phase.load(Ordering::Acquire) == WAITING),
+            _ => None,
+        };
+        if let Some(s) = self.settle(None) {
             self.state = State::On {
                 probes: Box::new(s.probes),
                 last: s.last,
                 since: s.since,
             };
         }
-        match &self.state {
-            State::Off(why) => Some(why.clone()),
-            State::On { .. } if !late => None,
+        match (&self.state, waited) {
+            (State::Off(why), _) if !why.is_empty() => Some(why.clone()),
+            (State::On { .. }, None) => None,
+            (_, Some(true)) => Some(format!(
+                "pre-copy ended before the BPF probes were needed (they attach {} ms into a round 1 still running)",
+                ATTACH_DELAY.as_millis()
+            )),
             // Still attaching, or attached since pre-copy ended.
             _ => Some(
                 "pre-copy ended before the BPF probes were attached (they attach beside round 1)"
@@ -202,7 +242,7 @@ impl RoundProbes {
     /// rate sampling and carries its rate. `None` when the probes are off or still attaching;
     /// a failure to read them turns them off for the rest of the migration.
     pub fn end_round(&mut self, round: u32) -> Option<KernelRound> {
-        if let Some(s) = self.settle(true) {
+        if let Some(s) = self.settle(Some(Signal::RoundEnded)) {
             // Attached during round 1 (or, if round 1 ended before the attach, during a later
             // round, which then has no sampled figures: its window starts here).
             let in_round1 = s.samples.iter().map(|(_, secs)| secs).sum::<f64>() > 0.0;
@@ -247,14 +287,55 @@ impl RoundProbes {
     }
 }
 
+/// Not attached: pre-copy ended within round 1.
+const NOT_NEEDED: &str = "";
+
+/// The round-1 thread: waits [`ATTACH_DELAY`] (or, if round 1 ends first, for pre-copy to go
+/// on), attaches, then samples round 1.
+fn round1_thread(filter: &VmFilter, signals: &mpsc::Receiver<Signal>, phase: &AtomicU8) -> Attached {
+    let late = match signals.recv_timeout(ATTACH_DELAY) {
+        Err(mpsc::RecvTimeoutError::Timeout) => false,
+        Err(mpsc::RecvTimeoutError::Disconnected) => return Err(NOT_NEEDED.into()),
+        Ok(_) => match signals.recv() {
+            Ok(Signal::GoOn) => true,
+            _ => return Err(NOT_NEEDED.into()),
+        },
+    };
+    phase.store(ATTACHING, Ordering::Release);
+    // Attaching after round 1 is for short rounds, whose pauses it must not slow down.
+    if late {
+        lower_priority();
+    }
+    let t = Instant::now();
+    let r = RoundProbes::try_attach(filter);
+    if r.is_ok() {
+        tracing::info!(
+            attach_ms = t.elapsed().as_secs_f64() * 1e3,
+            late,
+            "kernel-measured dirty rates on (BPF probes attached)"
+        );
+    }
+    phase.store(ATTACHED, Ordering::Release);
+    let (probes, (first, at)) = r?;
+    if late {
+        return Ok(Sampled {
+            probes,
+            first: first.clone(),
+            samples: Vec::new(),
+            last: first,
+            since: at,
+        });
+    }
+    sample_round1(probes, (first, at), signals)
+}
+
 /// Samples the guest's dirtying rate every [`SAMPLE`] (each sample a distinct-page window of
-/// its own) until `stop` is dropped, then starts the window of the next round.
+/// its own) until round 1 ends, then starts the window of the next round.
 fn sample_round1(
     mut probes: VmProbes,
     (first, at): (Counters, Instant),
-    stop: &mpsc::Receiver<()>,
-) -> Attached {
-    let err = |e: vmig_ebpf::EbpfError| vmig_ebpf::chain_to_string(&e);
+    stop: &mpsc::Receiver<Signal>,
+) -> Attached {    let err = |e: vmig_ebpf::EbpfError| vmig_ebpf::chain_to_string(&e);
     let mut samples = Vec::new();
     let (mut prev, mut prev_at) = (first.dirty_pages_distinct, at);
     loop {
@@ -307,7 +388,7 @@ const ATTACH_NICE: libc::c_int = 10;
 
 /// Lowers the calling thread's scheduling priority to [`ATTACH_NICE`] (best effort: a failure
 /// only leaves it at the process's).
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     // SAFETY: gettid takes no arguments and cannot fail.
     let tid = unsafe { libc::gettid() };
     // SAFETY: setpriority reads no memory of this process; with PRIO_PROCESS and a thread id

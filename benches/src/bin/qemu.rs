@@ -30,6 +30,8 @@ struct VmigRun {
     downtime_ms: f64,
     bytes: f64,
     guest_pages_per_s: f64,
+    /// vmig's whole report.
+    report: Value,
 }
 
 fn strs(v: &[String]) -> Vec<&str> {
@@ -72,6 +74,7 @@ fn vmig_run(c: &Cluster, vm: &str, create: &[&str], dirty_pages: u64, migrate: &
         downtime_ms: f("downtime_ms"),
         bytes: f("bytes_sent"),
         guest_pages_per_s: rate,
+        report: r,
     }
 }
 
@@ -153,7 +156,8 @@ impl Row {
         json!({
             "qemu": {"total_ms": qt, "downtime_ms": qd, "bytes": qb, "guest_pages_per_s": qr,
                      "qemu_own_downtime_ms": median(&self.q.iter().map(|r| r.qemu_downtime_ms).collect::<Vec<_>>())},
-            "vmig": {"total_ms": vt, "downtime_ms": vd, "bytes": vb, "guest_pages_per_s": vr},
+            "vmig": {"total_ms": vt, "downtime_ms": vd, "bytes": vb, "guest_pages_per_s": vr,
+                     "reports": self.v.iter().map(|r| r.report.clone()).collect::<Vec<_>>()},
             "ratio": {"total": vt / qt, "downtime": vd / qd, "bytes": vb / qb},
         })
     }
@@ -220,7 +224,9 @@ fn main() {
     // 64 MiB/s link. QEMU's best: post-copy started as soon as its first pass is done (what
     // a management layer does when it knows the guest will not converge); vmig decides by
     // itself, `--postcopy auto`.
-    let capped = json!({"downtime-limit": 50, "max-bandwidth": 64u64 << 20});
+    // The cap is the link's: QEMU's post-copy phase has a cap of its own, unlimited by default.
+    let capped = json!({"downtime-limit": 50, "max-bandwidth": 64u64 << 20,
+                        "max-postcopy-bandwidth": 64u64 << 20});
     let pages = 8192u32;
     if run("postcopy") {
         let mut row = Row::new(

@@ -169,6 +169,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     })?;
     guard::protect_socket(&cfg.control, control_gid)?;
     info!(name = %cfg.name, listen = %cfg.listen, control = %cfg.control.display(), capacity_mib = capacity >> 20, "agent ready");
+    // The BPF probes' first attach (beside a migration's round 1) should not parse the
+    // kernel's BTF: parse it now, at low priority, while nothing migrates.
+    let _ = std::thread::Builder::new()
+        .name("btf-warm-up".into())
+        .spawn(|| {
+            crate::migrate::probe::lower_priority();
+            vmig_ebpf::warm_up();
+        });
     {
         let hosts = hosts.clone();
         crate::migrate::cold::recover::spawn_resolver(

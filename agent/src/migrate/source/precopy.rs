@@ -153,8 +153,11 @@ pub(super) fn rounds(run: &mut Run<'_>, rtt: Duration) -> Result<Precopied, Migr
             return Err(MigrateError::Cancelled);
         }
         match decision {
-            Decision::Continue => {}
-            Decision::Throttle(p, _) => vm.set_throttle(p),
+            Decision::Continue => probes.pre_copy_goes_on(),
+            Decision::Throttle(p, _) => {
+                vm.set_throttle(p);
+                probes.pre_copy_goes_on();
+            }
             Decision::StopAndCopy(why) => break End::StopAndCopy(why),
             Decision::Postcopy(why) => break End::Postcopy(why),
             Decision::Abort(why) => {
