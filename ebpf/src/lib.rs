@@ -459,7 +459,8 @@ fn attach_push_btf(ebpf: &mut Ebpf) -> bool {
         return false;
     }
     let mut attach = || -> Result<(), String> {
-        let btf = kernel_btf().ok_or("the kernel's BTF (/sys/kernel/btf/vmlinux) cannot be read")?;
+        let btf =
+            kernel_btf().ok_or("the kernel's BTF (/sys/kernel/btf/vmlinux) cannot be read")?;
         let prog: &mut BtfTracePoint = ebpf
             .program_mut(PUSH_PROGRAM_BTF)
             .ok_or_else(|| format!("{PUSH_PROGRAM_BTF} not in the object"))?

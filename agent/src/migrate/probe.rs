@@ -1,14 +1,17 @@
 //! Kernel-measured dirty rates for the pre-copy controller.
 //!
-//! During a migration the source attaches (on a thread of its own, beside round 1: attaching
-//! takes tens of milliseconds that an idle VM's whole migration should not wait for) the
+//! During a migration the source attaches (on a thread of its own, [`ATTACH_DELAY`] into a
+//! round 1 still running: attaching takes tens of milliseconds that an idle VM's whole
+//! migration should not pay for) the
 //! `vmig-ebpf` dirty-ring probes
 //! ([`ProbeSet::DirtyRing`]: counters only, no event ring, nothing on the per-instruction or
 //! per-ioctl tracepoints) to the VM being migrated, filtered to this process (the VMM), the
 //! VM's vCPU threads and its guest memory. After every pre-copy round, right after the dirty log's harvest,
 //! [`RoundProbes::end_round`] reads what the kernel counted since the previous harvest: the
 //! dirty-ring pushes, the distinct pages they named and the ring-full exits, then starts a new
-//! distinct-page window. The controller weighs the distinct pages against the log's own count
+//! distinct-page window. Round 1 is cut into [`SAMPLE`]-long windows: the guest's sustained
+//! dirtying rate at its end lets the controller judge convergence after round 1. The
+//! controller weighs the distinct pages against the log's own count
 //! (see `controller.rs`), and the report shows both per round.
 //!
 //! When the probes cannot run (no CAP_BPF, no tracefs or BTF, a binary built without clang, or a
@@ -292,7 +295,11 @@ const NOT_NEEDED: &str = "";
 
 /// The round-1 thread: waits [`ATTACH_DELAY`] (or, if round 1 ends first, for pre-copy to go
 /// on), attaches, then samples round 1.
-fn round1_thread(filter: &VmFilter, signals: &mpsc::Receiver<Signal>, phase: &AtomicU8) -> Attached {
+fn round1_thread(
+    filter: &VmFilter,
+    signals: &mpsc::Receiver<Signal>,
+    phase: &AtomicU8,
+) -> Attached {
     let late = match signals.recv_timeout(ATTACH_DELAY) {
         Err(mpsc::RecvTimeoutError::Timeout) => false,
         Err(mpsc::RecvTimeoutError::Disconnected) => return Err(NOT_NEEDED.into()),
@@ -335,7 +342,8 @@ fn sample_round1(
     mut probes: VmProbes,
     (first, at): (Counters, Instant),
     stop: &mpsc::Receiver<Signal>,
-) -> Attached {    let err = |e: vmig_ebpf::EbpfError| vmig_ebpf::chain_to_string(&e);
+) -> Attached {
+    let err = |e: vmig_ebpf::EbpfError| vmig_ebpf::chain_to_string(&e);
     let mut samples = Vec::new();
     let (mut prev, mut prev_at) = (first.dirty_pages_distinct, at);
     loop {
