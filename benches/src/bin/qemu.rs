@@ -203,21 +203,21 @@ fn main() {
 
     // 64 MiB flat out: QEMU's guest first; vmig's held to its rate if it would write faster.
     if run("dirty") {
-        let pages = 16384u32;
-        let mut dirty =
-            Row::new("1 GiB, 64 MiB working set rewritten flat out (matched guest rates)");
-        for i in 0..PAIRS {
-            let q = qemu_run(&dir, Work::Dirty { pages }, 1024, &[], best.clone(), false);
-            dirty.v.push(vmig_run(
-                &c,
-                &format!("dirty{i}"),
-                &strs(&dirty_guest(1024, pages, &q)),
-                pages as u64,
-                &["--max-downtime", "50"],
-            ));
-            dirty.q.push(q);
-        }
-        results["dirty64_1g"] = dirty.print();
+        let q = QemuSide {
+            mem_mib: 1024,
+            caps: &[],
+            params: best.clone(),
+            postcopy_after_first_pass: false,
+        };
+        results["dirty64_1g"] = matched_row(
+            &c,
+            &dir,
+            "1 GiB, 64 MiB working set rewritten flat out (matched guest rates)",
+            16384,
+            &q,
+            "dirty",
+            &["--max-downtime", "50"],
+        );
     }
 
     // A guest that cannot converge: 128 MiB, a 32 MiB working set rewritten flat out, a
@@ -229,66 +229,46 @@ fn main() {
                         "max-postcopy-bandwidth": 64u64 << 20});
     let pages = 8192u32;
     if run("postcopy") {
-        let mut row = Row::new(
+        let q = QemuSide {
+            mem_mib: 128,
+            caps: &["postcopy-ram"],
+            params: capped.clone(),
+            postcopy_after_first_pass: true,
+        };
+        results["postcopy_128m"] = matched_row(
+            &c,
+            &dir,
             "128 MiB, 32 MiB working set flat out, 64 MiB/s link: post-copy (QEMU after its first pass, vmig --postcopy auto)",
+            pages,
+            &q,
+            "hot",
+            &["--max-downtime", "50", "--bandwidth", "64", "--postcopy", "auto"],
         );
-        for i in 0..PAIRS {
-            let q = qemu_run(
-                &dir,
-                Work::Dirty { pages },
-                128,
-                &["postcopy-ram"],
-                capped.clone(),
-                true,
-            );
-            row.v.push(vmig_run(
-                &c,
-                &format!("hot{i}"),
-                &strs(&dirty_guest(128, pages, &q)),
-                pages as u64,
-                &[
-                    "--max-downtime",
-                    "50",
-                    "--bandwidth",
-                    "64",
-                    "--postcopy",
-                    "auto",
-                ],
-            ));
-            row.q.push(q);
-        }
-        results["postcopy_128m"] = row.print();
     }
     // The same guest with auto-converge (QEMU) against vmig's throttle.
     if run("throttle") {
-        let mut row =
-            Row::new("the same guest, auto-converge (QEMU) vs --on-no-converge throttle (vmig)");
-        for i in 0..PAIRS {
-            let q = qemu_run(
-                &dir,
-                Work::Dirty { pages },
-                128,
-                &["auto-converge"],
-                capped.clone(),
-                false,
-            );
-            row.v.push(vmig_run(
-                &c,
-                &format!("slow{i}"),
-                &strs(&dirty_guest(128, pages, &q)),
-                pages as u64,
-                &[
-                    "--max-downtime",
-                    "50",
-                    "--bandwidth",
-                    "64",
-                    "--on-no-converge",
-                    "throttle",
-                ],
-            ));
-            row.q.push(q);
-        }
-        results["throttle_128m"] = row.print();
+        let q = QemuSide {
+            mem_mib: 128,
+            caps: &["auto-converge"],
+            params: capped.clone(),
+            postcopy_after_first_pass: false,
+        };
+        results["throttle_128m"] = matched_row(
+            &c,
+            &dir,
+            "the same guest, auto-converge (QEMU) vs --on-no-converge throttle (vmig)",
+            pages,
+            &q,
+            "slow",
+            &[
+                "--max-downtime",
+                "50",
+                "--bandwidth",
+                "64",
+                "--on-no-converge",
+                "throttle",
+            ],
+        );
     }
 
     let name = match only.as_deref() {
@@ -299,6 +279,49 @@ fn main() {
     let _ = std::fs::write(&out, serde_json::to_string_pretty(&results).expect("json"));
     let _ = std::fs::remove_dir_all(&dir);
     println!("\nresults written to {}", out.display());
+}
+
+/// QEMU's side of a row: memory, capabilities, parameters, and whether the bench starts
+/// post-copy after the first pass.
+struct QemuSide {
+    mem_mib: u64,
+    caps: &'static [&'static str],
+    params: Value,
+    postcopy_after_first_pass: bool,
+}
+
+/// A row of [`PAIRS`] interleaved pairs over a `dirty` guest of `pages` pages: QEMU first
+/// (`q`), then vmig with the same memory, its guest held to the QEMU guest's rate, migrated
+/// with `migrate`; VMs named `prefix0`, `prefix1`, ... Returns the printed medians.
+fn matched_row(
+    c: &Cluster,
+    dir: &std::path::Path,
+    name: &'static str,
+    pages: u32,
+    q: &QemuSide,
+    prefix: &str,
+    migrate: &[&str],
+) -> Value {
+    let mut row = Row::new(name);
+    for i in 0..PAIRS {
+        let qr = qemu_run(
+            dir,
+            Work::Dirty { pages },
+            q.mem_mib,
+            q.caps,
+            q.params.clone(),
+            q.postcopy_after_first_pass,
+        );
+        row.v.push(vmig_run(
+            c,
+            &format!("{prefix}{i}"),
+            &strs(&dirty_guest(q.mem_mib, pages, &qr)),
+            pages as u64,
+            migrate,
+        ));
+        row.q.push(qr);
+    }
+    row.print()
 }
 
 /// `vmig vm create` arguments of a guest doing what QEMU's `q` did: `mem_mib` of memory, a
