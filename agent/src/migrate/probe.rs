@@ -184,9 +184,7 @@ impl RoundProbes {
         match thread.join() {
             Ok(Ok(s)) => Some(s),
             Ok(Err(why)) => {
-                if !why.is_empty() {
-                    tracing::info!(%why, "kernel-measured dirty rates off");
-                }
+                tracing::info!(%why, "kernel-measured dirty rates off");
                 self.state = State::Off(why);
                 None
             }
@@ -226,12 +224,10 @@ impl RoundProbes {
             };
         }
         match (&self.state, waited) {
-            (State::Off(why), _) if !why.is_empty() => Some(why.clone()),
+            (State::Off(why), _) => Some(why.clone()),
             (State::On { .. }, None) => None,
-            (_, Some(true)) => Some(format!(
-                "pre-copy ended before the BPF probes were needed (they attach {} ms into a round 1 still running)",
-                ATTACH_DELAY.as_millis()
-            )),
+            // The thread, told just now, has not returned yet.
+            (_, Some(true)) => Some(not_needed()),
             // Still attaching, or attached since pre-copy ended.
             _ => Some(
                 "pre-copy ended before the BPF probes were attached (they attach beside round 1)"
@@ -290,8 +286,13 @@ impl RoundProbes {
     }
 }
 
-/// Not attached: pre-copy ended within round 1.
-const NOT_NEEDED: &str = "";
+/// Why there are no kernel figures when pre-copy ended within round 1, before the attach.
+fn not_needed() -> String {
+    format!(
+        "pre-copy ended before the BPF probes were needed (they attach {} ms into a round 1 still running)",
+        ATTACH_DELAY.as_millis()
+    )
+}
 
 /// The round-1 thread: waits [`ATTACH_DELAY`] (or, if round 1 ends first, for pre-copy to go
 /// on), attaches, then samples round 1.
@@ -302,10 +303,10 @@ fn round1_thread(
 ) -> Attached {
     let late = match signals.recv_timeout(ATTACH_DELAY) {
         Err(mpsc::RecvTimeoutError::Timeout) => false,
-        Err(mpsc::RecvTimeoutError::Disconnected) => return Err(NOT_NEEDED.into()),
+        Err(mpsc::RecvTimeoutError::Disconnected) => return Err(not_needed()),
         Ok(_) => match signals.recv() {
             Ok(Signal::GoOn) => true,
-            _ => return Err(NOT_NEEDED.into()),
+            _ => return Err(not_needed()),
         },
     };
     phase.store(ATTACHING, Ordering::Release);
