@@ -57,7 +57,19 @@ fn e2e_a_running_vms_disk_moves_to_another_datastore_with_a_short_pause() {
     println!("{r:#}");
     let d = &r["live_disk"];
     let pause = d["pause_ms"].as_f64().expect("live_disk.pause_ms");
-    assert!(pause < 50.0, "pause {pause} ms: {r:#}");
+    // The pause copies the last round's few blocks, never the image: structural here, its
+    // duration is `cargo xtask bench disk`'s figure (a timed bar in a test flakes under load).
+    let at_pause = d["blocks_at_pause"]
+        .as_u64()
+        .expect("live_disk.blocks_at_pause");
+    assert!(
+        at_pause <= vmig::migrate::local_move::SWITCH_BLOCKS as u64,
+        "{at_pause} blocks copied paused: {r:#}"
+    );
+    assert!(
+        pause > 0.0 && pause < d["total_ms"].as_f64().unwrap(),
+        "pause {pause} ms: {r:#}"
+    );
     assert_eq!(d["image_bytes"], 16 << 20, "{r:#}");
     assert!(d["copied_bytes"].as_u64().unwrap() > 0, "{r:#}");
     assert_eq!(d["digest"].as_str().unwrap_or("").len(), 64, "{r:#}");
