@@ -75,6 +75,27 @@ pub struct Controller {
     link_rate: Option<f64>,
     /// The rate the last `assess` predicted with, bytes/s.
     assessed_rate: f64,
+    /// Under `--verify`: seconds the destination spends per page of the last round on its
+    /// memory digest with the VM paused (it takes the old content out of its page sum and
+    /// adds the new: two page hashes), measured on this host at the start.
+    verify_page_s: f64,
+}
+
+/// Seconds to hash one page twice (BLAKE3, as the destination's page sum does for each page
+/// of the last round), measured over a few hundred pages of varied content.
+fn verify_cost_per_page() -> f64 {
+    const PAGES: usize = 256;
+    let page: Vec<u8> = (0..crate::guest::layout::PAGE_SIZE as usize)
+        .map(|i| (i * 31 % 251) as u8 | 1)
+        .collect();
+    let mut sum = crate::migrate::PageSum::default();
+    let t = std::time::Instant::now();
+    for i in 0..PAGES as u64 {
+        sum.add(i, &page);
+        sum.sub(i, &page);
+    }
+    std::hint::black_box(sum);
+    t.elapsed().as_secs_f64() / PAGES as f64
 }
 
 /// A round that sent less than this measures nothing about the link (a few headers in a
@@ -97,6 +118,11 @@ impl Controller {
             sendable: None,
             link_rate: None,
             assessed_rate: PRIOR_RATE,
+            verify_page_s: if opts.verify {
+                verify_cost_per_page()
+            } else {
+                0.0
+            },
         }
     }
 
@@ -112,11 +138,13 @@ impl Controller {
     }
 
     /// Predicted downtime of stopping now: remaining bytes over the measured bandwidth, plus
-    /// the state, plus the commit round trips (Ready, Go/Running).
+    /// the state, plus the commit round trips (Ready, Go/Running), plus under `--verify` the
+    /// destination's hashing of those pages (the rest of the check is off the pause).
     pub fn predict_ms(&self, dirty_pages: u64, bandwidth: f64) -> f64 {
         let bw = bandwidth.max(1.0);
         let bytes = dirty_pages as f64 * PAGE_WIRE_BYTES + self.state_bytes;
-        (bytes / bw + 2.0 * self.rtt.as_secs_f64()) * 1e3
+        let verify = dirty_pages as f64 * self.verify_page_s;
+        (bytes / bw + 2.0 * self.rtt.as_secs_f64() + verify) * 1e3
     }
 
     /// Fills in the round's dirty rate, dirty ratio and predicted downtime from the dirty log's

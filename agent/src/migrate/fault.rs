@@ -31,6 +31,9 @@ pub enum Fault {
     /// Drop the destination's `Ready` and the connection with it: a failure after the state
     /// went (and, on shared storage, after the source released the image), before `Go`.
     LoseReady,
+    /// Send none of the last round's dirty pages (a dirty-tracking miss): the destination ends
+    /// with the pages as last sent, the source's memory is untouched; only `--verify` sees it.
+    MissLastDirty,
 }
 
 impl std::str::FromStr for Fault {
@@ -43,6 +46,7 @@ impl std::str::FromStr for Fault {
             "cut-postcopy" => Fault::CutPostcopy,
             "lose-postcopy-done" => Fault::LosePostcopyDone,
             "lose-ready" => Fault::LoseReady,
+            "miss-last-dirty" => Fault::MissLastDirty,
             other => return Err(format!("unknown fault {other:?}")),
         })
     }
@@ -151,6 +155,18 @@ impl Link {
             );
             let _ = self.socket().shutdown(Shutdown::Both);
         }
+    }
+
+    /// Whether the last round's dirty pages are to be "missed" (not sent).
+    pub(super) fn tap_last_round(&mut self) -> bool {
+        let Some(tap) = &mut self.tap else {
+            return false;
+        };
+        let now = tap.fire(Fault::MissLastDirty);
+        if now {
+            tracing::warn!("injected fault: missing the last round's dirty pages");
+        }
+        now
     }
 
     /// A frame received.

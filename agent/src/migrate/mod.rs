@@ -17,6 +17,7 @@ pub mod holdback;
 mod link;
 pub mod local_move;
 mod owner;
+mod page_sum;
 pub mod phase;
 pub mod probe;
 #[cfg(test)]
@@ -28,6 +29,8 @@ pub mod status;
 #[cfg(test)]
 mod tests;
 pub mod validate;
+
+pub use page_sum::PageSum;
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -528,73 +531,4 @@ fn compute_cpu_digest() -> String {
         }
     }
     h.finalize().to_hex()[..16].to_string()
-}
-
-/// An order-independent digest of guest memory as (index, content) pairs: the sum, modulo
-/// 2^256, of BLAKE3(index ‖ page) over every non-zero page.
-///
-/// Post-copy places pages in whatever order faults and the push produce, and the destination
-/// runs while they arrive, so it cannot hash its memory at one instant. Each side adds one
-/// term per page instead: the source over its paused memory, the destination over the pages it
-/// kept at the switch (before running) plus every page as it is placed. The index inside each
-/// term catches a page at the wrong place; a sum (unlike XOR) does not cancel equal terms; and
-/// the state is 32 bytes whatever the guest size (a per-page table would be 32 bytes a page).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PageSum([u64; 4]);
-
-impl PageSum {
-    /// Adds the page `index` with `data` (all-zero pages add nothing).
-    pub fn add(&mut self, index: u64, data: &[u8]) {
-        if data.iter().all(|b| *b == 0) {
-            return;
-        }
-        let mut h = blake3::Hasher::new();
-        h.update(&index.to_le_bytes());
-        h.update(data);
-        self.add_hash(h.finalize().as_bytes());
-    }
-
-    fn add_hash(&mut self, h: &[u8; 32]) {
-        let mut carry = 0u128;
-        for (i, limb) in self.0.iter_mut().enumerate() {
-            let v = u64::from_le_bytes(h[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-            let sum = *limb as u128 + v as u128 + carry;
-            *limb = sum as u64;
-            carry = sum >> 64;
-        }
-    }
-
-    /// Combines two partial sums.
-    pub fn merge(&mut self, other: &PageSum) {
-        let mut b = [0u8; 32];
-        for (i, limb) in other.0.iter().enumerate() {
-            b[i * 8..i * 8 + 8].copy_from_slice(&limb.to_le_bytes());
-        }
-        self.add_hash(&b);
-    }
-
-    /// Hex, most significant limb first.
-    pub fn hex(&self) -> String {
-        self.0.iter().rev().map(|l| format!("{l:016x}")).collect()
-    }
-
-    /// The sum over every non-zero page of `ram` for which `include(index)` holds. Reads
-    /// only pages populated in the host, so it never touches a missing page.
-    pub fn of_ram(
-        ram: &crate::vm::memory::GuestRam,
-        include: impl Fn(u64) -> bool,
-    ) -> Result<PageSum, crate::vm::memory::MemoryError> {
-        let populated = ram.populated()?;
-        let mut sum = PageSum::default();
-        let mut page = vec![0u8; crate::guest::layout::PAGE_SIZE as usize];
-        for (i, &p) in populated.iter().enumerate() {
-            let i = i as u64;
-            if !p || !include(i) || ram.is_zero_page(i) {
-                continue;
-            }
-            ram.read_page(i, &mut page)?;
-            sum.add(i, &page);
-        }
-        Ok(sum)
-    }
 }

@@ -103,7 +103,8 @@ impl Registry {
     pub fn resume_parked(&self, name: &str) -> Result<(Box<Parked>, Arc<Cancel>), RegistryError> {
         let mut map = self.lock();
         match map.remove(name) {
-            Some(Migration::Parked(p)) => {
+            // A copy refused by `--verify` has nothing to resume: only `--rollback` is left.
+            Some(Migration::Parked(p)) if p.why() == super::source::ParkedWhy::Interrupted => {
                 let cancel = Arc::new(Cancel::default());
                 map.insert(name.into(), Migration::Outgoing(cancel.clone()));
                 Ok((p, cancel))

@@ -361,12 +361,17 @@ pub struct Verification {
     pub memory_equal: bool,
     /// Digests equal.
     pub vcpus_equal: bool,
-    /// ms the destination spent computing its digests (inside the downtime).
+    /// ms the destination spent on its digests with the VM paused (inside the downtime):
+    /// hashing the last round's pages (its memory's page sum is kept as pages come), the vCPU
+    /// and disk digests.
     pub dest_verify_ms: f64,
-    /// ms the source spent computing its digest (inside the downtime, alongside the
-    /// destination's).
+    /// ms the source spent hashing its paused memory: after the destination resumed (outside
+    /// the downtime) when `memory_checked` is `after-resume`, inside it at `pause`.
     #[serde(default)]
     pub source_verify_ms: f64,
+    /// When the memories were compared.
+    #[serde(default)]
+    pub memory_checked: MemoryCheck,
     /// The disk image at the pause, as the source sent it (per-block BLAKE3, see
     /// [`crate::storage::BlockDigest`]); none without a copied disk.
     #[serde(default)]
@@ -377,6 +382,32 @@ pub struct Verification {
     /// Disk digests equal (none when no disk was compared).
     #[serde(default)]
     pub disk_equal: Option<bool>,
+}
+
+/// When `--verify` compares the two memories.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryCheck {
+    /// With the VM paused, before `Go` (the disk on shared storage: a copy that ran on it
+    /// could not be undone).
+    #[default]
+    Pause,
+    /// After the destination's `Running`, before the source lets go: the source's paused
+    /// memory hashed while the guest runs there; a mismatch removes that copy and the VM runs
+    /// here again.
+    AfterResume,
+    /// During post-copy, when every page arrived.
+    Postcopy,
+}
+
+impl std::fmt::Display for MemoryCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MemoryCheck::Pause => "at the pause",
+            MemoryCheck::AfterResume => "after the resume",
+            MemoryCheck::Postcopy => "when post-copy completed",
+        })
+    }
 }
 
 /// The final report of a successful migration.

@@ -361,6 +361,61 @@ fn stayed_on_the_source(p: &Pair, name: &str) {
     assert!(p.dst.incoming().is_empty());
 }
 
+#[test]
+fn a_memory_mismatch_found_after_the_resume_removes_the_copy_and_the_vm_runs_here_again() {
+    let _serial = serial();
+    let p = pair("missed", 64, &["counter", "dirty"], 16);
+    // The last round's dirty pages never go: what a dirty-tracking miss would do. Only the
+    // memory check can see it, and it comes after the destination ran the VM.
+    fault::arm(Fault::MissLastDirty);
+    let (r, _) = migrate(&p, "missed", &busy_opts(200.0));
+    let err = r.unwrap_err();
+    eprintln!("refused: {err}");
+    match &err {
+        MigrateError::Verify(why) => {
+            assert!(
+                why.contains("memory") && why.contains("removed its copy"),
+                "{why}"
+            )
+        }
+        other => panic!("not a verification failure: {other}"),
+    }
+    stayed_on_the_source(&p, "missed");
+    assert!(
+        p.dst.info("missed").is_err(),
+        "the refused copy is not registered on the destination"
+    );
+    assert!(!p.dst.dir("missed").exists(), "its folder is gone");
+}
+
+#[test]
+fn verification_hashes_only_the_last_round_in_the_pause() {
+    let _serial = serial();
+    let p = pair("checked", 64, &["counter"], 0);
+    let (r, _) = migrate(&p, "checked", &busy_opts(200.0));
+    let report = r.unwrap();
+    print(&report);
+    let v = report.verification.clone().unwrap();
+    assert_eq!(
+        v.memory_checked,
+        crate::migrate::report::MemoryCheck::AfterResume
+    );
+    assert!(v.memory_equal && v.vcpus_equal, "{v:?}");
+    assert_eq!(v.source_memory, v.dest_memory);
+    // The source's full hash came after the resume: the pause holds only the destination's
+    // share (the last round's pages and the vCPU digest), so the two downtimes are apart by it.
+    assert!(v.source_verify_ms > 0.0, "{v:?}");
+    assert_eq!(
+        report.verify_at_pause_ms,
+        v.dest_verify_ms.min(report.downtime_ms)
+    );
+    assert!(
+        (report.downtime_ms - report.downtime_without_verify_ms - report.verify_at_pause_ms).abs()
+            < 1e-6
+    );
+    runs_on_destination(&p, "checked", &report);
+}
+
 /// A round longer than `--timeout` (16 MiB touched at 4 MiB/s: at least 4 s for round 1)
 /// under a 1 s timeout.
 fn slow_round_opts(postcopy: PostcopyPolicy) -> MigrateOptions {

@@ -33,6 +33,7 @@ message! {
     Abort => Abort,
     Error => Error,
     Released => Released,
+    Discarded => Discarded,
     Postcopy => Postcopy,
     Resume => Resume,
     Resumed => Resumed,
@@ -227,11 +228,13 @@ pub struct State {
 /// Destination → source: state loaded; digests when asked.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ready {
-    /// Memory digest of the destination before it runs.
+    /// Memory digest of the destination before it runs: the page sum (`migrate::PageSum`)
+    /// of its pages, kept up to date as pages were placed.
     pub memory_digest: Option<String>,
     /// vCPU state read back from KVM after the restore.
     pub vcpu_digest: Option<String>,
-    /// Milliseconds the destination spent on the digests.
+    /// Milliseconds the destination spent on the digests with the VM paused (hashing the
+    /// pages placed since the last round's end, the vCPU and disk digests).
     pub verify_ms: f64,
     /// Digest of the disk image as received (per-block BLAKE3), when one was copied.
     pub disk_digest: Option<String>,
@@ -270,6 +273,13 @@ pub struct Error {
 /// Source → destination: released.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Released {}
+
+// NOTICE: a change here requires a protocol version bump.
+/// Destination → source, after the source's `Abort` following `Running` (its memory check
+/// after the resume found the copies differ): this copy is stopped and gone, nothing of it
+/// stays registered here; the source runs the VM again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Discarded {}
 
 // NOTICE: a change here requires a protocol version bump.
 /// Source → destination: switch to post-copy. The vCPUs are paused on the source; `State`

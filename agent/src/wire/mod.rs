@@ -17,6 +17,16 @@
 //! ```
 //! Either side may send `Abort`/`Error` instead; until `Go` the source owns the VM.
 //!
+//! Under `--verify` (the disk not on shared storage) the source hashes its paused memory after
+//! `Running`, while the guest already runs on the destination, and compares it with `Ready`'s
+//! memory digest (which the destination kept up to date as it placed pages) before it lets go:
+//! ```text
+//!                                   ◄───   Running
+//!   (digests equal) Released        ───►
+//!   (digests differ) Abort          ───►     stops the VM, removes its copy
+//!                                   ◄───   Discarded   (the source runs the VM again)
+//! ```
+//!
 //! Cold migration of a stopped VM (`migrate --offline`, [`messages::ColdOffer`]):
 //! ```text
 //!   Hello                           ───►
@@ -96,10 +106,12 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"VMIG");
 /// in `Welcome`; wire-owned messages (a VM spec, the machine state as a section, post-copy
 /// figures); `Error` its own message. 4: the disk program and its spec. 5: the disk mirror
 /// (`verify` in `Reserve`, the disk's digest in `Ready`). 6: cold migration (kinds 40-47),
-/// shared storage and the target datastore in `Reserve`, `shared` in `Reserved`.
-pub const VERSION: u16 = 6;
+/// shared storage and the target datastore in `Reserve`, `shared` in `Reserved`. 7: the memory
+/// digest is a page sum (`migrate::PageSum`) kept as pages are placed, checked after the
+/// resume (`Discarded`).
+pub const VERSION: u16 = 7;
 /// The oldest protocol version this agent still speaks.
-pub const MIN_VERSION: u16 = 6;
+pub const MIN_VERSION: u16 = 7;
 /// Header length.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload a receiver accepts.
@@ -157,6 +169,8 @@ pub enum Kind {
     Error = 14,
     /// Source released the VM.
     Released = 15,
+    /// Destination discarded its copy (the source's check after the resume failed).
+    Discarded = 23,
     /// Source switches to post-copy: the pages the destination must not trust.
     Postcopy = 16,
     /// Destination asks for pages a vCPU faulted on.
@@ -191,12 +205,13 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind that may be sent.
-    pub const ALL: [Kind; 30] = [
+    pub const ALL: [Kind; 31] = [
         Kind::Hello,
         Kind::Welcome,
         Kind::Reserve,
         Kind::Reserved,
         Kind::Refused,
+        Kind::Discarded,
         Kind::Pages,
         Kind::RoundEnd,
         Kind::FileChunk,
@@ -541,6 +556,7 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Abort => "Abort",
         Kind::Error => "Error",
         Kind::Released => "Released",
+        Kind::Discarded => "Discarded",
         Kind::Postcopy => "Postcopy",
         Kind::PageRequest => "PageRequest",
         Kind::DemandPages => "DemandPages",

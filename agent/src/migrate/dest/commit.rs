@@ -33,11 +33,14 @@ pub(super) fn register(
     Ok((vm, t_go))
 }
 
-/// Commits a VM that arrived whole: register, run, confirm.
+/// Commits a VM that arrived whole: register, run, confirm. With `checked_after_resume` (the
+/// source's `--verify` memory check comes after `Running`), the source's verdict decides: its
+/// `Released` keeps the VM here, its `Abort` removes this copy (`Discarded`).
 pub(super) fn run(
     link: &mut Link,
     to: &Destination<'_>,
     a: Box<Arrival<'_>>,
+    checked_after_resume: bool,
 ) -> Result<String, MigrateError> {
     let (name, source) = (a.def.name.clone(), a.source.clone());
     let (vm, t_go) = register(link, to, a)?;
@@ -48,8 +51,57 @@ pub(super) fn run(
         to.agent
     ));
     let _ = link.send(&msg::Running { resume_us });
+    if checked_after_resume {
+        return verdict(link, to, &name, vm);
+    }
     released(link, &name, &vm)?;
     Ok(name)
+}
+
+/// How long the destination waits for the source's verdict after `Running`: the source
+/// hashes all of its paused memory meanwhile (about a second per GiB in a debug build).
+const VERDICT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Waits for the source's verdict on its memory check after the resume: `Released`, or an
+/// `Abort` (the memories differ) on which this copy stops and is removed, nothing of it left
+/// registered, and `Discarded` tells the source to run the VM again. No verdict at all (the
+/// connection lost) leaves the VM running here, as after any `Running`: the source then
+/// keeps its copy paused and says so.
+fn verdict(
+    link: &mut Link,
+    to: &Destination<'_>,
+    name: &str,
+    vm: Arc<Vm>,
+) -> Result<String, MigrateError> {
+    link.reader.set_timeout(VERDICT_TIMEOUT)?;
+    match link.recv_in::<msg::Released>(Phase::Commit) {
+        Ok(_) => {
+            tracing::info!(vm = %name, "the source checked the memory and released the VM");
+            Ok(name.to_string())
+        }
+        Err(MigrateError::Peer(why)) => {
+            tracing::error!(vm = %name, cause = %why, "the source's check after the resume failed: removing this copy");
+            vm.pause();
+            let removed = to.inv.stop(name).map(drop).and_then(|()| {
+                drop(vm);
+                to.inv.destroy(name)
+            });
+            if let Err(e) = &removed {
+                tracing::error!(vm = %name, error = %e, "cannot remove the refused copy");
+                return Err(MigrateError::Verify(format!(
+                    "the source refused this copy ({why}) and it could not be removed: {e}"
+                )));
+            }
+            link.send(&msg::Discarded {})?;
+            Err(MigrateError::Peer(format!(
+                "the source refused this copy: {why}; removed"
+            )))
+        }
+        Err(e) => {
+            tracing::warn!(vm = %name, cause = %e, "no verdict from the source after the resume (the VM runs here regardless)");
+            Ok(name.to_string())
+        }
+    }
 }
 
 /// Waits a little for the source's `Released`.

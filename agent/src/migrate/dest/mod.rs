@@ -107,11 +107,23 @@ fn run(link: &mut Link, to: &Destination<'_>) -> Result<String, MigrateError> {
     let received = precopy::receive(link, &arrival)?;
     // 4. Load the state and answer `Ready`, or switch to post-copy;
     // 5. and on `Go`, commit: register and run the VM.
+    let placed = received.placed;
     match received.switch {
         None => {
-            stop_and_copy::load(link, to, &arrival, received.state, received.disk)?;
-            commit::run(link, to, arrival)
+            // Under `--verify`, the source checks its memory against ours after the resume,
+            // unless the disk is shared (a copy that ran on it could not be undone).
+            let checked_after_resume = received.state.verify && !arrival.reservation.is_shared();
+            stop_and_copy::load(link, to, &arrival, received.state, received.disk, placed)?;
+            commit::run(link, to, arrival, checked_after_resume)
         }
-        Some(switch) => postcopy::run(link, to, arrival, received.state, received.disk, switch),
+        Some(switch) => postcopy::run(
+            link,
+            to,
+            arrival,
+            received.state,
+            received.disk,
+            switch,
+            placed,
+        ),
     }
 }

@@ -14,7 +14,7 @@ use std::time::Instant;
 use vmig_uffd::{FaultHandler, PageSource, PageSourceError, Placement, PostcopyMemory};
 
 use super::disk::DiskSink;
-use super::precopy::{Loaded, Switch};
+use super::precopy::{Loaded, Placed, Switch};
 use super::reservation::Arrival;
 use super::{commit, Destination};
 use crate::dirty::PageBitmap;
@@ -97,6 +97,7 @@ pub(super) fn run(
     state: Loaded,
     mut disk: DiskSink,
     pc: Switch,
+    placed: Placed,
 ) -> Result<String, MigrateError> {
     let vm = &a.vm;
     // The disk is in sync at the switch (the source sent its last blocks before the state):
@@ -111,6 +112,20 @@ pub(super) fn run(
         stale_set.set(i);
     }
     let is_stale = |i: u64| stale_set.get(i);
+    let t = Instant::now();
+    let mut sum = match placed.sum {
+        // The sum of the pages kept at the switch: the stale ones' content taken out before
+        // they are dropped (read while nothing runs).
+        Some(mut sum) => {
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            for &i in stale.iter().filter(|&&i| placed.holds_data.get(i)) {
+                ram.read_page(i, &mut page)?;
+                sum.sub(i, &page);
+            }
+            Some(sum)
+        }
+        None => None,
+    };
     // Stale copies must go: userfaultfd only fills missing pages.
     ram.discard_pages(&stale)?;
     let known = PageBitmap::new(pages);
@@ -118,13 +133,6 @@ pub(super) fn run(
         known.set(i);
     }
     let mut ready = msg::Ready::default();
-    let t = Instant::now();
-    let mut sum = if state.verify {
-        // Before registering: the pages kept at the switch, read while nothing runs.
-        Some(PageSum::of_ram(&ram, |i| !is_stale(i))?)
-    } else {
-        None
-    };
     vm.attach_disk(
         &a.reservation.staging.join(crate::inventory::DISK),
         &a.def.name,
@@ -133,7 +141,7 @@ pub(super) fn run(
     if state.verify {
         ready.vcpu_digest = Some(vm.read_back()?.vcpu_digest());
         ready.disk_digest = disk.digest();
-        ready.verify_ms = t.elapsed().as_secs_f64() * 1e3;
+        ready.verify_ms = (t.elapsed() + placed.hashing_since_round).as_secs_f64() * 1e3;
     }
     // SAFETY: guest memory is one private anonymous mapping owned by `ram`, which the VM (kept
     // alive below for as long as `mem`) holds; the stale pages were just dropped with

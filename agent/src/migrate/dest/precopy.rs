@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
+use std::time::{Duration, Instant};
 
 use super::disk::DiskSink;
 use super::reservation::Arrival;
@@ -10,7 +11,7 @@ use crate::dirty::PageBitmap;
 use crate::guest::layout::PAGE_SIZE;
 use crate::inventory::{self, Reservation};
 use crate::migrate::link::{not_allowed, Link};
-use crate::migrate::{MigrateError, Phase};
+use crate::migrate::{MigrateError, PageSum, Phase};
 use crate::vm::state::MachineState;
 use crate::vm::Vm;
 use crate::wire::{messages as msg, pages, Frame, Kind, WireError};
@@ -39,22 +40,44 @@ pub(super) struct Received {
     pub(super) switch: Option<Switch>,
     /// The disk image as received.
     pub(super) disk: DiskSink,
+    /// Under `--verify`: the memory as placed (see [`Placed`]).
+    pub(super) placed: Placed,
+}
+
+/// What the destination knows of the memory it placed: which pages hold data and, under
+/// `--verify`, their page sum, kept up to date frame by frame (each page placed takes the
+/// page it overwrites out of the sum and adds its own), so that the digest at the pause only
+/// costs the pages of the last round.
+pub(super) struct Placed {
+    /// Pages that were written with data (the rest of guest memory is still fresh, zero; a
+    /// page zeroed again stays marked: reading it finds zeros, which count for nothing).
+    pub(super) holds_data: PageBitmap,
+    /// The page sum of guest memory, under `--verify`.
+    pub(super) sum: Option<PageSum>,
+    /// Time spent hashing since the last round's end: with the vCPUs paused on the source,
+    /// this is the verification's share of the downtime here.
+    pub(super) hashing_since_round: Duration,
 }
 
 /// Receives pages and files until the state.
 pub(super) fn receive(link: &mut Link, a: &Arrival<'_>) -> Result<Received, MigrateError> {
     let vm = &a.vm;
-    let mut holds_data = PageBitmap::new(vm.ram().pages());
+    let mut placed = Placed {
+        holds_data: PageBitmap::new(vm.ram().pages()),
+        sum: a.verify.then(PageSum::default),
+        hashing_since_round: Duration::ZERO,
+    };
     let mut switch: Option<Switch> = None;
     let mut disk = DiskSink::new(&a.reservation.staging.join(inventory::DISK), a.verify);
     loop {
         let f = link.next()?;
         match f.kind() {
-            Kind::Pages => apply_pages(&f, vm, &mut holds_data)?,
+            Kind::Pages => apply_pages(&f, vm, &mut placed)?,
             Kind::FileChunk => write_chunk(&f, &a.reservation, &mut disk)?,
             Kind::RoundEnd => {
                 let r: msg::RoundEnd = f.decode()?;
                 tracing::debug!(round = r.round, pages = r.pages, "round received");
+                placed.hashing_since_round = Duration::ZERO;
                 // What arrived so far goes to the disk now, not at the pause (in the
                 // background: the receive loop does not wait for it).
                 disk.sync_in_background()?;
@@ -69,6 +92,7 @@ pub(super) fn receive(link: &mut Link, a: &Arrival<'_>) -> Result<Received, Migr
                     state,
                     switch,
                     disk,
+                    placed,
                 });
             }
             Kind::Postcopy if switch.is_none() => {
@@ -86,22 +110,38 @@ pub(super) fn receive(link: &mut Link, a: &Arrival<'_>) -> Result<Received, Migr
 }
 
 /// Checks a page frame against the guest (bounds, lengths) and copies its pages into guest
-/// memory.
-fn apply_pages(f: &Frame, vm: &Vm, holds_data: &mut PageBitmap) -> Result<(), MigrateError> {
+/// memory; under `--verify`, moves the page sum from each page's old content to its new one.
+fn apply_pages(f: &Frame, vm: &Vm, placed: &mut Placed) -> Result<(), MigrateError> {
     let ram = vm.ram();
     let entries = pages::decode(f.meta(), f.data().len(), ram.pages())?;
     let mut data = f.data().chunks_exact(PAGE_SIZE as usize);
+    let mut old = placed.sum.is_some().then(|| vec![0u8; PAGE_SIZE as usize]);
+    let mut hashing = Duration::ZERO;
     for e in entries {
+        let held = placed.holds_data.get(e.index);
+        if let (Some(sum), Some(old), true) = (placed.sum.as_mut(), old.as_mut(), held) {
+            let t = Instant::now();
+            ram.read_page(e.index, old)?;
+            sum.sub(e.index, old);
+            hashing += t.elapsed();
+        }
         if e.zero {
             // Fresh memory is zero: only a page that held data needs clearing.
-            if holds_data.get(e.index) {
+            if held {
                 ram.zero_page(e.index)?;
             }
         } else {
-            ram.write_page(e.index, data.next().expect("lengths checked by decode"))?;
-            holds_data.set(e.index);
+            let page = data.next().expect("lengths checked by decode");
+            ram.write_page(e.index, page)?;
+            placed.holds_data.set(e.index);
+            if let Some(sum) = placed.sum.as_mut() {
+                let t = Instant::now();
+                sum.add(e.index, page);
+                hashing += t.elapsed();
+            }
         }
     }
+    placed.hashing_since_round += hashing;
     Ok(())
 }
 

@@ -1,10 +1,10 @@
 //! Stage 4 on the destination: the state loaded into the VM's vCPUs and devices (not running),
-//! digests computed when the source asked, `Ready`.
+//! digests when the source asked (the memory's kept up to date as pages came), `Ready`.
 
 use std::time::Instant;
 
 use super::disk::DiskSink;
-use super::precopy::Loaded;
+use super::precopy::{Loaded, Placed};
 use super::reservation::Arrival;
 use super::Destination;
 use crate::migrate::link::Link;
@@ -18,6 +18,7 @@ pub(super) fn load(
     a: &Arrival<'_>,
     state: Loaded,
     mut disk: DiskSink,
+    placed: Placed,
 ) -> Result<(), MigrateError> {
     let vm = &a.vm;
     // The image is durable before the VM may run from it.
@@ -30,11 +31,13 @@ pub(super) fn load(
     vm.restore(&state.machine, Box::new(log))?;
     let mut ready = msg::Ready::default();
     if state.verify {
+        // The memory's page sum was kept as pages came: only the last round's pages were
+        // hashed with the vCPUs paused.
         let t = Instant::now();
-        ready.memory_digest = Some(vm.ram().digest()?);
+        ready.memory_digest = placed.sum.as_ref().map(|s| s.hex());
         ready.vcpu_digest = Some(vm.read_back()?.vcpu_digest());
         ready.disk_digest = disk.digest();
-        ready.verify_ms = t.elapsed().as_secs_f64() * 1e3;
+        ready.verify_ms = (t.elapsed() + placed.hashing_since_round).as_secs_f64() * 1e3;
     }
     link.send(&ready)?;
     Ok(())

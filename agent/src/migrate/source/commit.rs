@@ -9,8 +9,8 @@ use super::precopy::Precopied;
 use super::stop_and_copy::Paused;
 use super::{finished, resume, Outcome, Run};
 use crate::guest::layout::PAGE_SIZE;
-use crate::migrate::report::{IoUsed, Mode};
-use crate::migrate::{MigrateError, Phase, Report};
+use crate::migrate::report::{IoUsed, MemoryCheck, Mode};
+use crate::migrate::{MigrateError, PageSum, Phase, Report, Verification};
 use crate::wire::messages as msg;
 
 /// Sends `Go`, waits for `Running`, writes the report; releases the VM or serves post-copy.
@@ -34,8 +34,13 @@ pub(super) fn go(
     );
     // The verification inside the pause: the longer of the two sides' digests (they run
     // side by side).
+    // side by side), or the destination's alone when this side hashes after the resume.
     let verify_at_pause = paused.verification.as_ref().map_or(0.0, |v| {
-        (v.dest_verify_ms.max(v.source_verify_ms) / 1e3).min(downtime.as_secs_f64())
+        let ms = match v.memory_checked {
+            MemoryCheck::Pause => v.dest_verify_ms.max(v.source_verify_ms),
+            MemoryCheck::AfterResume | MemoryCheck::Postcopy => v.dest_verify_ms,
+        };
+        (ms / 1e3).min(downtime.as_secs_f64())
     });
     let downtime = downtime.as_secs_f64();
     // Why the kernel's dirty rates were not used, if they were not (an attach still running
@@ -102,6 +107,14 @@ pub(super) fn go(
         ..Default::default()
     };
     let Some(session) = paused.session else {
+        let mut report = report;
+        if let Some(v) = report.verification.as_mut() {
+            if v.memory_checked == MemoryCheck::AfterResume {
+                if let Err(why) = check_after_resume(vm, v) {
+                    return refuse_copy(run, report, why);
+                }
+            }
+        }
         run.cancel.enter(Phase::Done)?;
         let _ = run.link.send(&msg::Released {});
         vm.devices()
@@ -123,6 +136,74 @@ pub(super) fn go(
         run.progress,
     ))
 }
+
+/// `--verify` after the resume: this side's memory, paused since the pause and untouched
+/// since, hashed now (while the guest runs on the destination) against the page sum the
+/// destination kept as it placed pages (`Ready`). A dirty-tracking miss shows here: the
+/// destination holds the page as last sent, this side as last written.
+fn check_after_resume(vm: &crate::vm::Vm, v: &mut Verification) -> Result<(), String> {
+    let t = Instant::now();
+    let sum = PageSum::of_ram(vm.ram(), |_| true).map_err(|e| e.to_string())?;
+    v.source_verify_ms = t.elapsed().as_secs_f64() * 1e3;
+    v.source_memory = sum.hex();
+    v.memory_equal = v.source_memory == v.dest_memory;
+    tracing::info!(
+        ms = v.source_verify_ms,
+        equal = v.memory_equal,
+        "memory checked after the resume"
+    );
+    if v.memory_equal {
+        Ok(())
+    } else {
+        Err(format!(
+            "memory {} here vs {} on the destination",
+            v.source_memory, v.dest_memory
+        ))
+    }
+}
+
+/// The check after the resume failed: the destination is told (`Abort`) and removes its
+/// copy; on its `Discarded` the VM is this side's again and runs here (the migration fails
+/// as any failure before `Go`); without it (no answer) the VM stays paused here, parked for
+/// `--rollback`, since the destination's copy may still run.
+fn refuse_copy(run: &mut Run<'_>, report: Report, why: String) -> Result<Outcome, MigrateError> {
+    let vm = run.out.vm;
+    tracing::error!(cause = %why, "verification after the resume failed: the VM is not released");
+    let discarded = run
+        .link
+        .send(&msg::Abort {
+            reason: format!("verification failed: {why}"),
+        })
+        .and_then(|()| {
+            run.link.reader.set_timeout(DISCARD_TIMEOUT)?;
+            run.link.recv::<msg::Discarded>()
+        });
+    match discarded {
+        Ok(_) => {
+            run.taken_back = true;
+            Err(MigrateError::Verify(format!(
+                "{why}; {} removed its copy",
+                run.dest_name
+            )))
+        }
+        Err(e) => {
+            tracing::error!(cause = %e, "the destination did not confirm it removed its copy: the VM stays paused here");
+            let mut parked = resume::park(run, 0, Vec::new(), report);
+            parked.verify_failed(format!(
+                "{why}; {} did not confirm it removed its copy ({e})",
+                run.dest_name
+            ));
+            vm.devices().log_line(&format!(
+                "migration to {} failed verification: paused here with all its memory",
+                run.dest_name
+            ));
+            Ok(Outcome::Parked(parked))
+        }
+    }
+}
+
+/// How long the source waits for the destination to remove a copy it refused.
+const DISCARD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The downtime from each side's own events: the source's pause to its Go (`stop_to_go`,
 /// source clock), the destination's Go to its vCPUs running (`resume`, destination clock),

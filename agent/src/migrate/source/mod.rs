@@ -80,6 +80,9 @@ struct Run<'a> {
     disk: Option<disk::DiskMirror>,
     /// The disk stays on shared storage (the destination opens it in place): its figures.
     shared: Option<super::report::DiskReport>,
+    /// After `Go`, the destination gave the VM back (it removed a copy `--verify` refused):
+    /// a failure then is one before `Go`, and the VM runs here again.
+    taken_back: bool,
 }
 
 /// Migrates `out.vm` to the agent at `dest`. On error the VM is running on the source as
@@ -111,6 +114,7 @@ pub fn migrate(
         t0,
         disk: None,
         shared: None,
+        taken_back: false,
     };
     // A panic (a bug) must not strand the VM: before Go it is an error like any other, and the
     // VM runs on here again; after Go the outcome is unknown and the VM stays paused.
@@ -162,7 +166,7 @@ impl Run<'_> {
     /// A failure: until `Go` the source owns the VM, so it runs here again; past it the
     /// destination may run it, so it must never run here too.
     fn fail(&mut self, e: MigrateError) -> MigrateError {
-        let owned = self.cancel.phase().source_owns();
+        let owned = self.cancel.phase().source_owns() || self.taken_back;
         let e = if self.cancel.is_cancelled() && owned {
             MigrateError::Cancelled
         } else {

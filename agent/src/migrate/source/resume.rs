@@ -62,6 +62,12 @@ impl Parked {
         self.stale.len() as u64
     }
 
+    /// Marks it parked for a failed verification (`why`): the destination's copy is refused.
+    pub(super) fn verify_failed(&mut self, why: String) {
+        self.why = ParkedWhy::VerifyFailed;
+        self.reason = why;
+    }
+
     /// Seconds to keep reconnecting when the connection drops (see `MigrateOptions`).
     pub fn set_resume_window(&mut self, secs: u64) {
         self.opts.resume_window_s = secs;
@@ -74,7 +80,7 @@ impl std::fmt::Display for Parked {
         if self.why == ParkedWhy::VerifyFailed {
             return write!(
                 f,
-                "post-copy to {dest} failed verification ({}): the VM was not released; {dest} paused its copy; {vm} is paused here with its memory as of the switch: `vmig migrate --rollback {vm}` runs it here again (what it did on {dest} is lost), then `vmig vm stop {vm}` on {dest} removes the bad copy",
+                "migration to {dest} failed verification ({}): the VM was not released; {dest} was told to stop its copy; {vm} is paused here with its memory as of the pause: `vmig migrate --rollback {vm}` runs it here again (what it did on {dest} is lost), then `vmig vm stop {vm}` on {dest} removes the bad copy",
                 self.reason
             );
         }

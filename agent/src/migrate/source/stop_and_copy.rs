@@ -1,6 +1,7 @@
 //! Stage 4, stop and copy: pause the vCPUs, send the last dirty pages (their data
 //! checksummed), the VM log and the vCPU and device state; the destination loads it and
-//! answers `Ready` (with digests under `--verify`, compared here before `Go`).
+//! answers `Ready` (with digests under `--verify`: vCPUs and disk compared here before `Go`,
+//! memory too on shared storage, else after `Running`, see [`super::commit`]).
 
 use std::time::{Duration, Instant};
 
@@ -10,8 +11,9 @@ use super::stream::{self, Batch};
 use super::{Outgoing, Run};
 use crate::inventory;
 use crate::migrate::link::Link;
+use crate::migrate::report::MemoryCheck;
 use crate::migrate::report::ProgressPhase;
-use crate::migrate::{MigrateError, MigrateOptions, Progress, RoundStats, Verification};
+use crate::migrate::{MigrateError, MigrateOptions, PageSum, Progress, RoundStats, Verification};
 use crate::vm::{self, Vm};
 use crate::wire::messages as msg;
 use crate::wire::pages::PageFrameKind;
@@ -86,6 +88,10 @@ fn last_pages(
     pending.extend(vm.dirty().harvest()?);
     pending.sort_unstable();
     pending.dedup();
+    #[cfg(any(test, feature = "fault-injection"))]
+    if link.tap_last_round() {
+        pending.clear();
+    }
     progress(Progress::new(
         ProgressPhase::StopAndCopy,
         round,
@@ -117,34 +123,42 @@ fn last_pages(
     let source_vcpus = sent.vcpus;
     stats.secs = t.elapsed().as_secs_f64();
     stats.bandwidth = stats.bytes as f64 / stats.secs;
-    // The source hashes its paused memory while the destination hashes its own.
-    let source_digest = opts.verify.then(|| {
+    // Under `--verify` the memories are compared after the destination's `Running` (its
+    // page sum is ready at `Ready`, this side's full hash waits till then, off the
+    // downtime), except on shared storage: a copy that ran on the shared disk could not be
+    // undone, so there this side hashes its paused memory now, beside the destination.
+    let at_pause = opts.verify && shared;
+    let source_digest = at_pause.then(|| {
         let ram = vm.ram().clone();
         std::thread::spawn(move || {
             let t = Instant::now();
-            ram.digest().map(|d| (d, t.elapsed().as_secs_f64() * 1e3))
+            PageSum::of_ram(&ram, |_| true).map(|d| (d.hex(), t.elapsed().as_secs_f64() * 1e3))
         })
     });
     let ready: msg::Ready = link.recv()?;
-    let (source_memory, source_verify_ms) = match source_digest {
-        Some(h) => {
-            let (d, ms) = h
-                .join()
-                .map_err(|_| MigrateError::Verify("the digest thread panicked".into()))??;
-            (Some(d), ms)
-        }
-        None => (None, 0.0),
+    let source_memory = match source_digest {
+        Some(h) => Some(
+            h.join()
+                .map_err(|_| MigrateError::Verify("the digest thread panicked".into()))??,
+        ),
+        None => None,
     };
-    let verification = match (source_memory, &ready.memory_digest, &ready.vcpu_digest) {
-        (Some(sm), Some(dm), Some(dv)) => {
+    let verification = match (opts.verify, &ready.memory_digest, &ready.vcpu_digest) {
+        (true, Some(dm), Some(dv)) => {
             let disk_equal = disk_equal(&sent.disk, &ready)?;
+            let (memory, source_verify_ms) = source_memory.unwrap_or_default();
             let v = Verification {
-                memory_equal: &sm == dm,
+                memory_equal: !at_pause || &memory == dm,
+                memory_checked: if at_pause {
+                    MemoryCheck::Pause
+                } else {
+                    MemoryCheck::AfterResume
+                },
                 vcpus_equal: &source_vcpus == dv,
                 disk_equal,
                 source_disk: sent.disk.clone(),
                 dest_disk: ready.disk_digest.clone(),
-                source_memory: sm,
+                source_memory: memory,
                 dest_memory: dm.clone(),
                 source_vcpus,
                 dest_vcpus: dv.clone(),
@@ -164,7 +178,7 @@ fn last_pages(
             }
             Some(v)
         }
-        (Some(_), _, _) => {
+        (true, _, _) => {
             return Err(MigrateError::Verify(
                 "the destination sent no digests".into(),
             ))
