@@ -16,36 +16,31 @@ pub struct PageSum([u64; 4]);
 impl PageSum {
     /// Adds the page `index` with `data` (all-zero pages add nothing).
     pub fn add(&mut self, index: u64, data: &[u8]) {
-        if data.iter().all(|b| *b == 0) {
-            return;
-        }
-        let mut h = blake3::Hasher::new();
-        h.update(&index.to_le_bytes());
-        h.update(data);
-        self.add_hash(h.finalize().as_bytes());
+        self.add_term(&Self::term(index, data));
     }
 
     /// Takes the page `index` with `data` out of the sum again (all-zero pages take nothing):
     /// `add` then `sub` of the same page leaves the sum as it was, so a sum can follow a
     /// memory whose pages are overwritten.
     pub fn sub(&mut self, index: u64, data: &[u8]) {
+        self.sub_term(&Self::term(index, data));
+    }
+
+    /// The term page `index` with `data` adds to a sum: BLAKE3(index ‖ data), or all zeros
+    /// (which adds nothing) for an all-zero page. Keeping a page's term lets a sum take the
+    /// page out again without reading or hashing its old content.
+    pub fn term(index: u64, data: &[u8]) -> [u8; 32] {
         if data.iter().all(|b| *b == 0) {
-            return;
+            return [0; 32];
         }
         let mut h = blake3::Hasher::new();
         h.update(&index.to_le_bytes());
         h.update(data);
-        let h = h.finalize();
-        let mut borrow = 0u128;
-        for (i, limb) in self.0.iter_mut().enumerate() {
-            let v = u64::from_le_bytes(h.as_bytes()[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-            let d = (*limb as u128).wrapping_sub(v as u128 + borrow);
-            *limb = d as u64;
-            borrow = (d >> 64) & 1;
-        }
+        *h.finalize().as_bytes()
     }
 
-    fn add_hash(&mut self, h: &[u8; 32]) {
+    /// Adds a page's [`term`](Self::term).
+    pub fn add_term(&mut self, h: &[u8; 32]) {
         let mut carry = 0u128;
         for (i, limb) in self.0.iter_mut().enumerate() {
             let v = u64::from_le_bytes(h[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
@@ -55,13 +50,24 @@ impl PageSum {
         }
     }
 
+    /// Takes a page's [`term`](Self::term) out.
+    pub fn sub_term(&mut self, h: &[u8; 32]) {
+        let mut borrow = 0u128;
+        for (i, limb) in self.0.iter_mut().enumerate() {
+            let v = u64::from_le_bytes(h[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            let d = (*limb as u128).wrapping_sub(v as u128 + borrow);
+            *limb = d as u64;
+            borrow = (d >> 64) & 1;
+        }
+    }
+
     /// Combines two partial sums.
     pub fn merge(&mut self, other: &PageSum) {
         let mut b = [0u8; 32];
         for (i, limb) in other.0.iter().enumerate() {
             b[i * 8..i * 8 + 8].copy_from_slice(&limb.to_le_bytes());
         }
-        self.add_hash(&b);
+        self.add_term(&b);
     }
 
     /// Hex, most significant limb first.

@@ -114,13 +114,10 @@ pub(super) fn run(
     let is_stale = |i: u64| stale_set.get(i);
     let t = Instant::now();
     let mut sum = match placed.sum {
-        // The sum of the pages kept at the switch: the stale ones' content taken out before
-        // they are dropped (read while nothing runs).
+        // The sum of the pages kept at the switch: the stale ones' terms taken out.
         Some(mut sum) => {
-            let mut page = vec![0u8; PAGE_SIZE as usize];
-            for &i in stale.iter().filter(|&&i| placed.holds_data.get(i)) {
-                ram.read_page(i, &mut page)?;
-                sum.sub(i, &page);
+            for &i in &stale {
+                sum.sub_term(&placed.terms[i as usize]);
             }
             Some(sum)
         }

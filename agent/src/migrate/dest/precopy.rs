@@ -46,14 +46,17 @@ pub(super) struct Received {
 
 /// What the destination knows of the memory it placed: which pages hold data and, under
 /// `--verify`, their page sum, kept up to date frame by frame (each page placed takes the
-/// page it overwrites out of the sum and adds its own), so that the digest at the pause only
-/// costs the pages of the last round.
+/// term of the page it overwrites out of the sum and adds its own), so that the digest at the
+/// pause only costs one hash per page of the last round.
 pub(super) struct Placed {
-    /// Pages that were written with data (the rest of guest memory is still fresh, zero; a
-    /// page zeroed again stays marked: reading it finds zeros, which count for nothing).
+    /// Pages that were written with data (the rest of guest memory is still fresh, zero).
     pub(super) holds_data: PageBitmap,
     /// The page sum of guest memory, under `--verify`.
     pub(super) sum: Option<PageSum>,
+    /// Under `--verify`, each page's term in the sum (all zeros for a zero page): 32 bytes a
+    /// page (0.8 % of guest memory, touched only for pages placed), so that overwriting a
+    /// page never re-reads and re-hashes what it held.
+    pub(super) terms: Vec<[u8; 32]>,
     /// Time spent hashing since the last round's end: with the vCPUs paused on the source,
     /// this is the verification's share of the downtime here.
     pub(super) hashing_since_round: Duration,
@@ -65,6 +68,11 @@ pub(super) fn receive(link: &mut Link, a: &Arrival<'_>) -> Result<Received, Migr
     let mut placed = Placed {
         holds_data: PageBitmap::new(vm.ram().pages()),
         sum: a.verify.then(PageSum::default),
+        terms: if a.verify {
+            vec![[0; 32]; vm.ram().pages() as usize]
+        } else {
+            Vec::new()
+        },
         hashing_since_round: Duration::ZERO,
     };
     let mut switch: Option<Switch> = None;
@@ -115,30 +123,27 @@ fn apply_pages(f: &Frame, vm: &Vm, placed: &mut Placed) -> Result<(), MigrateErr
     let ram = vm.ram();
     let entries = pages::decode(f.meta(), f.data().len(), ram.pages())?;
     let mut data = f.data().chunks_exact(PAGE_SIZE as usize);
-    let mut old = placed.sum.is_some().then(|| vec![0u8; PAGE_SIZE as usize]);
     let mut hashing = Duration::ZERO;
     for e in entries {
-        let held = placed.holds_data.get(e.index);
-        if let (Some(sum), Some(old), true) = (placed.sum.as_mut(), old.as_mut(), held) {
-            let t = Instant::now();
-            ram.read_page(e.index, old)?;
-            sum.sub(e.index, old);
-            hashing += t.elapsed();
-        }
-        if e.zero {
+        let page = if e.zero {
             // Fresh memory is zero: only a page that held data needs clearing.
-            if held {
+            if placed.holds_data.get(e.index) {
                 ram.zero_page(e.index)?;
             }
+            None
         } else {
             let page = data.next().expect("lengths checked by decode");
             ram.write_page(e.index, page)?;
             placed.holds_data.set(e.index);
-            if let Some(sum) = placed.sum.as_mut() {
-                let t = Instant::now();
-                sum.add(e.index, page);
-                hashing += t.elapsed();
-            }
+            Some(page)
+        };
+        if let Some(sum) = placed.sum.as_mut() {
+            let t = Instant::now();
+            let slot = &mut placed.terms[e.index as usize];
+            sum.sub_term(slot);
+            *slot = page.map_or([0; 32], |p| PageSum::term(e.index, p));
+            sum.add_term(slot);
+            hashing += t.elapsed();
         }
     }
     placed.hashing_since_round += hashing;
