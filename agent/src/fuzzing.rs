@@ -29,7 +29,7 @@ pub fn frame(data: &[u8]) {
         return;
     };
     control(&f);
-    let _ = wire::pages::decode(f.meta(), f.data().len(), GUEST_PAGES);
+    let _ = wire::pages::frame_pages(&f, GUEST_PAGES);
 }
 
 /// Every control message's decoder over the frame (the one of its kind decodes it).

@@ -289,6 +289,10 @@ struct MigrateArgs {
     /// --offline.
     #[arg(long)]
     target_datastore: Option<String>,
+    /// Compress page frames for slow links: `zstd` (level 1) or `zstd:LEVEL` (1 to 19); a
+    /// frame that does not shrink by an eighth goes as it is. Costs the source's CPU.
+    #[arg(long, default_value_t = defaults::COMPRESS, value_parser = |s: &str| s.parse::<vmig::migrate::Compression>())]
+    compress: vmig::migrate::Compression,
 }
 
 /// Runs a command.
@@ -832,6 +836,7 @@ fn migrate_options(m: &MigrateArgs) -> MigrateOptions {
         holdback_rounds: m.holdback_rounds,
         storage: m.storage,
         target_datastore: m.target_datastore.clone(),
+        compress: m.compress,
     }
 }
 

@@ -126,9 +126,21 @@ impl Controller {
 
     /// The link rate the prediction uses after round `r`: its own if it sent enough to
     /// measure one, else the last measured, else the `--bandwidth` cap, else [`PRIOR_RATE`].
+    ///
+    /// Under `--compress` the rate is the data pages' (their uncompressed wire size over the
+    /// round's time): what is predicted is how long the remaining pages take, and the bytes they take
+    /// on the wire depend on their content.
     fn link_rate(&mut self, r: &RoundStats) -> f64 {
-        if r.bytes >= MIN_MEASURED_BYTES && r.bandwidth.is_finite() && r.bandwidth > 0.0 {
-            self.link_rate = Some(r.bandwidth);
+        let (bytes, rate) = match self.opts.compress {
+            super::Compression::Off => (r.bytes, r.bandwidth),
+            super::Compression::Zstd { .. } => {
+                // Data pages only: a zero page is an 8-byte entry, compressed or not.
+                let page_bytes = r.pages.saturating_sub(r.zero_pages) as f64 * PAGE_WIRE_BYTES;
+                (page_bytes as u64, page_bytes / r.secs.max(1e-9))
+            }
+        };
+        if bytes >= MIN_MEASURED_BYTES && rate.is_finite() && rate > 0.0 {
+            self.link_rate = Some(rate);
         }
         self.link_rate
             .or(self.opts.bandwidth_mibs.map(|m| m * 1048576.0))

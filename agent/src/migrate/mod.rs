@@ -6,6 +6,8 @@
 //! VM: any failure resumes it there and the destination drops everything it staged.
 
 pub mod cold;
+#[cfg(test)]
+mod compress_tests;
 pub mod controller;
 mod convert;
 pub mod dest;
@@ -113,6 +115,55 @@ impl std::fmt::Display for StorageMode {
     }
 }
 
+/// Compression of page frames (`--compress`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    /// Pages go as they are.
+    #[default]
+    Off,
+    /// Each page frame's contents as one zstd frame at this level, when it saves an eighth
+    /// (a frame that does not shrink goes raw).
+    Zstd {
+        /// zstd level ([`crate::wire::pages::ZSTD_LEVELS`]).
+        level: i32,
+    },
+}
+
+/// The zstd level `--compress zstd` means.
+pub const ZSTD_DEFAULT_LEVEL: i32 = 1;
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (lo, hi) = (
+            *crate::wire::pages::ZSTD_LEVELS.start(),
+            *crate::wire::pages::ZSTD_LEVELS.end(),
+        );
+        let words = format!("must be off, zstd or zstd:LEVEL with LEVEL from {lo} to {hi}");
+        match s.trim() {
+            "off" | "none" => Ok(Compression::Off),
+            "zstd" => Ok(Compression::Zstd {
+                level: ZSTD_DEFAULT_LEVEL,
+            }),
+            other => match other.strip_prefix("zstd:").map(str::parse::<i32>) {
+                Some(Ok(level)) if (lo..=hi).contains(&level) => Ok(Compression::Zstd { level }),
+                _ => Err(format!("{other:?}: {words}")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Compression::Off => f.write_str("off"),
+            Compression::Zstd { level } => write!(f, "zstd:{level}"),
+        }
+    }
+}
+
 /// The user's knobs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrateOptions {
@@ -161,6 +212,9 @@ pub struct MigrateOptions {
     /// The destination's datastore a copied VM goes onto (its default one if none).
     #[serde(default)]
     pub target_datastore: Option<String>,
+    /// Compression of page frames.
+    #[serde(default)]
+    pub compress: Compression,
 }
 
 /// The one place of each migration default: [`MigrateOptions::default`], the serde defaults of
@@ -196,6 +250,8 @@ pub mod defaults {
     pub const HOLDBACK_ROUNDS: u32 = 0;
     /// `--storage`.
     pub const STORAGE: StorageMode = StorageMode::Auto;
+    /// `--compress`.
+    pub const COMPRESS: super::Compression = super::Compression::Off;
 }
 
 fn default_resume_window() -> u64 {
@@ -233,6 +289,7 @@ impl Default for MigrateOptions {
             holdback_rounds: defaults::HOLDBACK_ROUNDS,
             storage: defaults::STORAGE,
             target_datastore: None,
+            compress: defaults::COMPRESS,
         }
     }
 }

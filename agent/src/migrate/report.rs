@@ -483,6 +483,9 @@ pub struct Report {
     /// The disk, when the VM has one.
     #[serde(default)]
     pub disk: Option<DiskReport>,
+    /// Page-frame compression (`--compress`), if on: bytes before and after, frames.
+    #[serde(default)]
+    pub compression: Option<crate::wire::pages::CompressionStats>,
 }
 
 impl Report {
@@ -537,6 +540,19 @@ impl Report {
             "  io path         {:>10}   dirty tracking {}",
             self.io_path, self.dirty_tracking
         );
+        if let Some(c) = &self.compression {
+            let _ = writeln!(
+                s,
+                "  compression     zstd:{}   {:.1} MiB of pages in {:.1} MiB ({:.2}), {} frames compressed, {} raw, {:.0} ms compressing",
+                c.level,
+                c.raw_bytes as f64 / 1048576.0,
+                c.wire_bytes as f64 / 1048576.0,
+                c.ratio(),
+                c.frames_compressed,
+                c.frames_raw,
+                c.secs * 1e3
+            );
+        }
         if let Some(why) = &self.kernel_rates_off {
             let _ = writeln!(s, "  kernel rates           off: {why}");
         }

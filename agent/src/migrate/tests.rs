@@ -21,7 +21,7 @@ pub(super) struct Pair {
     pub(super) dst: Arc<Inventory>,
 }
 
-fn pair(name: &str, memory_mib: u64, workload: &[&str], dirty_mib: u64) -> Pair {
+pub(super) fn pair(name: &str, memory_mib: u64, workload: &[&str], dirty_mib: u64) -> Pair {
     // The bitmap: on this platform the dirty ring stops reporting after a few wraps
     // under a flat-out dirtier (ring-full exits loop with nothing to harvest).
     pair_with(

@@ -119,6 +119,17 @@ impl MigrateOptions {
             HOLDBACK_ROUNDS,
             "must be a whole number of rounds from 0 to 1000",
         )?;
+        if let super::Compression::Zstd { level } = self.compress {
+            int(
+                "compress",
+                level,
+                (
+                    *crate::wire::pages::ZSTD_LEVELS.start(),
+                    *crate::wire::pages::ZSTD_LEVELS.end(),
+                ),
+                "must be off, zstd or zstd:LEVEL with LEVEL from 1 to 19",
+            )?;
+        }
         Ok(())
     }
 }

@@ -118,6 +118,8 @@ pub const HEADER_LEN: usize = 24;
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Flag: the CRC covers the data too.
 pub const DATA_CRC: u16 = 1;
+/// Flag: a page frame's data is one zstd frame holding its data pages (`--compress zstd`).
+pub const ZSTD: u16 = 2;
 
 const _: () = assert!(MIN_VERSION <= VERSION && VERSION < u16::MAX);
 
@@ -339,7 +341,7 @@ pub enum WireError {
 pub struct Header {
     /// Kind.
     pub kind: Kind,
-    /// Flags (`DATA_CRC`).
+    /// Flags (`DATA_CRC`, `ZSTD`).
     pub flags: u16,
     /// Metadata plus data bytes.
     pub payload_len: u32,
@@ -376,7 +378,7 @@ impl Header {
             return Err(WireError::Version { got: version });
         }
         let kind = Kind::from_u16(u16_at(6)).ok_or(WireError::BadKind(u16_at(6)))?;
-        if u16_at(8) & !DATA_CRC != 0 || u16_at(10) != 0 {
+        if u16_at(8) & !(DATA_CRC | ZSTD) != 0 || u16_at(10) != 0 {
             return Err(WireError::Reserved);
         }
         let (payload_len, meta_len) = (u32_at(12), u32_at(16));
@@ -403,9 +405,20 @@ impl Header {
         data_len: usize,
         data: Option<impl IntoIterator<Item = &'a [u8]>>,
     ) -> Header {
+        Self::sealed_with(kind, meta, data_len, data, 0)
+    }
+
+    /// [`Header::sealed`] with more `flags` (`ZSTD`).
+    fn sealed_with<'a>(
+        kind: Kind,
+        meta: &[u8],
+        data_len: usize,
+        data: Option<impl IntoIterator<Item = &'a [u8]>>,
+        flags: u16,
+    ) -> Header {
         let mut header = Header {
             kind,
-            flags: if data.is_some() { DATA_CRC } else { 0 },
+            flags: flags | if data.is_some() { DATA_CRC } else { 0 },
             payload_len: (meta.len() + data_len) as u32,
             meta_len: meta.len() as u32,
             crc: 0,
@@ -490,6 +503,11 @@ impl Frame {
     /// The frame's kind.
     pub fn kind(&self) -> Kind {
         self.header.kind
+    }
+
+    /// Whether the frame's data is zstd-compressed (page frames only).
+    pub fn compressed(&self) -> bool {
+        self.header.flags & ZSTD != 0
     }
 
     /// Header and payload bytes (the frame's size on the wire).

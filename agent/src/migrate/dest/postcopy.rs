@@ -380,8 +380,8 @@ pub(super) fn place_pages(
     why: Placement,
     mut sum: Option<&mut PageSum>,
 ) -> Result<(), MigrateError> {
-    let entries = pages::decode(f.meta(), f.data().len(), pages)?;
-    let mut data = f.data().chunks_exact(PAGE_SIZE as usize);
+    let (entries, data) = pages::frame_pages(f, pages)?;
+    let mut data = data.chunks_exact(PAGE_SIZE as usize);
     for e in entries {
         let content = if e.zero {
             None

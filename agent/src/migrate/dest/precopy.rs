@@ -121,8 +121,8 @@ pub(super) fn receive(link: &mut Link, a: &Arrival<'_>) -> Result<Received, Migr
 /// memory; under `--verify`, moves the page sum from each page's old content to its new one.
 fn apply_pages(f: &Frame, vm: &Vm, placed: &mut Placed) -> Result<(), MigrateError> {
     let ram = vm.ram();
-    let entries = pages::decode(f.meta(), f.data().len(), ram.pages())?;
-    let mut data = f.data().chunks_exact(PAGE_SIZE as usize);
+    let (entries, data) = pages::frame_pages(f, ram.pages())?;
+    let mut data = data.chunks_exact(PAGE_SIZE as usize);
     let mut hashing = Duration::ZERO;
     for e in entries {
         let page = if e.zero {

@@ -99,6 +99,7 @@ pub(super) fn go(
         postcopy_policy: run.opts.postcopy.to_string(),
         decisions: pre.decisions,
         kernel_rates_off,
+        compression: run.link.compressor.as_ref().map(|c| c.stats()),
         disk: run
             .disk
             .as_ref()

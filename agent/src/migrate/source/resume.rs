@@ -259,6 +259,22 @@ fn serve_link(
 ) -> Result<Report, MigrateError> {
     let served = postcopy::serve(out.vm, link, &parked.opts, &parked.stale, progress);
     parked.bytes += link.writer.bytes_sent();
+    if let Some(c) = link.compressor.as_ref().map(|c| c.stats()) {
+        // The first connection's counters include pre-copy's (the report has them from the
+        // commit); a reconnection's add to what came before.
+        let r = &mut parked.report;
+        r.compression = Some(match (parked.interruptions, r.compression) {
+            (0, _) | (_, None) => c,
+            (_, Some(before)) => crate::wire::pages::CompressionStats {
+                raw_bytes: before.raw_bytes + c.raw_bytes,
+                wire_bytes: before.wire_bytes + c.wire_bytes,
+                frames_compressed: before.frames_compressed + c.frames_compressed,
+                frames_raw: before.frames_raw + c.frames_raw,
+                secs: before.secs + c.secs,
+                ..c
+            },
+        });
+    }
     if let Err(MigrateError::Verify(why)) = &served {
         // Not released: the destination fences (pauses) its copy on this Abort.
         let _ = link.send(&msg::Abort {

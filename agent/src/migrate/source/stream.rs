@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::stop_and_copy;
+use crate::guest::layout::PAGE_SIZE;
 use crate::migrate::link::Link;
 use crate::migrate::report::ProgressPhase;
 use crate::migrate::{Cancel, MigrateError, Progress, RoundStats};
@@ -82,15 +83,32 @@ pub(super) fn send_pages(
                 data.push(page);
             }
         }
-        let head = match &held {
-            Some(held) => frame.head_checked(data.iter().map(|&p| held.page(p))),
-            None => frame.head(),
-        };
         // A vCPU waits for demand pages: no wait for the bandwidth limit.
         let urgent = kind == PageFrameKind::Demand;
-        // SAFETY: the pages are guest memory of `vm`, which the caller holds for the whole
-        // migration, past the flush below.
-        unsafe { link.send_pages(head, chunk.len(), &data, urgent) }?;
+        // Under `--compress`: the contents copied out and compressed, unless it does not pay.
+        let compressed = match link.compressor.as_mut() {
+            Some(c) if !data.is_empty() => {
+                let contents = c.contents();
+                for page in &data {
+                    let at = contents.len();
+                    contents.resize(at + PAGE_SIZE as usize, 0);
+                    ram.read_page(page.index(), &mut contents[at..])?;
+                }
+                c.frame(&mut frame, paused)
+            }
+            _ => None,
+        };
+        if let Some(bytes) = compressed {
+            link.send_compressed(bytes, chunk.len(), urgent)?;
+        } else {
+            let head = match &held {
+                Some(held) => frame.head_checked(data.iter().map(|&p| held.page(p))),
+                None => frame.head(),
+            };
+            // SAFETY: the pages are guest memory of `vm`, which the caller holds for the whole
+            // migration, past the flush below.
+            unsafe { link.send_pages(head, chunk.len(), &data, urgent) }?;
+        }
         stats.pages += chunk.len() as u64;
         stats.zero_pages += (chunk.len() - data.len()) as u64;
         if last_progress.elapsed() > Duration::from_millis(100) {
