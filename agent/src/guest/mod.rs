@@ -5,6 +5,8 @@
 //! - `idle`: prints its banner, then `hlt` in a loop;
 //! - `dirty`: writes the pass number into every page of its working set, pass after pass, and
 //!   reports each batch on [`PORT_DIRTY_BATCH`] so the VMM can hold it to a chosen rate;
+//! - `noise`: `dirty` over a working set the VMM fills with pseudo-random bytes at boot, so
+//!   its pages do not compress (the pass number overwrites only each page's first 8 bytes);
 //! - `counter`: increments a counter kept twice in memory, checks both copies agree before each
 //!   step (so a page lost or torn by a migration is caught by the guest itself), and reports
 //!   progress on [`PORT_COUNTER`], or a failed check on [`PORT_COUNTER_FAIL`];
@@ -79,16 +81,19 @@ pub enum Program {
     Fill,
     /// Writes and checks blocks of the virtio-blk disk.
     Disk,
+    /// `Dirty` over a working set of random bytes (incompressible pages).
+    Noise,
 }
 
 impl Program {
     /// All programs, in the order of their code in guest memory.
-    pub const ALL: [Program; 5] = [
+    pub const ALL: [Program; 6] = [
         Program::Idle,
         Program::Dirty,
         Program::Counter,
         Program::Fill,
         Program::Disk,
+        Program::Noise,
     ];
 
     /// The name used in VM definitions.
@@ -99,6 +104,7 @@ impl Program {
             Program::Counter => "counter",
             Program::Fill => "fill",
             Program::Disk => "disk",
+            Program::Noise => "noise",
         }
     }
 
@@ -109,7 +115,7 @@ impl Program {
 
     /// Whether the program writes a working set (and needs one in guest memory).
     pub fn uses_working_set(self) -> bool {
-        matches!(self, Program::Dirty | Program::Fill)
+        matches!(self, Program::Dirty | Program::Fill | Program::Noise)
     }
 
     /// Guest-physical address of the program's entry point.
@@ -127,7 +133,7 @@ impl Program {
                 a.hlt();
                 a.jmp("idle");
             }
-            Program::Dirty => dirty(&mut a),
+            Program::Dirty | Program::Noise => dirty(&mut a),
             Program::Counter => counter(&mut a),
             Program::Fill => fill(&mut a),
             Program::Disk => disk::disk(&mut a),

@@ -4,7 +4,6 @@
 
 use super::tests::{busy_opts, migrate, pair, postcopy_landed, print, runs_on_destination, serial};
 use super::{Compression, MigrateOptions, PostcopyPolicy};
-use crate::guest::layout::WORKING_SETS;
 
 fn zstd(opts: MigrateOptions) -> MigrateOptions {
     MigrateOptions {
@@ -48,22 +47,9 @@ fn compressed_pre_copy_lands_verified_in_a_fraction_of_the_bytes() {
 #[test]
 fn incompressible_pages_go_raw_and_land_verified() {
     let _serial = serial();
-    let p = pair("zraw", 64, &["counter", "dirty"], 16);
-    {
-        // Random bytes over the working set: `dirty` rewrites only each page's first 8.
-        let (_, vm) = p.src.running("zraw").unwrap();
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut buf = vec![0u8; 1 << 20];
-        for mib in 0..16u64 {
-            for b in buf.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                b.copy_from_slice(&x.to_le_bytes());
-            }
-            vm.ram().write(WORKING_SETS + (mib << 20), &buf).unwrap();
-        }
-    }
+    // `noise`: `dirty` over a working set of random bytes (it rewrites only each page's
+    // first 8).
+    let p = pair("zraw", 64, &["counter", "noise"], 16);
     let (r, _) = migrate(&p, "zraw", &zstd(busy_opts(64.0)));
     let report = r.unwrap();
     print(&report);

@@ -17,6 +17,7 @@ impl From<Program> for msg::Program {
             Program::Counter => msg::Program::Counter,
             Program::Fill => msg::Program::Fill,
             Program::Disk => msg::Program::Disk,
+            Program::Noise => msg::Program::Noise,
         }
     }
 }
@@ -29,6 +30,7 @@ impl From<msg::Program> for Program {
             msg::Program::Counter => Program::Counter,
             msg::Program::Fill => Program::Fill,
             msg::Program::Disk => Program::Disk,
+            msg::Program::Noise => Program::Noise,
         }
     }
 }

@@ -7,6 +7,26 @@ use super::{kvm_err, Vm, VmError};
 use crate::guest::{layout, param, Program};
 
 impl Vm {
+    /// Fills `len` bytes of guest memory at `base` with pseudo-random bytes (xorshift64,
+    /// seeded by `seed`): pages no compressor shrinks.
+    fn fill_with_noise(&self, base: u64, len: u64, seed: u64) -> Result<(), VmError> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(buf.len() as u64) as usize;
+            for b in buf[..n].chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b.copy_from_slice(&x.to_le_bytes());
+            }
+            self.ram.write(base + off, &buf[..n])?;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
     /// Loads page tables, programs and parameters, and points every vCPU at its program.
     pub fn boot(&self, name: &str) -> Result<(), VmError> {
         self.write_page_tables()?;
@@ -32,6 +52,13 @@ impl Vm {
                     (self.spec.dirty_rate / 100).clamp(1, pages)
                 };
                 w(param::BATCH, batch)?;
+                if *p == Program::Noise {
+                    self.fill_with_noise(
+                        layout::WORKING_SETS + dirty_index * self.spec.dirty_bytes,
+                        self.spec.dirty_bytes,
+                        dirty_index,
+                    )?;
+                }
                 dirty_index += 1;
             }
             if *p == Program::Disk {

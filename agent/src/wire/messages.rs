@@ -90,6 +90,8 @@ pub enum Program {
     Fill,
     /// Writes and reads back stamped blocks of its virtio-blk disk.
     Disk,
+    /// `Dirty` over a working set filled with random bytes at boot.
+    Noise,
 }
 
 // NOTICE: a change here requires a protocol version bump.
