@@ -146,10 +146,12 @@ fn test(rest: &[String]) -> bool {
 fn bench(rest: &[String]) -> bool {
     setup();
     // In-process experiments, each its own binary of vmig-benches.
-    let only = rest
-        .first()
-        .map(String::as_str)
-        .filter(|a| matches!(*a, "probes" | "holdback" | "qemu" | "tls" | "disk" | "cold"));
+    let only = rest.first().map(String::as_str).filter(|a| {
+        matches!(
+            *a,
+            "probes" | "holdback" | "compress" | "qemu" | "tls" | "disk" | "cold"
+        )
+    });
     if let Some(bin) = only {
         if matches!(bin, "qemu" | "tls" | "disk" | "cold") && !build_release_vmig() {
             return false;
@@ -162,6 +164,7 @@ fn bench(rest: &[String]) -> bool {
     bench_bin("migration", rest)
         && bench_bin("probes", &[])
         && bench_bin("holdback", &[])
+        && bench_bin("compress", &[])
         && bench_bin("tls", &[])
         && bench_bin("disk", &[])
         && bench_bin("cold", &[])
