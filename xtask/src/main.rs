@@ -23,6 +23,7 @@ fn main() {
                  \n                 then the probe overhead and hot-page holdback experiments\
                  \n  bench probes   only the BPF probe overhead (guest dirtying rate with/without)\
                  \n  bench holdback only the hot-page holdback experiment (bytes sent, downtime)\
+                 \n  bench compress --compress zstd against none at 64 MiB/s, compressible and random pages\
                  \n  bench qemu     vmig against QEMU (installed if missing) on the same guest work\
                  \n  bench qemu idle  only its idle 1 GiB row\
                  \n  bench tls      only the cost of mutual TLS (sender throughput, downtime) vs plaintext\
