@@ -85,11 +85,7 @@ fn e2e_rollback_after_destination_killed_in_postcopy_fences_its_copy() {
     let running = wait_for(Duration::from_secs(90), || {
         c.show("hostB", "vm1").filter(|s| s["state"] == "running")
     });
-    assert!(
-        running.is_some(),
-        "vm1 never ran on hostB\n{}",
-        c.logs()
-    );
+    assert!(running.is_some(), "vm1 never ran on hostB\n{}", c.logs());
     c.kill("hostB");
     let o = bg.wait(Duration::from_secs(60));
     eprintln!("{o}");
@@ -162,7 +158,10 @@ fn e2e_rollback_fences_a_reachable_destinations_copy_at_once() {
     let b = c.show("hostB", "vm1").expect("vm1 runs on hostB");
     assert_eq!(b["state"], "running", "{b:#}");
     let o = c.ok(&["--host", "hostA", "migrate", "vm1", "--rollback"]);
-    assert!(o.text().contains("fenced"), "the rollback says hostB was told: {o}");
+    assert!(
+        o.text().contains("fenced"),
+        "the rollback says hostB was told: {o}"
+    );
     let a = c.show("hostA", "vm1").expect("vm1 on hostA");
     assert_eq!(a["state"], "running", "{a:#}");
     assert_fenced(&c, "hostB", "vm1", "hostA");

@@ -31,6 +31,10 @@
 //! After a crash, the side in doubt asks on a new connection: `Hello`, `ColdQuery{op}` →
 //! `ColdAnswer{registered}` (an operation not registered yet is aborted by the question).
 //!
+//! Fencing stale copies (see `inventory::generation`), each on a new connection after `Hello`:
+//! `OwnerQuery{names}` → `OwnerAnswer{(name, generation)*}`; after a rollback, the source to
+//! the destination: `Fence{name, generation}` → `FenceAnswer{fenced, reason}`.
+//!
 //! Post-copy (the controller's switch, or `--postcopy always`) replaces the last dirty pages:
 //! ```text
 //!   ... vCPUs paused ...
@@ -96,10 +100,13 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"VMIG");
 /// in `Welcome`; wire-owned messages (a VM spec, the machine state as a section, post-copy
 /// figures); `Error` its own message. 4: the disk program and its spec. 5: the disk mirror
 /// (`verify` in `Reserve`, the disk's digest in `Ready`). 6: cold migration (kinds 40-47),
-/// shared storage and the target datastore in `Reserve`, `shared` in `Reserved`.
-pub const VERSION: u16 = 6;
-/// The oldest protocol version this agent still speaks.
-pub const MIN_VERSION: u16 = 6;
+/// shared storage and the target datastore in `Reserve`, `shared` in `Reserved`. 7: ownership
+/// generations (`generation` in the definitions `Reserve` and `ColdOffer` carry; kinds 48-51:
+/// `OwnerQuery`, `OwnerAnswer`, `Fence`, `FenceAnswer`).
+pub const VERSION: u16 = 7;
+/// The oldest protocol version this agent still speaks (a 6 would refuse a definition with
+/// a generation, and not know the fencing questions).
+pub const MIN_VERSION: u16 = 7;
 /// Header length.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload a receiver accepts.
@@ -187,11 +194,19 @@ pub enum Kind {
     ColdQuery = 46,
     /// Recovery: the destination's answer.
     ColdAnswer = 47,
+    /// Fencing: which ownership generation do you hold of these VMs?
+    OwnerQuery = 48,
+    /// Fencing: the generations held.
+    OwnerAnswer = 49,
+    /// Fencing: the source took the VM back (a rollback); fence your copy.
+    Fence = 50,
+    /// Fencing: fenced or why not.
+    FenceAnswer = 51,
 }
 
 impl Kind {
     /// Every kind that may be sent.
-    pub const ALL: [Kind; 30] = [
+    pub const ALL: [Kind; 34] = [
         Kind::Hello,
         Kind::Welcome,
         Kind::Reserve,
@@ -222,6 +237,10 @@ impl Kind {
         Kind::ColdReleased,
         Kind::ColdQuery,
         Kind::ColdAnswer,
+        Kind::OwnerQuery,
+        Kind::OwnerAnswer,
+        Kind::Fence,
+        Kind::FenceAnswer,
     ];
 
     fn from_u16(v: u16) -> Option<Kind> {
@@ -556,6 +575,10 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::ColdReleased => "ColdReleased",
         Kind::ColdQuery => "ColdQuery",
         Kind::ColdAnswer => "ColdAnswer",
+        Kind::OwnerQuery => "OwnerQuery",
+        Kind::OwnerAnswer => "OwnerAnswer",
+        Kind::Fence => "Fence",
+        Kind::FenceAnswer => "FenceAnswer",
     }
 }
 
