@@ -185,7 +185,7 @@ pub(super) fn answer(
         .map(|(name, generation)| msg::OwnerEntry { name, generation })
         .collect();
     link.send(&msg::OwnerAnswer { vms })?;
-    Ok(String::new())
+    Ok(format!("(ownership query: {})", q.names.join(", ")))
 }
 
 /// Destination side: `source` took `f.name` back at `f.generation` (a rollback). A copy
