@@ -61,6 +61,10 @@ fn control(f: &Frame) {
     let _ = f.decode::<msg::ColdReleased>();
     let _ = f.decode::<msg::ColdQuery>();
     let _ = f.decode::<msg::ColdAnswer>();
+    let _ = f.decode::<msg::OwnerQuery>();
+    let _ = f.decode::<msg::OwnerAnswer>();
+    let _ = f.decode::<msg::Fence>();
+    let _ = f.decode::<msg::FenceAnswer>();
 }
 
 fn as_every<M: Message>(meta: &[u8]) {
@@ -105,6 +109,10 @@ pub fn message(data: &[u8]) {
     as_every::<msg::ColdReleased>(data);
     as_every::<msg::ColdQuery>(data);
     as_every::<msg::ColdAnswer>(data);
+    as_every::<msg::OwnerQuery>(data);
+    as_every::<msg::OwnerAnswer>(data);
+    as_every::<msg::Fence>(data);
+    as_every::<msg::FenceAnswer>(data);
 }
 
 /// A VM definition file (`vm.toml`), as the destination parses it from the stream.

@@ -151,7 +151,21 @@ fn e2e_two_vcpu_vm_migrates_with_dirty_bitmap() {
     migrates_with_tracker("bitmap");
 }
 
-/// A VM goes A → B → A, over both I/O paths; the proof holds each way.
+/// The ownership generation `vm show --json` reports, and the one in the VM's `vm.toml`.
+fn generation(c: &Cluster, host: &str, vm: &str) -> u64 {
+    let s = c.show(host, vm).expect("the VM shows");
+    let shown = s["def"]["generation"].as_u64().expect("def.generation");
+    let dir = std::path::PathBuf::from(s["dir"].as_str().expect("dir"));
+    let toml = std::fs::read_to_string(dir.join("vm.toml")).expect("vm.toml");
+    assert!(
+        toml.contains(&format!("generation = {shown}")),
+        "{host}'s vm.toml does not hold generation {shown}: {toml}"
+    );
+    shown
+}
+
+/// A VM goes A → B → A, over both I/O paths; the proof holds each way, and each commit
+/// moves its ownership generation: the destination's copy is the source's + 1.
 #[test]
 fn e2e_vm_migrates_back_and_forth() {
     let c = two_hosts();
@@ -168,12 +182,16 @@ fn e2e_vm_migrates_back_and_forth() {
         ],
     );
     c.assert_counting("hostA", "vm1", 0);
+    let g0 = generation(&c, "hostA", "vm1");
+    assert_eq!(g0, 0, "a new VM starts at generation 0");
     let r = c.migrate("hostA", "vm1", "hostB", &["--io", "plain"]);
     c.assert_migrated(&r, "vm1", "hostA", "hostB");
+    assert_eq!(generation(&c, "hostB", "vm1"), g0 + 1);
     // Between agents with mutual TLS (the default) the stream goes through TLS either way.
     assert_eq!(r["io_path"], "tls", "{r:#}");
     let back = c.migrate("hostB", "vm1", "hostA", &[]);
     c.assert_migrated(&back, "vm1", "hostB", "hostA");
+    assert_eq!(generation(&c, "hostA", "vm1"), g0 + 2);
     assert!(
         back["counter_at_pause"].as_u64() > r["counter_at_pause"].as_u64(),
         "the counter went on between the two migrations"

@@ -273,30 +273,35 @@ fn recording_proxy(to: u16) -> (u16, Arc<Mutex<Vec<u8>>>) {
     let recorded = Arc::new(Mutex::new(Vec::new()));
     let rec = recorded.clone();
     std::thread::spawn(move || {
-        // One connection: the migration.
-        let Ok((mut client, _)) = l.accept() else {
-            return;
-        };
-        let mut server = TcpStream::connect(("127.0.0.1", to)).unwrap();
-        let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-        let back = std::thread::spawn(move || {
-            let _ = std::io::copy(&mut s2, &mut c2);
-            let _ = c2.shutdown(std::net::Shutdown::Write);
-        });
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            match client.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    rec.lock().unwrap().extend_from_slice(&buf[..n]);
-                    if server.write_all(&buf[..n]).is_err() {
-                        break;
+        // One connection after another; the largest one recorded is the migration (an agent
+        // also asks its peers about ownership generations, e.g. before `vm start`).
+        while let Ok((mut client, _)) = l.accept() {
+            let mut server = TcpStream::connect(("127.0.0.1", to)).unwrap();
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let back = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Write);
+            });
+            let mut this = Vec::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match client.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        this.extend_from_slice(&buf[..n]);
+                        if server.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
                     }
                 }
             }
+            let _ = server.shutdown(std::net::Shutdown::Write);
+            let _ = back.join();
+            let mut r = rec.lock().unwrap();
+            if this.len() > r.len() {
+                *r = this;
+            }
         }
-        let _ = server.shutdown(std::net::Shutdown::Write);
-        let _ = back.join();
     });
     (port, recorded)
 }

@@ -141,6 +141,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         disk_mib: 16,
         disk_rate: 0,
         disk_region_mib: 0,
+        generation: 0,
     };
     super::expect_ok(
         &sa,

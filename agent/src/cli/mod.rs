@@ -522,6 +522,7 @@ async fn vm(agent: Option<PathBuf>, host: Option<String>, cmd: VmCmd) -> Result<
                 disk_mib: c.disk_mib,
                 disk_rate: c.disk_rate,
                 disk_region_mib: c.disk_region_mib,
+                generation: 0,
             };
             expect_ok(
                 &a,

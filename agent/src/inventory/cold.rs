@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::datastore::{self, sync_dir, Datastore};
 use super::journal;
-use super::{io_err, Entry, Inventory, InventoryError, Reservation, VmDef};
+use super::{io_err, Entry, Inventory, InventoryError, Reservation, VmDef, DEFINITION};
 
 /// The marker of a copy left behind by `--keep-source`: who owns the VM now.
 pub const MOVED: &str = ".moved";
@@ -31,6 +31,18 @@ pub enum Mark {
         /// The destination.
         peer: String,
     },
+    /// Another host holds a newer copy of the VM (or, for the copy of a post-copy that never
+    /// completed here, its source holds it still): this one is stale.
+    Fenced {
+        /// VM.
+        vm: String,
+        /// The host that holds it.
+        by: String,
+        /// Its generation there.
+        generation: u64,
+        /// This copy's.
+        ours: u64,
+    },
 }
 
 impl std::fmt::Display for Mark {
@@ -44,6 +56,19 @@ impl std::fmt::Display for Mark {
                 f,
                 "is being recovered: an interrupted cold migration to {peer} is being resolved with it"
             ),
+            Mark::Fenced {
+                vm,
+                by,
+                generation,
+                ours,
+            } => {
+                if generation > ours {
+                    write!(f, "is fenced: {by} holds a newer copy (generation {generation}; this one is {ours})")?;
+                } else {
+                    write!(f, "is fenced: {by} still holds it (generation {generation}; this copy, {ours}, arrived in a post-copy from it that never completed)")?;
+                }
+                write!(f, "; this copy is stale and may not start: `vmig vm destroy {vm}` on this host removes it (the VM runs on {by})")
+            }
         }
     }
 }
@@ -179,7 +204,7 @@ impl Inventory {
     pub fn moved_to(&self, name: &str) -> Option<String> {
         match self.inner().vms.get(name)?.mark.as_ref()? {
             Mark::Moved { to } => Some(to.clone()),
-            Mark::InDoubt { .. } => None,
+            Mark::InDoubt { .. } | Mark::Fenced { .. } => None,
         }
     }
 
@@ -245,6 +270,11 @@ impl Inventory {
         }
         let store = &self.datastores[ds];
         let dir = store.path.join(&def.name);
+        let mut def = def;
+        def.generation = super::generation::next(def.generation);
+        let written = if copy { &r.staging } else { &dir };
+        datastore::write_atomic(written, DEFINITION, def.to_toml().as_bytes())
+            .map_err(io_err(written))?;
         if copy {
             if dir.exists() {
                 return Err(InventoryError::Exists(def.name.clone()));

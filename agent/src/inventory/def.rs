@@ -37,6 +37,11 @@ pub struct VmDef {
     /// Size of the region the `disk` vCPU writes, from the disk's start, MiB; 0 = the whole disk.
     #[serde(default)]
     pub disk_region_mib: u64,
+    /// Ownership generation: moved at each migration's commit (the destination's copy is the
+    /// source's + 1) and bumped by a rollback; a copy older than another host's is fenced
+    /// (see [`super::generation`]). 0 for definitions written before it existed.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 fn default_dirty_mib() -> u64 {
@@ -178,6 +183,7 @@ mod tests {
             disk_mib: 4,
             disk_rate: 0,
             disk_region_mib: 0,
+            generation: 0,
         }
     }
 
@@ -189,6 +195,18 @@ mod tests {
             d.programs().unwrap(),
             vec![Program::Dirty, Program::Counter, Program::Counter]
         );
+    }
+
+    #[test]
+    fn an_old_definition_without_a_generation_loads_at_0_and_the_generation_round_trips() {
+        let old = "name = \"vm1\"\nmemory_mib = 64\nvcpus = 1\nworkload = [\"counter\"]\n";
+        let d = VmDef::parse(old).unwrap();
+        assert_eq!(d.generation, 0);
+        let mut d2 = d.clone();
+        d2.generation = 7;
+        let text = d2.to_toml();
+        assert!(text.contains("generation = 7"), "{text}");
+        assert_eq!(VmDef::parse(&text).unwrap().generation, 7);
     }
 
     #[test]

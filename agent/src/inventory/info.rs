@@ -43,6 +43,9 @@ pub enum VmState {
     Moved,
     /// An interrupted cold migration out is being resolved with its destination.
     Recovering,
+    /// A stale copy: another host holds the VM at a higher ownership generation. It cannot
+    /// start; `vmig vm destroy` removes it.
+    Fenced,
 }
 
 impl std::fmt::Display for VmState {
@@ -54,6 +57,7 @@ impl std::fmt::Display for VmState {
             VmState::Paused => "paused",
             VmState::Moved => "moved",
             VmState::Recovering => "recovering",
+            VmState::Fenced => "fenced",
         })
     }
 }
@@ -70,7 +74,8 @@ pub struct VmInfo {
     /// Name of its datastore.
     #[serde(default)]
     pub datastore: String,
-    /// Why it is `moved` or `recovering`.
+    /// Why it is `moved`, `recovering` or `fenced` (for `fenced`: the host holding the newer
+    /// copy and both generations).
     #[serde(default)]
     pub note: Option<String>,
     /// Counters, when running.
@@ -124,6 +129,7 @@ impl Inventory {
             .ok_or_else(|| InventoryError::NotFound(name.into()))?;
         let state = match (&e.vm, e.migrating) {
             (None, _) if matches!(e.mark, Some(Mark::Moved { .. })) => VmState::Moved,
+            (None, _) if matches!(e.mark, Some(Mark::Fenced { .. })) => VmState::Fenced,
             (None, _) if e.mark.is_some() => VmState::Recovering,
             (None, _) => VmState::Stopped,
             (Some(_), true) => VmState::Migrating,

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{datastore, io_err, Entry, Inventory, InventoryError, VmDef, DISK, PROBE};
+use super::{datastore, io_err, Entry, Inventory, InventoryError, VmDef, DEFINITION, DISK, PROBE};
 use crate::vm::Vm;
 
 /// Memory and name held for an incoming VM; released on drop unless committed.
@@ -179,13 +179,17 @@ impl Inventory {
 
     /// Registers an incoming VM: its staged folder moves into the datastore and the running
     /// VM joins the table.
+    /// The copy registers with the source's generation + 1, written to its `vm.toml`.
     pub fn commit(
         &self,
         mut r: Reservation,
-        def: VmDef,
+        mut def: VmDef,
         vm: Arc<Vm>,
     ) -> Result<(), InventoryError> {
         let ds = &self.datastores[r.ds];
+        def.generation = super::generation::next(def.generation);
+        datastore::write_atomic(&r.staging, DEFINITION, def.to_toml().as_bytes())
+            .map_err(io_err(&r.staging))?;
         if r.shared {
             // The VM's folder stays on the shared datastore: it becomes this agent's.
             datastore::set_owner(&r.staging, &self.agent).map_err(io_err(&r.staging))?;

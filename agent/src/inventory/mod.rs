@@ -6,6 +6,7 @@
 mod cold;
 pub mod datastore;
 mod def;
+pub mod generation;
 mod info;
 pub mod journal;
 mod lifecycle;
@@ -124,8 +125,10 @@ struct Entry {
     migrating: bool,
     /// Index of its datastore.
     ds: usize,
-    /// Why it may not start (a copy left behind, a migration being recovered).
+    /// Why it may not start (a copy left behind, a migration being recovered, fenced).
     mark: Option<Mark>,
+    /// The source of an incoming post-copy that has not completed (`.postcopy-in`).
+    postcopy_from: Option<String>,
 }
 
 impl Entry {
@@ -136,6 +139,7 @@ impl Entry {
             migrating: false,
             ds,
             mark: None,
+            postcopy_from: None,
         }
     }
 }
@@ -236,7 +240,10 @@ impl Inventory {
                 }
                 Ok(def) => {
                     let mut entry = Entry::new(def, i);
-                    entry.mark = cold::moved_mark(&e.path());
+                    entry.mark = cold::moved_mark(&e.path()).or_else(|| {
+                        generation::fenced_mark(&e.path(), &entry.def.name, entry.def.generation)
+                    });
+                    entry.postcopy_from = generation::postcopy_from(&e.path());
                     inner.vms.insert(entry.def.name.clone(), entry);
                 }
                 Err(e) => {

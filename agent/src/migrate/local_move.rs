@@ -365,6 +365,7 @@ mod tests {
             disk_mib: 4,
             disk_rate: 0,
             disk_region_mib: 0,
+            generation: 0,
         })
         .unwrap();
         inv.start("vm1").unwrap();
@@ -436,6 +437,7 @@ mod tests {
             disk_mib: 1,
             disk_rate: 0,
             disk_region_mib: 0,
+            generation: 0,
         })
         .unwrap();
         inv.start("vm1").unwrap();

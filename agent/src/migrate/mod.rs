@@ -15,6 +15,7 @@ pub mod dest;
 mod disk_tests;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod fault;
+pub mod fence;
 pub mod holdback;
 mod link;
 pub mod local_move;

@@ -67,6 +67,7 @@ pub(super) fn pair_paced(
         disk_mib: 1,
         disk_rate: 0,
         disk_region_mib: 0,
+        generation: 0,
     };
     src.create(def).unwrap();
     src.start(name).unwrap();

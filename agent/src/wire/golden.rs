@@ -212,6 +212,35 @@ fn frames() -> Vec<(&'static str, String)> {
             }),
         ),
         ("ColdAnswer", frame(ColdAnswer { registered: true })),
+        (
+            "OwnerQuery",
+            frame(OwnerQuery {
+                names: vec!["v".into()],
+            }),
+        ),
+        (
+            "OwnerAnswer",
+            frame(OwnerAnswer {
+                vms: vec![OwnerEntry {
+                    name: "v".into(),
+                    generation: 3,
+                }],
+            }),
+        ),
+        (
+            "Fence",
+            frame(Fence {
+                name: "v".into(),
+                generation: 4,
+            }),
+        ),
+        (
+            "FenceAnswer",
+            frame(FenceAnswer {
+                fenced: false,
+                reason: "r".into(),
+            }),
+        ),
         ("Pages", hex(&pages.head())),
         ("DemandPages", hex(&demand.head_checked([&[0u8; 4096][..]]))),
     ]
@@ -247,6 +276,10 @@ const GOLDEN: &[(&str, &str)] = &[
     ("ColdReleased", "564d494707002d00010000000000000000000000dee6f5cc"),
     ("ColdQuery", "564d494707002e00010000001200000012000000a72513a001000000000000006f010000000000000076"),
     ("ColdAnswer", "564d494707002f00010000000100000001000000191efb7a01"),
+    ("OwnerQuery", "564d49470700300001000000110000001100000013634d2e0100000000000000010000000000000076"),
+    ("OwnerAnswer", "564d494707003100010000001900000019000000b1eaa09901000000000000000100000000000000760300000000000000"),
+    ("Fence", "564d4947070032000100000011000000110000002d3eeec30100000000000000760400000000000000"),
+    ("FenceAnswer", "564d494707003300010000000a0000000a00000016d9e26800010000000000000072"),
     ("Pages", "564d4947070006000000000014100000140000004ef596350200000001000000000000800200000000000000"),
     ("DemandPages", "564d494707001200010000000c1000000c0000008d5d351e010000000300000000000000"),
 ];

@@ -48,6 +48,10 @@ message! {
     ColdReleased => ColdReleased,
     ColdQuery => ColdQuery,
     ColdAnswer => ColdAnswer,
+    OwnerQuery => OwnerQuery,
+    OwnerAnswer => OwnerAnswer,
+    Fence => Fence,
+    FenceAnswer => FenceAnswer,
 }
 
 // NOTICE: a change here requires a protocol version bump.
@@ -483,4 +487,52 @@ pub struct ColdAnswer {
     /// The VM of the operation is registered on the destination (false: it never will be:
     /// the question aborted an operation still under way).
     pub registered: bool,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// Either agent (starting, or before `vm start`): which ownership generation do you hold of
+/// each of these VMs?
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OwnerQuery {
+    /// VM names.
+    pub names: Vec<String>,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// One VM of an `OwnerAnswer`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OwnerEntry {
+    /// VM.
+    pub name: String,
+    /// Its ownership generation on the answering host.
+    pub generation: u64,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// The answer to an `OwnerQuery`: the VMs asked about that the host holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OwnerAnswer {
+    /// Each one held.
+    pub vms: Vec<OwnerEntry>,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// Source → destination, after `migrate --rollback`: the source holds the VM again, at
+/// `generation`; the destination's older copy is fenced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fence {
+    /// VM.
+    pub name: String,
+    /// The source's generation now.
+    pub generation: u64,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// The answer to a `Fence`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FenceAnswer {
+    /// The copy here is fenced (stopped first if it ran).
+    pub fenced: bool,
+    /// Why not, otherwise.
+    pub reason: String,
 }

@@ -41,6 +41,10 @@
 //! After a crash, the side in doubt asks on a new connection: `Hello`, `ColdQuery{op}` →
 //! `ColdAnswer{registered}` (an operation not registered yet is aborted by the question).
 //!
+//! Fencing stale copies (see `inventory::generation`), each on a new connection after `Hello`:
+//! `OwnerQuery{names}` → `OwnerAnswer{(name, generation)*}`; after a rollback, the source to
+//! the destination: `Fence{name, generation}` → `FenceAnswer{fenced, reason}`.
+//!
 //! Post-copy (the controller's switch, or `--postcopy always`) replaces the last dirty pages:
 //! ```text
 //!   ... vCPUs paused ...
@@ -108,9 +112,12 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"VMIG");
 /// (`verify` in `Reserve`, the disk's digest in `Ready`). 6: cold migration (kinds 40-47),
 /// shared storage and the target datastore in `Reserve`, `shared` in `Reserved`. 7: the memory
 /// digest is a page sum (`migrate::PageSum`) kept as pages are placed, checked after the
-/// resume (`Discarded`).
+/// resume (`Discarded`); page frames compressed (`ZSTD`); ownership generations
+/// (`generation` in the definitions `Reserve` and `ColdOffer` carry; kinds 48-51:
+/// `OwnerQuery`, `OwnerAnswer`, `Fence`, `FenceAnswer`).
 pub const VERSION: u16 = 7;
-/// The oldest protocol version this agent still speaks.
+/// The oldest protocol version this agent still speaks (a 6 would refuse a definition with
+/// a generation, and not know the fencing questions).
 pub const MIN_VERSION: u16 = 7;
 /// Header length.
 pub const HEADER_LEN: usize = 24;
@@ -203,11 +210,19 @@ pub enum Kind {
     ColdQuery = 46,
     /// Recovery: the destination's answer.
     ColdAnswer = 47,
+    /// Fencing: which ownership generation do you hold of these VMs?
+    OwnerQuery = 48,
+    /// Fencing: the generations held.
+    OwnerAnswer = 49,
+    /// Fencing: the source took the VM back (a rollback); fence your copy.
+    Fence = 50,
+    /// Fencing: fenced or why not.
+    FenceAnswer = 51,
 }
 
 impl Kind {
     /// Every kind that may be sent.
-    pub const ALL: [Kind; 31] = [
+    pub const ALL: [Kind; 35] = [
         Kind::Hello,
         Kind::Welcome,
         Kind::Reserve,
@@ -239,6 +254,10 @@ impl Kind {
         Kind::ColdReleased,
         Kind::ColdQuery,
         Kind::ColdAnswer,
+        Kind::OwnerQuery,
+        Kind::OwnerAnswer,
+        Kind::Fence,
+        Kind::FenceAnswer,
     ];
 
     fn from_u16(v: u16) -> Option<Kind> {
@@ -590,6 +609,10 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::ColdReleased => "ColdReleased",
         Kind::ColdQuery => "ColdQuery",
         Kind::ColdAnswer => "ColdAnswer",
+        Kind::OwnerQuery => "OwnerQuery",
+        Kind::OwnerAnswer => "OwnerAnswer",
+        Kind::Fence => "Fence",
+        Kind::FenceAnswer => "FenceAnswer",
     }
 }
 

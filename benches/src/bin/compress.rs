@@ -47,6 +47,7 @@ fn migrate_once(root: &Path, run: usize, program: &str, compress: Compression) -
         disk_mib: 1,
         disk_rate: 0,
         disk_region_mib: 0,
+        generation: 0,
     })
     .expect("create");
     src.start(program).expect("start");

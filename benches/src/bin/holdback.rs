@@ -62,6 +62,7 @@ fn migrate_once(root: &Path, run: usize, w: &Workload, holdback_rounds: u32) -> 
         disk_mib: 1,
         disk_rate: 0,
         disk_region_mib: 0,
+        generation: 0,
     })
     .expect("create");
     src.start(w.name).expect("start");

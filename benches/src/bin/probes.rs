@@ -170,6 +170,7 @@ fn main() {
         disk_mib: 1,
         disk_rate: 0,
         disk_region_mib: 0,
+        generation: 0,
     })
     .expect("create the VM");
     inv.start("dirty").expect("start the VM");

@@ -7,7 +7,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tracing::{instrument, warn};
 
-use super::hosts::resolve;
+use super::hosts::{peers, resolve};
 use super::outgoing::{migrate_out, Job};
 use super::Agent;
 use crate::api::{cold, guard};
@@ -94,6 +94,35 @@ pub(super) async fn control(agent: Arc<Agent>, s: UnixStream) {
     let _ = send(&mut w, &reply).await;
 }
 
+/// After a rollback: tells `dest` (best effort) that this host holds `name` at `generation`,
+/// so that its copy is fenced now; says how that went.
+fn tell_fenced(agent: &Agent, dest: &str, name: &str, generation: u64) -> String {
+    let told = resolve(agent, dest)
+        .map_err(|e| e.to_string())
+        .and_then(|addr| {
+            migrate::fence::tell(
+                &agent.security,
+                addr,
+                dest,
+                &agent.cfg.name,
+                name,
+                generation,
+            )
+            .map_err(|e| e.to_string())
+        });
+    match told {
+        Ok(Ok(())) => format!("{dest} was told: its copy is fenced"),
+        Ok(Err(why)) => {
+            warn!(vm = %name, %dest, %why, "the destination did not fence its copy");
+            format!("{dest} did not fence its copy ({why}): make sure it does not run there")
+        }
+        Err(e) => {
+            warn!(vm = %name, %dest, cause = %e, "the destination cannot be told of the rollback: its copy is fenced when its agent starts again");
+            format!("{dest} does not answer ({e}): its copy is fenced when its agent starts again")
+        }
+    }
+}
+
 fn ok<T: serde::Serialize>(v: T) -> Reply {
     Reply::Ok(serde_json::to_value(v).expect("serializes"))
 }
@@ -122,7 +151,13 @@ fn handle(agent: &Agent, req: Request) -> Reply {
                 Err(e) => Reply::Error(e),
             }
         }
-        Request::Start { name } => inv.start(&name).map(ok),
+        Request::Start { name } => {
+            // Another host may hold a newer copy: asked first (a peer that does not answer
+            // fences nothing).
+            agent.wait_fenced();
+            migrate::fence::check(inv, &agent.security, &peers(agent), Some(&name));
+            inv.start(&name).map(ok)
+        }
         Request::Stop { name } => {
             // A VM that arrived in post-copy and lost its source waits on its faults: powering
             // it off gives its missing pages up (the source still holds the VM).
@@ -132,8 +167,14 @@ fn handle(agent: &Agent, req: Request) -> Reply {
             inv.stop(&name).map(ok)
         }
         Request::Destroy { name } => inv.destroy(&name).map(|_| ok(name)),
-        Request::List => Ok(ok(inv.list())),
-        Request::Show { name } => inv.info(&name).map(ok),
+        Request::List => {
+            agent.wait_fenced();
+            Ok(ok(inv.list()))
+        }
+        Request::Show { name } => {
+            agent.wait_fenced();
+            inv.info(&name).map(ok)
+        }
         // Holding the VM's migration slot keeps a migration from pausing (and this from
         // resuming) it concurrently.
         Request::Digest { name } => inv
@@ -198,10 +239,22 @@ fn handle(agent: &Agent, req: Request) -> Reply {
                         shared_datastore: shared.as_deref(),
                     };
                     let dest = parked.dest_name().to_string();
+                    // The destination's copy holds generation + 1: this one takes + 2, durably,
+                    // before it runs again.
+                    let generation = match inv.take_back(&name) {
+                        Ok(g) => g,
+                        Err(e) => {
+                            agent.migrations.park(&name, parked);
+                            return Reply::Error(format!(
+                                "cannot record the new ownership generation of {name}, so it does not run here again: {e}"
+                            ));
+                        }
+                    };
+                    let told = tell_fenced(agent, &dest, &name, generation);
                     migrate::source::rollback(&out, parked);
                     inv.end_migration(&name, false);
                     ok(format!(
-                        "{name} runs here again from the post-copy switch point; what it did on {dest} since is lost"
+                        "{name} runs here again from the post-copy switch point (ownership generation {generation}); what it did on {dest} since is lost; {told}"
                     ))
                 }
                 Err(e) => {

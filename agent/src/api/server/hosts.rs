@@ -54,6 +54,24 @@ fn check_host_entry(name: &str, addr: &str) -> Result<(), String> {
     }
 }
 
+/// The other hosts of the hosts file that resolve, for the ownership questions.
+pub(super) fn peers(agent: &Agent) -> crate::migrate::fence::Peers {
+    let mut peers: Vec<(String, SocketAddr)> = agent
+        .hosts
+        .iter()
+        .filter(|(name, _)| **name != agent.cfg.name)
+        .filter_map(|(name, addr)| {
+            let a = addr.to_socket_addrs().ok()?.next();
+            if a.is_none() {
+                tracing::warn!(host = %name, %addr, "a host of the hosts file does not resolve: not asked about ownership");
+            }
+            Some((name.clone(), a?))
+        })
+        .collect();
+    peers.sort();
+    peers
+}
+
 pub(super) fn resolve(agent: &Agent, dest: &str) -> Result<SocketAddr, String> {
     let addr = agent.hosts.get(dest).map(String::as_str).unwrap_or(dest);
     addr.to_socket_addrs()

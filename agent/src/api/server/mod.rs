@@ -104,6 +104,20 @@ struct Agent {
     incoming: Slots,
     /// Gid admitted on the control socket besides root.
     control_gid: Option<u32>,
+    /// Set once the start's ownership check is done (see [`Agent::wait_fenced`]).
+    fence_checked: (Mutex<bool>, std::sync::Condvar),
+}
+
+impl Agent {
+    /// Waits (a bounded time) for the ownership check of the agent's start, so that nothing
+    /// lists or starts a stale copy before it is known to be fenced.
+    fn wait_fenced(&self) {
+        let (m, cv) = &self.fence_checked;
+        let g = m.lock().expect("fence flag");
+        let _ = cv
+            .wait_timeout_while(g, std::time::Duration::from_secs(20), |done| !*done)
+            .expect("fence flag");
+    }
 }
 
 fn mem_available() -> u64 {
@@ -194,7 +208,25 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         security,
         incoming: Slots::new(guard::MAX_INCOMING),
         control_gid,
+        fence_checked: (Mutex::new(false), std::sync::Condvar::new()),
     });
+    {
+        // Which of this host's VMs another host holds at a higher generation: fenced. On a
+        // thread: the peers' own questions must find this agent answering meanwhile.
+        let a = agent.clone();
+        let _ = std::thread::Builder::new()
+            .name("fence-check".into())
+            .spawn(move || {
+                let fenced = migrate::fence::check(&a.inv, &a.security, &hosts::peers(&a), None);
+                for vm in fenced {
+                    a.inv
+                        .note_recovered(format!("{vm}: fenced (another host holds a newer copy)"));
+                }
+                let (m, cv) = &a.fence_checked;
+                *m.lock().expect("fence flag") = true;
+                cv.notify_all();
+            });
+    }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -12,11 +12,14 @@ use crate::migrate::{MigrateError, Phase};
 use crate::vm::Vm;
 use crate::wire::messages as msg;
 
-/// Waits for `Go`, then registers the arrived VM; returns it, running or not.
+/// Waits for `Go`, then registers the arrived VM (at the source's generation + 1); returns
+/// it, running or not. In post-copy (`postcopy`) the copy is marked as arriving from its
+/// source until every page is here: if this agent dies before, the copy is suspect.
 pub(super) fn register(
     link: &mut Link,
     to: &Destination<'_>,
     a: Box<Arrival<'_>>,
+    postcopy: bool,
 ) -> Result<(Arc<Vm>, Instant), MigrateError> {
     let _: msg::Go = link.recv_in(Phase::StopAndCopy)?;
     let t_go = Instant::now();
@@ -24,12 +27,19 @@ pub(super) fn register(
         def,
         reservation,
         vm,
+        source,
         _entry,
         ..
     } = *a;
     let vm = Arc::new(vm);
+    let name = def.name.clone();
     to.inv.commit(reservation, def, vm.clone())?;
     drop(_entry);
+    if postcopy {
+        if let Err(e) = to.inv.postcopy_in_started(&name, &source) {
+            tracing::error!(vm = %name, cause = %e, "cannot mark the copy arriving in post-copy: if this agent dies before every page is here, its copy will not be known as suspect");
+        }
+    }
     Ok((vm, t_go))
 }
 
@@ -43,7 +53,7 @@ pub(super) fn run(
     checked_after_resume: bool,
 ) -> Result<String, MigrateError> {
     let (name, source) = (a.def.name.clone(), a.source.clone());
-    let (vm, t_go) = register(link, to, a)?;
+    let (vm, t_go) = register(link, to, a, false)?;
     vm.resume();
     let resume_us = t_go.elapsed().as_micros() as u64;
     vm.devices().log_line(&format!(

@@ -102,11 +102,13 @@ fn run(link: &mut Link, to: &Destination<'_>) -> Result<String, MigrateError> {
             link.send(&msg::ColdAnswer { registered })?;
             return Ok(q.name);
         }
+        reservation::Next::OwnerQuery(q) => return super::fence::answer(link, to, q),
+        reservation::Next::Fence(f) => return super::fence::fenced_by(link, to, &source, f),
     };
     // 3. Pages and files, until the state arrives.
     let received = precopy::receive(link, &arrival)?;
     // 4. Load the state and answer `Ready`, or switch to post-copy;
-    // 5. and on `Go`, commit: register and run the VM.
+    // 5. and on `Go`, commit: register (at the source's generation + 1) and run the VM.
     let placed = received.placed;
     match received.switch {
         None => {

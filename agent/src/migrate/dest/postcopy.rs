@@ -156,7 +156,7 @@ pub(super) fn run(
 
     // Commitment: from here the VM runs here, whatever happens to the connection.
     let (name, source) = (a.def.name.clone(), a.source.clone());
-    let (vm, t_go) = commit::register(link, to, a)?;
+    let (vm, t_go) = commit::register(link, to, a, true)?;
     let mut session = Session {
         id: pc.session,
         vm,
@@ -185,7 +185,7 @@ pub(super) fn run(
             to.agent
         ))
     });
-    end_session(link, to.registry, &name, session, result)
+    end_session(link, to, &name, session, result)
 }
 
 /// A post-copy session on the destination: the VM runs here and its missing pages come from
@@ -330,11 +330,12 @@ pub(super) fn serve_session(
 /// After a connection of a session ended: completes it, or parks it for a `Resume`.
 pub(super) fn end_session(
     link: &mut Link,
-    registry: &Registry,
+    to: &Destination<'_>,
     name: &str,
     s: Session,
     result: Result<msg::PostcopyDone, MigrateError>,
 ) -> Result<String, MigrateError> {
+    let registry = to.registry;
     match result {
         Ok(done) => {
             // Kept: if the source never reads this `PostcopyDone` (the connection fails just
@@ -352,6 +353,7 @@ pub(super) fn end_session(
             );
             s.vm.devices()
                 .log_line("post-copy complete: every page is here");
+            to.inv.postcopy_in_done(name);
         }
         Err(e) => {
             // The VM runs here and may be blocked on pages only the source has: never let

@@ -36,6 +36,10 @@ pub(super) enum Next<'r> {
     Cold(msg::ColdOffer),
     /// A recovering source's question about a cold migration.
     ColdQuery(msg::ColdQuery),
+    /// Another agent asks which ownership generations this one holds.
+    OwnerQuery(msg::OwnerQuery),
+    /// A source that rolled a post-copy back: fence the copy here.
+    Fence(msg::Fence),
 }
 
 /// Reserves room for the VM the source announces (or hands a `Resume` on).
@@ -49,6 +53,8 @@ pub(super) fn reserve<'r>(
         Kind::Resume => return Ok(Next::Resume(f.decode()?)),
         Kind::ColdOffer => return Ok(Next::Cold(f.decode()?)),
         Kind::ColdQuery => return Ok(Next::ColdQuery(f.decode()?)),
+        Kind::OwnerQuery => return Ok(Next::OwnerQuery(f.decode()?)),
+        Kind::Fence => return Ok(Next::Fence(f.decode()?)),
         Kind::Reserve => f.decode()?,
         _ => return Err(not_allowed(Phase::Reservation, &f)),
     };

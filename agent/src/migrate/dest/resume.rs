@@ -42,7 +42,7 @@ pub(super) fn resume_session(
         match slot {
             PostcopyIn::Waiting(s) if s.id == r.session => {
                 drop(map);
-                return resume_waiting(link, to.registry, &r.name, s);
+                return resume_waiting(link, to, &r.name, s);
             }
             PostcopyIn::Completed(id, done) if id == r.session => {
                 let again = done.clone();
@@ -105,10 +105,11 @@ fn resume_completed(
 /// Serves a waiting session over the new connection.
 fn resume_waiting(
     link: &mut Link,
-    registry: &Registry,
+    to: &Destination<'_>,
     name: &str,
     mut s: Session,
 ) -> Result<String, MigrateError> {
+    let registry = to.registry;
     let list = s.mem.missing_pages();
     let missing = Bitmap::of(s.vm.ram().pages(), list.iter().copied());
     let waiting = s.mem.pending().len() as u64;
@@ -131,7 +132,7 @@ fn resume_waiting(
         }),
         Err(e) => Err(e.into()),
     };
-    postcopy::end_session(link, registry, name, s, result)
+    postcopy::end_session(link, to, name, s, result)
 }
 
 /// Gives up the waiting post-copy session of VM `name` (its connection was lost): closes its
