@@ -379,11 +379,9 @@ fn non_converging(c: &Cluster, results: &mut Value) {
     }
     for r in &reports {
         for d in r["decisions"].as_array().into_iter().flatten() {
-            println!(
-                "    {}: {}",
-                r["postcopy_policy"].as_str().unwrap_or(""),
-                d.as_str().unwrap_or("")
-            );
+            let d = serde_json::from_value::<vmig::migrate::Decided>(d.clone())
+                .map_or_else(|e| format!("{d} ({e})"), |d| d.to_string());
+            println!("    {}: {d}", r["postcopy_policy"].as_str().unwrap_or(""));
         }
         if let Some(p) = r["postcopy"].as_object() {
             println!(

@@ -16,6 +16,9 @@ macro_rules! named {
     };
 }
 
+mod decision;
+pub use decision::{Decided, Decision, EstimateFrom, ProgressNote};
+
 /// How the migration moved the VM's memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Mode {
@@ -215,17 +218,22 @@ pub struct RoundStats {
     /// Auto-converge throttle in force during the round, percent.
     #[serde(default)]
     pub throttle_pct: u32,
-    /// The controller's decision after the round, with its figures.
+    /// The controller's decision after the round, with its figures; none for the last pass
+    /// (stop-and-copy, or the switch to post-copy, whose `dirty_pages` are the pages left to
+    /// the destination's faults and the push). JSON: a [`Decision`] object, `{"kind":
+    /// "continue"}`, `{"kind": "stop-and-copy", "cause": "converged", "detail": "…"}`…, or
+    /// null.
     #[serde(default)]
-    pub decision: String,
+    pub decision: Option<Decision>,
     /// What the kernel measured during the round (BPF probes on the dirty ring), when the
     /// probes are on; see [`super::probe`].
     #[serde(default)]
     pub kernel: Option<KernelRound>,
-    /// Which dirty count the prediction used: "log" (the dirty log's) or "kernel" (the
-    /// probes' distinct pages, when larger). See [`super::controller::Controller::assess`].
+    /// Which dirty count the prediction used: the dirty log's or the kernel's (the probes'
+    /// distinct pages, when larger); none for the last pass, which predicts nothing. See
+    /// [`super::controller::Controller::assess`]. JSON: `"log"`, `"kernel"` or null.
     #[serde(default)]
-    pub estimate_from: String,
+    pub estimate_from: Option<EstimateFrom>,
     /// Pages held back until stop-and-copy after this round (hot-page holdback).
     #[serde(default)]
     pub held_pages: u64,
@@ -328,9 +336,10 @@ pub struct Progress {
     /// Post-copy: page requests per second (remote faults) over the last interval.
     #[serde(default)]
     pub faults_per_s: f64,
-    /// The controller's last decision, when it changed something (throttle, switch).
+    /// The controller's last decision, when it changed something (throttle, switch), or a
+    /// post-copy milestone (complete, resumed).
     #[serde(default)]
-    pub decision: Option<String>,
+    pub decision: Option<ProgressNote>,
 }
 
 impl Progress {
@@ -443,9 +452,11 @@ pub struct Report {
     /// The post-copy policy in force: never, auto, always.
     #[serde(default)]
     pub postcopy_policy: String,
-    /// Every controller decision, in order, with the figures behind it.
+    /// Every controller decision that changed something, in order, with the round after
+    /// which it came and the figures behind it. JSON: [`Decided`] objects, `{"round": 3,
+    /// "kind": "post-copy", "cause": "dirty-ratio", "detail": "…"}`.
     #[serde(default)]
-    pub decisions: Vec<String>,
+    pub decisions: Vec<Decided>,
     /// Post-copy statistics, when the migration switched to post-copy.
     #[serde(default)]
     pub postcopy: Option<PostcopyStats>,

@@ -67,7 +67,7 @@ impl Report {
                 let _ = writeln!(
                     s,
                     "              kernel: {} distinct pages (log {}), {:.0} ring pushes/s, {} ring-full exits; prediction from the {}",
-                    k.distinct_pages, r.dirty_pages, k.pushes_per_s, k.ring_full_exits, r.estimate_from
+                    k.distinct_pages, r.dirty_pages, k.pushes_per_s, k.ring_full_exits, r.estimate_from.map_or(String::new(), |e| e.to_string())
                 );
             }
             if r.disk_blocks > 0 || r.disk_dirty_blocks > 0 {
