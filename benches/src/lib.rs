@@ -1,15 +1,12 @@
-//! Benchmark helpers: local agents spawned from the release binary, and the loopback
-//! baselines every figure is compared with in the same run.
+//! Benchmark helpers: local agents spawned from the release binary (the end-to-end tests'
+//! [`Cluster`]), and the loopback baselines every figure is compared with in the same run.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-
-use vmig::api::local::{self, LocalAgent};
 
 pub mod qemu;
 
@@ -29,133 +26,32 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
-/// Two (or more) agents in a temporary folder.
-pub struct Cluster {
-    /// Folder of datastores, logs, sockets.
-    pub dir: PathBuf,
-    exe: PathBuf,
-    children: Vec<Child>,
+pub use vmig_tests::{AgentOpts, Cluster, ClusterOpts};
+
+/// How long a benchmark's CLI command may run (a migration of a large VM under a low
+/// `--bandwidth` takes minutes).
+const CLI_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Starts agents `names` with the `vmig` binary at `exe` (mutual TLS): the end-to-end tests'
+/// [`Cluster`], agents logging at `warn` only.
+pub fn cluster(exe: &Path, names: &[&str]) -> Cluster {
+    cluster_with(exe, names, false)
 }
 
-fn free_port() -> u16 {
-    local::free_port().expect("a free port")
-}
-
-impl Cluster {
-    /// Starts agents `names` with the `vmig` binary at `exe` (mutual TLS).
-    pub fn start(exe: &Path, names: &[&str]) -> Cluster {
-        Self::start_with(exe, names, false)
-    }
-
-    /// Starts agents `names`: with mutual TLS, or all `--insecure`.
-    pub fn start_with(exe: &Path, names: &[&str], insecure: bool) -> Cluster {
-        let dir = std::env::temp_dir().join(format!(
-            "vmig-bench-{}-{}",
-            std::process::id(),
-            if insecure { "plain" } else { "tls" }
-        ));
-        std::fs::create_dir_all(&dir).expect("bench folder");
-        let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
-        let agents: Vec<(&str, u16)> = names.iter().copied().zip(ports.iter().copied()).collect();
-        std::fs::write(dir.join("hosts.toml"), local::hosts_text(&agents)).expect("hosts file");
-        let pki = dir.join("pki");
-        vmig::certs::cluster(&pki, names).expect("the cluster's certificates");
-        let mut c = Cluster {
-            dir: dir.clone(),
-            exe: exe.to_path_buf(),
-            children: Vec::new(),
-        };
-        for (n, p) in names.iter().zip(&ports) {
-            let log = std::fs::File::create(dir.join(format!("{n}.log"))).expect("log");
-            let child = LocalAgent {
-                name: n.to_string(),
-                port: *p,
-                datastore: dir.join(n),
-                hosts: dir.join("hosts.toml"),
-                run_dir: dir.join("run"),
-                pki_dir: (!insecure).then(|| pki.clone()),
-            }
-            .command(exe)
-            .env("VMIG_LOG", "warn")
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn an agent");
-            c.children.push(child);
-        }
-        for n in names {
-            let t = Instant::now();
-            while c.cli(&["--host", n, "vm", "list"]).is_err() {
-                assert!(
-                    t.elapsed() < Duration::from_secs(20),
-                    "agent {n} did not start"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        c
-    }
-
-    /// The process id of the `i`-th agent started.
-    pub fn pid(&self, i: usize) -> u32 {
-        self.children[i].id()
-    }
-
-    /// The datastore folder of agent `host`.
-    pub fn datastore(&self, host: &str) -> PathBuf {
-        self.dir.join(host)
-    }
-
-    /// Runs `vmig ARGS`; stdout on success, stderr on failure.
-    pub fn cli(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(&self.exe)
-            .args(args)
-            .env("VMIG_RUN_DIR", self.dir.join("run"))
-            .env("VMIG_LOG", "warn")
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    /// Creates VM `vm` on agent `host` with the `vm create` flags `args`, and starts it.
-    pub fn create(&self, host: &str, vm: &str, args: &[&str]) {
-        let mut a = vec!["--host", host, "vm", "create", vm];
-        a.extend_from_slice(args);
-        a.push("--start");
-        self.cli(&a)
-            .unwrap_or_else(|e| panic!("create {vm} on {host}: {e}"));
-    }
-
-    /// Stops VM `vm` on agent `host` and deletes it, so that its vCPUs no longer compete with
-    /// the next measurement for the CPUs.
-    pub fn remove(&self, host: &str, vm: &str) {
-        for cmd in ["stop", "destroy"] {
-            self.cli(&["--host", host, "vm", cmd, vm])
-                .unwrap_or_else(|e| panic!("vm {cmd} {vm} on {host}: {e}"));
-        }
-    }
-
-    /// `vmig ARGS` parsed as JSON.
-    pub fn json(&self, args: &[&str]) -> serde_json::Value {
-        let out = self
-            .cli(args)
-            .unwrap_or_else(|e| panic!("vmig {args:?} failed: {e}"));
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("vmig {args:?}: {e}: {out}"))
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Starts agents `names` with the `vmig` binary at `exe`: with mutual TLS, or all
+/// `--insecure`.
+pub fn cluster_with(exe: &Path, names: &[&str], insecure: bool) -> Cluster {
+    let agent = AgentOpts {
+        insecure,
+        log: Some("warn".into()),
+        ..AgentOpts::default()
+    };
+    let hosts: Vec<(&str, AgentOpts)> = names.iter().map(|n| (*n, agent.clone())).collect();
+    let opts = ClusterOpts {
+        bin: Some(exe.to_path_buf()),
+        cli_timeout: Some(CLI_TIMEOUT),
+    };
+    Cluster::with(&opts, &hosts)
 }
 
 /// Plain loopback TCP: `bytes` written with `write_all` from a 1 MiB buffer, read into a

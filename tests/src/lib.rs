@@ -1,4 +1,5 @@
-//! Helpers for the end-to-end tests: see `tests/`.
+//! Helpers for the end-to-end tests (`tests/`) and the benchmarks (`benches/`, whose agents
+//! run the release binary: [`ClusterOpts`]).
 //!
 //! A [`Cluster`] is a set of `vmig agent` processes (one per host) sharing a temporary
 //! folder: a hosts file with free ports, one datastore and one log per agent, and a run
@@ -84,6 +85,20 @@ pub struct AgentOpts {
     /// A crash point of a cold migration or storage move (`VMIG_CRASH_AT`, see
     /// `vmig::migrate::cold::crash`) of a binary built with `fault-injection`.
     pub crash_at: Option<String>,
+    /// The agent's log filter (`VMIG_LOG`; default: the agent's, `info`). The benchmarks
+    /// run theirs at `warn`.
+    pub log: Option<String>,
+}
+
+/// How a cluster is started, beyond each agent's [`AgentOpts`].
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOpts {
+    /// The `vmig` binary of the agents and the CLI (default: [`vmig_bin`], built with
+    /// `fault-injection`; the benchmarks give the release binary, built without).
+    pub bin: Option<PathBuf>,
+    /// How long [`Cluster::cli`] lets a command run (default [`CLI_TIMEOUT`]; a benchmark's
+    /// migration of a large VM may take longer).
+    pub cli_timeout: Option<Duration>,
 }
 
 /// A network namespace and the agent's address inside it.
@@ -462,6 +477,10 @@ pub struct Agent {
 /// Agents on the local machine, with a shared temp folder.
 pub struct Cluster {
     agents: Vec<Agent>,
+    /// The `vmig` binary.
+    bin: PathBuf,
+    /// See [`ClusterOpts::cli_timeout`].
+    cli_timeout: Duration,
     run_dir: PathBuf,
     hosts: PathBuf,
     pki: PathBuf,
@@ -486,9 +505,14 @@ impl Cluster {
     /// certificate per host (in [`Cluster::pki_dir`]), starts one agent per host (mutual TLS
     /// unless [`AgentOpts::insecure`]) and waits until each answers on its control socket.
     pub fn new(hosts: &[(&str, AgentOpts)]) -> Self {
+        Self::with(&ClusterOpts::default(), hosts)
+    }
+
+    /// [`Cluster::new`] with other cluster options (another binary, a longer CLI timeout).
+    pub fn with(opts: &ClusterOpts, hosts: &[(&str, AgentOpts)]) -> Self {
         require_kvm();
         let lock = e2e_lock();
-        let bin = vmig_bin();
+        let bin = opts.bin.clone().unwrap_or_else(|| vmig_bin().to_path_buf());
         let dir = tempfile::Builder::new()
             .prefix("vmig-e2e-")
             .tempdir()
@@ -519,10 +543,12 @@ impl Cluster {
         let names: Vec<&str> = hosts.iter().map(|(n, _)| *n).collect();
         vmig::certs::cluster(&pki, &names).expect("the cluster's certificates");
         for a in &mut agents {
-            spawn_agent(bin, a, &run_dir, &hosts_file, &pki);
+            spawn_agent(&bin, a, &run_dir, &hosts_file, &pki);
         }
         let c = Self {
             agents,
+            bin,
+            cli_timeout: opts.cli_timeout.unwrap_or(CLI_TIMEOUT),
             run_dir,
             hosts: hosts_file,
             pki,
@@ -622,7 +648,7 @@ impl Cluster {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(vmig_bin());
+        let mut c = Command::new(&self.bin);
         c.args(args)
             .env("VMIG_RUN_DIR", &self.run_dir)
             .env_remove("VMIG_AGENT")
@@ -657,9 +683,10 @@ impl Cluster {
         self.spawn_cli(args).wait(timeout)
     }
 
-    /// Runs `vmig ARGS` (timeout [`CLI_TIMEOUT`]).
+    /// Runs `vmig ARGS` (timeout [`CLI_TIMEOUT`], or the cluster's
+    /// [`ClusterOpts::cli_timeout`]).
     pub fn cli(&self, args: &[&str]) -> Output {
-        self.cli_timeout(args, CLI_TIMEOUT)
+        self.cli_timeout(args, self.cli_timeout)
     }
 
     /// Runs `vmig ARGS`, which must succeed.
@@ -739,6 +766,23 @@ impl Cluster {
         self.agent(host).opts.clone()
     }
 
+    /// The process id of `host`'s agent.
+    pub fn pid(&self, host: &str) -> u32 {
+        self.agent(host)
+            .child
+            .as_ref()
+            .unwrap_or_else(|| panic!("agent {host} is not running"))
+            .id()
+    }
+
+    /// Stops VM `vm` on agent `host` and deletes it (so that its vCPUs no longer compete
+    /// with the next measurement for the CPUs).
+    pub fn remove(&self, host: &str, vm: &str) {
+        for cmd in ["stop", "destroy"] {
+            self.ok(&["--host", host, "vm", cmd, vm]);
+        }
+    }
+
     /// Whether the agent of `host` has exited (killed, crashed, aborted).
     pub fn exited(&self, host: &str) -> bool {
         self.agent_exited(host)
@@ -747,14 +791,14 @@ impl Cluster {
     /// Starts the agent of `host` again (after [`Cluster::kill`]), same port and datastore.
     pub fn restart(&mut self, host: &str) {
         self.kill(host);
-        let bin = vmig_bin();
+        let bin = self.bin.clone();
         let (run_dir, hosts, pki) = (self.run_dir.clone(), self.hosts.clone(), self.pki.clone());
         let a = self
             .agents
             .iter_mut()
             .find(|a| a.name == host)
             .expect("agent");
-        spawn_agent(bin, a, &run_dir, &hosts, &pki);
+        spawn_agent(&bin, a, &run_dir, &hosts, &pki);
         self.wait_agent(host);
     }
 }
@@ -786,6 +830,9 @@ fn spawn_agent(bin: &Path, a: &mut Agent, run_dir: &Path, hosts: &Path, pki: &Pa
     }
     if let Some(g) = &a.opts.control_group {
         c.args(["--control-group", g]);
+    }
+    if let Some(l) = &a.opts.log {
+        c.env("VMIG_LOG", l);
     }
     let cluster_dir = run_dir
         .parent()

@@ -17,7 +17,8 @@
 
 use std::time::Duration;
 
-use super::report::{Cause, StopReason};
+pub use super::report::Decision;
+use super::report::{Cause, EstimateFrom, StopReason};
 use super::{MigrateOptions, NoConverge, PostcopyPolicy, RoundStats};
 use crate::guest::layout::PAGE_SIZE;
 use crate::storage::DISK_BLOCK;
@@ -27,34 +28,6 @@ const PAGE_WIRE_BYTES: f64 = PAGE_SIZE as f64 + 8.0;
 
 /// Throttle steps of auto-converge, percent of each interval the vCPUs sleep.
 pub const THROTTLE_STEPS: [u32; 5] = [20, 40, 60, 80, 99];
-
-/// What to do after a round.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Decision {
-    /// Another pre-copy round.
-    Continue,
-    /// Another pre-copy round with the vCPUs throttled to this percent.
-    Throttle(u32, StopReason),
-    /// Pause and send the rest; the reason goes into the report.
-    StopAndCopy(StopReason),
-    /// Pause, send the state, run on the destination and fetch the rest on demand.
-    Postcopy(StopReason),
-    /// Give up; the VM stays on the source.
-    Abort(StopReason),
-}
-
-impl Decision {
-    /// A one-line description for logs and the report.
-    pub fn describe(&self) -> String {
-        match self {
-            Decision::Continue => "continue pre-copy".into(),
-            Decision::Throttle(p, why) => format!("throttle vCPUs to {p} %: {why}"),
-            Decision::StopAndCopy(why) => format!("stop-and-copy: {why}"),
-            Decision::Postcopy(why) => format!("switch to post-copy: {why}"),
-            Decision::Abort(why) => format!("abort: {why}"),
-        }
-    }
-}
 
 /// Decides, round by round.
 #[derive(Debug)]
@@ -168,10 +141,10 @@ impl Controller {
         let held_extra = pending.saturating_sub(r.dirty_pages);
         let kernel = r.kernel.map(|k| k.distinct_pages);
         let (dirty, from) = match kernel {
-            Some(k) if k > r.dirty_pages => (k, "kernel"),
-            _ => (r.dirty_pages, "log"),
+            Some(k) if k > r.dirty_pages => (k, EstimateFrom::Kernel),
+            _ => (r.dirty_pages, EstimateFrom::Log),
         };
-        r.estimate_from = from.into();
+        r.estimate_from = Some(from);
         r.dirty_rate = dirty as f64 / r.secs.max(1e-9);
         let rate = self.link_rate(r);
         self.assessed_rate = rate;
@@ -271,7 +244,10 @@ impl Controller {
                 if self.throttle_step < THROTTLE_STEPS.len() {
                     self.throttle_step += 1;
                     self.throttle_round = round;
-                    Decision::Throttle(self.throttle_pct(), why)
+                    Decision::Throttle {
+                        pct: self.throttle_pct(),
+                        why,
+                    }
                 } else {
                     Decision::StopAndCopy(StopReason::new(
                         Cause::ThrottleExhausted,
@@ -298,7 +274,7 @@ impl Controller {
             dirty_ratio = r.dirty_ratio,
             predicted_ms = r.predicted_downtime_ms,
             throttle = r.throttle_pct,
-            decision = %d.describe(),
+            decision = %d,
             "controller decision"
         );
         d
@@ -463,7 +439,10 @@ mod tests {
             ..Default::default()
         };
         c.assess(&mut r, 100, 100);
-        assert_eq!((r.estimate_from.as_str(), r.dirty_rate), ("log", 200.0));
+        assert_eq!(
+            (r.estimate_from, r.dirty_rate),
+            (Some(EstimateFrom::Log), 200.0)
+        );
         let log_only = r.predicted_downtime_ms;
         assert_eq!(log_only, c.predict_ms(100, 1048576.0));
 
@@ -472,7 +451,7 @@ mod tests {
             ..Default::default()
         });
         c.assess(&mut r, 100, 100);
-        assert_eq!(r.estimate_from, "log");
+        assert_eq!(r.estimate_from, Some(EstimateFrom::Log));
         assert_eq!(r.predicted_downtime_ms, log_only);
 
         r.kernel = Some(KernelRound {
@@ -480,7 +459,10 @@ mod tests {
             ..Default::default()
         });
         c.assess(&mut r, 110, 110);
-        assert_eq!((r.estimate_from.as_str(), r.dirty_rate), ("kernel", 300.0));
+        assert_eq!(
+            (r.estimate_from, r.dirty_rate),
+            (Some(EstimateFrom::Kernel), 300.0)
+        );
         assert_eq!(r.predicted_downtime_ms, c.predict_ms(160, 1048576.0));
         assert!((r.dirty_ratio - 300.0 * PAGE_WIRE_BYTES / 1048576.0).abs() < 1e-9);
     }
@@ -543,11 +525,11 @@ mod tests {
         assert!(matches!(&abort[2], Decision::Abort(_)));
         let throttle = run_policy(PostcopyPolicy::Never, NoConverge::Throttle);
         // Round 3 throttles to 20 %, then every 2 rounds one step more, then force.
-        assert!(matches!(throttle[2], Decision::Throttle(20, _)));
+        assert!(matches!(throttle[2], Decision::Throttle { pct: 20, .. }));
         assert_eq!(throttle[3], Decision::Continue);
-        assert!(matches!(throttle[4], Decision::Throttle(40, _)));
-        assert!(matches!(throttle[6], Decision::Throttle(60, _)));
-        assert!(matches!(throttle[8], Decision::Throttle(80, _)));
+        assert!(matches!(throttle[4], Decision::Throttle { pct: 40, .. }));
+        assert!(matches!(throttle[6], Decision::Throttle { pct: 60, .. }));
+        assert!(matches!(throttle[8], Decision::Throttle { pct: 80, .. }));
     }
 
     #[test]
@@ -622,7 +604,7 @@ mod tests {
         let mut c = Controller::new(&throttle, 0, Duration::ZERO);
         assert!(matches!(
             round1(&mut c, 20_000.0, 40),
-            Decision::Throttle(20, _)
+            Decision::Throttle { pct: 20, .. }
         ));
     }
 

@@ -49,8 +49,8 @@ use crate::wire::WireError;
 
 pub use phase::{Event, Phase};
 pub use report::{
-    IoUsed, KernelRound, Mode, PostcopyStats, Progress, ProgressPhase, Report, RoundStats,
-    TrackingUsed, Verification,
+    Decided, Decision, EstimateFrom, IoUsed, KernelRound, Mode, PostcopyStats, Progress,
+    ProgressNote, ProgressPhase, Report, RoundStats, TrackingUsed, Verification,
 };
 
 /// When to switch to post-copy.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use vmig_ebpf::{Event, EventStream, VmProbes};
 
-use super::report::Cause;
+use super::report::{Cause, EstimateFrom};
 use super::tests::{
     busy_opts, migrate, pair_paced, pair_with, postcopy_landed, print, runs_on_destination, serial,
 };
@@ -123,11 +123,11 @@ fn ring_mode_rounds_carry_kernel_rates_that_match_the_dirty_log() {
         assert!(
             (k.pushes_per_s - k.pushes as f64 / k.window_s).abs() < 1e-6 * k.pushes_per_s.max(1.0)
         );
-        let want = if k.distinct_pages > r.dirty_pages {
-            "kernel"
+        let want = Some(if k.distinct_pages > r.dirty_pages {
+            EstimateFrom::Kernel
         } else {
-            "log"
-        };
+            EstimateFrom::Log
+        });
         assert_eq!(r.estimate_from, want, "the larger count wins");
         let rate = k.distinct_pages.max(r.dirty_pages) as f64 / r.secs;
         assert!((r.dirty_rate - rate).abs() < 1e-6 * rate);
@@ -252,7 +252,10 @@ fn bitmap_mode_migrates_and_says_once_why_kernel_rates_are_off() {
     let why = report.kernel_rates_off.clone().expect("kernel rates off");
     assert!(why.contains("bitmap"), "{why}");
     assert!(report.rounds.iter().all(|r| r.kernel.is_none()));
-    assert!(report.rounds.iter().all(|r| r.estimate_from != "kernel"));
+    assert!(report
+        .rounds
+        .iter()
+        .all(|r| r.estimate_from != Some(EstimateFrom::Kernel)));
     let text = report.render();
     assert_eq!(text.matches("kernel rates").count(), 1, "{text}");
     assert!(text.contains(&format!("kernel rates           off: {why}")));

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::{
     fault::{self, Fault},
-    report::Cause,
+    report::{Cause, Decision, ProgressNote, ProgressPhase},
     source::{self, Outcome},
     Cancel, MigrateError, MigrateOptions, Mode, NoConverge, PostcopyPolicy, Report,
 };
@@ -114,13 +114,16 @@ fn wait_running(p: &Pair, name: &str) {
     });
 }
 
+/// A progress event's phase and what it announced, if anything.
+pub(super) type Step = (ProgressPhase, Option<ProgressNote>);
+
 /// Migrates `name` from `p.src` to `p.dst` with `opts`; returns the result and the phases
 /// seen in progress events.
 pub(super) fn migrate(
     p: &Pair,
     name: &str,
     opts: &MigrateOptions,
-) -> (Result<Report, MigrateError>, Vec<String>) {
+) -> (Result<Report, MigrateError>, Vec<Step>) {
     wait_running(p, name);
     let incoming = Incoming::start(p.dst.clone());
     let addr = incoming.addr;
@@ -134,7 +137,7 @@ pub(super) fn migrate(
         security: &crate::transport::Security::Insecure,
         shared_datastore: None,
     };
-    let phases = Mutex::new(Vec::<String>::new());
+    let phases = Mutex::new(Vec::<Step>::new());
     let progress = |ev: super::Progress| record(&phases, ev);
     let result =
         source::migrate(&out, addr, "dst", opts, &Cancel::default(), &progress).map(|outcome| {
@@ -159,18 +162,15 @@ pub(super) fn migrate(
 
 /// Records a progress event's phase (and decision) when it changes; every event of every
 /// migration test is checked to count within its total (a bar never shows `131072/32770`).
-fn record(phases: &Mutex<Vec<String>>, ev: super::Progress) {
+fn record(phases: &Mutex<Vec<Step>>, ev: super::Progress) {
     assert!(
         ev.sent <= ev.total && ev.remaining <= ev.total,
         "a progress event counts past its total: {ev:?}"
     );
     let mut ph = phases.lock().unwrap();
-    let label = match &ev.decision {
-        Some(d) => format!("{}: {d}", ev.phase),
-        None => ev.phase.to_string(),
-    };
-    if ph.last() != Some(&label) {
-        ph.push(label);
+    let step = (ev.phase, ev.decision);
+    if ph.last() != Some(&step) {
+        ph.push(step);
     }
 }
 
@@ -284,8 +284,8 @@ fn auto_switches_to_postcopy_when_the_guest_outruns_the_link() {
     assert!(report
         .decisions
         .iter()
-        .any(|d| d.contains("switch to post-copy")));
-    assert!(phases.iter().any(|ph| ph.starts_with("post-copy")));
+        .any(|d| matches!(d.decision, Decision::Postcopy(_))));
+    assert!(phases.iter().any(|(ph, _)| *ph == ProgressPhase::PostCopy));
     runs_on_destination(&p, "hot", &report);
 }
 
@@ -328,7 +328,10 @@ fn never_with_throttle_converges_by_slowing_the_guest() {
     print(&report);
     assert_eq!(report.mode, Mode::PreCopy);
     assert!(report.postcopy.is_none());
-    assert!(report.decisions.iter().any(|d| d.contains("throttle")));
+    assert!(report
+        .decisions
+        .iter()
+        .any(|d| matches!(d.decision, Decision::Throttle { .. })));
     assert!(report.rounds.iter().any(|r| r.throttle_pct > 0));
     assert!(report.verification.as_ref().unwrap().memory_equal);
     // The throttle does not follow the VM: it runs at full speed on the destination.
@@ -503,9 +506,14 @@ fn auto_never_switches_for_a_converging_guest() {
 }
 
 /// A post-copy migration of `name` with `fault` injected, which loses the connection once:
-/// the source reconnects within its window and the migration lands whole (`resumed` is the
-/// progress decision the reconnection must show).
-fn lands_after_one_reconnection(name: &str, fault: Fault, bandwidth: f64, resumed: &str) {
+/// the source reconnects within its window and the migration lands whole (`resumed` says
+/// whether a progress note is the one the reconnection must show).
+fn lands_after_one_reconnection(
+    name: &str,
+    fault: Fault,
+    bandwidth: f64,
+    resumed: fn(&ProgressNote) -> bool,
+) {
     let _serial = serial();
     let p = pair(name, 64, &["counter", "dirty"], 16);
     let opts = MigrateOptions {
@@ -519,13 +527,18 @@ fn lands_after_one_reconnection(name: &str, fault: Fault, bandwidth: f64, resume
     // Counted across both connections: every missing page placed exactly once.
     let pc = postcopy_landed(&report);
     assert_eq!(pc.interruptions, 1, "one cut, one reconnection");
-    assert!(phases.iter().any(|ph| ph.contains(resumed)), "{phases:?}");
+    assert!(
+        phases.iter().any(|(_, n)| n.as_ref().is_some_and(resumed)),
+        "{phases:?}"
+    );
     runs_on_destination(&p, name, &report);
 }
 
 #[test]
 fn postcopy_link_cut_reconnects_within_the_window_and_loses_no_page() {
-    lands_after_one_reconnection("cut", Fault::CutPostcopy, 20.0, "resumed:");
+    lands_after_one_reconnection("cut", Fault::CutPostcopy, 20.0, |n| {
+        matches!(n, ProgressNote::Resumed { .. })
+    });
 }
 
 #[test]
@@ -549,7 +562,7 @@ fn postcopy_link_cut_parks_then_resume_finishes_it() {
         security: &crate::transport::Security::Insecure,
         shared_datastore: None,
     };
-    let phases = Mutex::new(Vec::<String>::new());
+    let phases = Mutex::new(Vec::<Step>::new());
     let progress = |ev: super::Progress| record(&phases, ev);
     fault::arm(Fault::CutPostcopy);
     let outcome = source::migrate(
@@ -597,10 +610,7 @@ fn postcopy_link_cut_parks_then_resume_finishes_it() {
 /// `PostcopyDone`, and the digests still compare.
 #[test]
 fn postcopy_done_lost_then_the_resume_gets_it_again() {
-    lands_after_one_reconnection(
-        "done",
-        Fault::LosePostcopyDone,
-        40.0,
-        "resumed: 0 pages still missing",
-    );
+    lands_after_one_reconnection("done", Fault::LosePostcopyDone, 40.0, |n| {
+        matches!(n, ProgressNote::Resumed { missing: 0, .. })
+    });
 }

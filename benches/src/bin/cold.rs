@@ -7,9 +7,7 @@
 //! registration, the source's delete).
 
 use serde_json::{json, Value};
-use vmig_benches::{
-    fill, median, plain_copy, plain_copy_direct, results_path, target_dir, Cluster,
-};
+use vmig_benches::{fill, median, plain_copy, plain_copy_direct, results_path, target_dir};
 
 const MIB: f64 = 1048576.0;
 const RUNS: usize = 3;
@@ -28,9 +26,9 @@ fn main() {
     let (mut cold, mut plain, mut direct, mut reports) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..RUNS {
-        let c = Cluster::start(&exe, &["hostA", "hostB"]);
+        let c = vmig_benches::cluster(&exe, &["hostA", "hostB"]);
         let vm = format!("cold{run}");
-        c.cli(&[
+        c.ok(&[
             "--host",
             "hostA",
             "vm",
@@ -42,8 +40,7 @@ fn main() {
             "idle",
             "--disk-mib",
             "1024",
-        ])
-        .unwrap_or_else(|e| panic!("create {vm}: {e}"));
+        ]);
         let img = c.datastore("hostA").join(&vm).join("disk.img");
         fill(&img, 1024);
         plain.push(plain_copy(&img));

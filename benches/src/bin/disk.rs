@@ -46,10 +46,9 @@ fn vm_with_image(
         &disk,
     ];
     args.extend_from_slice(extra);
-    c.cli(&args).unwrap_or_else(|e| panic!("create {vm}: {e}"));
+    c.ok(&args);
     fill(&c.datastore("hostA").join(vm).join("disk.img"), data_mib);
-    c.cli(&["--host", "hostA", "vm", "start", vm])
-        .unwrap_or_else(|e| panic!("start {vm}: {e}"));
+    c.ok(&["--host", "hostA", "vm", "start", vm]);
 }
 
 fn migrate(c: &Cluster, vm: &str) -> Value {
@@ -86,7 +85,7 @@ fn main() {
     let (mut mirror, mut whole, mut plain, mut direct) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..RUNS {
-        let c = Cluster::start(&exe, &["hostA", "hostB"]);
+        let c = vmig_benches::cluster(&exe, &["hostA", "hostB"]);
         let vm = format!("img{run}");
         vm_with_image(&c, &vm, "idle", 1024, 1024, &[]);
         let img = c.datastore("hostA").join(&vm).join("disk.img");
@@ -131,7 +130,7 @@ fn main() {
         ("0", "the `disk` program flat out"),
         ("2048", "the `disk` program at 2048 blocks/s, 8 MiB/s"),
     ] {
-        let c = Cluster::start(&exe, &["hostA", "hostB"]);
+        let c = vmig_benches::cluster(&exe, &["hostA", "hostB"]);
         vm_with_image(&c, "writer", "disk", 1024, 256, &["--disk-rate", rate]);
         std::thread::sleep(std::time::Duration::from_secs(2));
         let r = migrate(&c, "writer");
@@ -157,11 +156,11 @@ fn main() {
     // 3. Peak memory of the source agent, with and without a large image.
     let mut peak = Vec::new();
     for (disk_mib, data_mib) in [(16u64, 0u64), (4096, 1024)] {
-        let c = Cluster::start(&exe, &["hostA", "hostB"]);
+        let c = vmig_benches::cluster(&exe, &["hostA", "hostB"]);
         vm_with_image(&c, "mem", "counter", disk_mib, data_mib, &[]);
         let r = migrate(&c, "mem");
         assert_eq!(r["vm"], "mem");
-        peak.push(hwm_kib(c.pid(0)));
+        peak.push(hwm_kib(c.pid("hostA")));
     }
     println!("\nsource agent peak RSS (VmHWM) over one migration of a 64 MiB counter VM");
     println!("  16 MiB image                 {:>7} KiB", peak[0]);

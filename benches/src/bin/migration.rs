@@ -67,7 +67,7 @@ fn migrate_between(c: &Cluster, vm: &str, from: &str, to: &str, extra: &[&str]) 
 /// platform, see docs/tuning.md); returns once the working set was written twice.
 fn create_dirty_vm(c: &Cluster, vm: &str, dirty_mib: u64) {
     let mib = dirty_mib.to_string();
-    c.create(
+    c.create_vm(
         "hostA",
         vm,
         &[
@@ -124,7 +124,7 @@ fn main() {
         plain / tcp
     );
 
-    let c = Cluster::start(&exe, &["hostA", "hostB"]);
+    let c = vmig_benches::cluster(&exe, &["hostA", "hostB"]);
     let mut results = json!({
         "loopback_tcp_mibs": tcp / MIB,
         "loopback_rtt_us": rtt,
@@ -157,7 +157,7 @@ fn main() {
 
 /// Section 1: idle 1 GiB.
 fn idle(c: &Cluster, tcp: f64, results: &mut Value) {
-    c.create(
+    c.create_vm(
         "hostA",
         "idle1g",
         &["--memory-mib", "1024", "--workload", "idle"],
@@ -171,7 +171,7 @@ fn idle(c: &Cluster, tcp: f64, results: &mut Value) {
 
 /// Section 2: 1 GiB dirtying 64 MiB flat out.
 fn dirty64(c: &Cluster, tcp: f64, results: &mut Value) {
-    c.create(
+    c.create_vm(
         "hostA",
         "dirty1g",
         &[
@@ -196,7 +196,7 @@ fn dirty64(c: &Cluster, tcp: f64, results: &mut Value) {
 
 /// Section 3: 1 GiB with 896 MiB of data written once (round 1 measures the sender end to end).
 fn full896(c: &Cluster, tcp: f64, results: &mut Value) {
-    c.create(
+    c.create_vm(
         "hostA",
         "full1g",
         &[
@@ -379,11 +379,9 @@ fn non_converging(c: &Cluster, results: &mut Value) {
     }
     for r in &reports {
         for d in r["decisions"].as_array().into_iter().flatten() {
-            println!(
-                "    {}: {}",
-                r["postcopy_policy"].as_str().unwrap_or(""),
-                d.as_str().unwrap_or("")
-            );
+            let d = serde_json::from_value::<vmig::migrate::Decided>(d.clone())
+                .map_or_else(|e| format!("{d} ({e})"), |d| d.to_string());
+            println!("    {}: {d}", r["postcopy_policy"].as_str().unwrap_or(""));
         }
         if let Some(p) = r["postcopy"].as_object() {
             println!(

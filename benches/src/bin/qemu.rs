@@ -39,7 +39,7 @@ fn strs(v: &[String]) -> Vec<&str> {
 }
 
 fn vmig_run(c: &Cluster, vm: &str, create: &[&str], dirty_pages: u64, migrate: &[&str]) -> VmigRun {
-    c.create("hostA", vm, create);
+    c.create_vm("hostA", vm, create);
     let written = |c: &Cluster| {
         c.json(&["--host", "hostA", "vm", "show", vm, "--json"])["stats"]["dirty_pages_written"]
             .as_u64()
@@ -179,7 +179,7 @@ fn main() {
     println!("vmig against {version}, both with -accel kvm on this machine");
     println!("(downtime: source STOP to destination RESUME for QEMU; pause to run for vmig)");
     let dir = std::env::temp_dir().join(format!("vmig-bench-qemu-{}", std::process::id()));
-    let c = Cluster::start(&exe, &["hostA", "hostB"]);
+    let c = vmig_benches::cluster(&exe, &["hostA", "hostB"]);
     // QEMU's defaults cap bandwidth at 128 MiB/s; its best settings here lift the cap and
     // ask for the same downtime limit as vmig's --max-downtime.
     let best = json!({"downtime-limit": 50, "max-bandwidth": 100u64 << 30});

@@ -22,7 +22,7 @@ const MIB: f64 = 1048576.0;
 const RUNS: usize = 3;
 
 fn dirty64(c: &Cluster) -> Value {
-    c.create(
+    c.create_vm(
         "hostA",
         "dirty1g",
         &[
@@ -106,7 +106,7 @@ fn main() {
         let mut by_mode: Vec<(&str, Vec<Value>)> = vec![("plain", vec![]), ("tls", vec![])];
         for _ in 0..2 {
             for (mode, runs) in by_mode.iter_mut() {
-                let c = Cluster::start_with(&exe, &["hostA", "hostB"], *mode == "plain");
+                let c = vmig_benches::cluster_with(&exe, &["hostA", "hostB"], *mode == "plain");
                 runs.push(dirty64(&c));
             }
         }

@@ -156,7 +156,7 @@ impl Run<'_> {
         self.cancel.enter(Phase::StopAndCopy)?;
         let paused = match pre.end.clone() {
             precopy::End::StopAndCopy(_) => stop_and_copy::run(self, &mut pre)?,
-            precopy::End::Postcopy(why) => postcopy::switch(self, &mut pre, &why.to_string())?,
+            precopy::End::Postcopy(why) => postcopy::switch(self, &mut pre, &why)?,
         };
         // 5. Commitment: from `Go` on the destination owns the VM.
         self.cancel.enter(Phase::Commit)?;

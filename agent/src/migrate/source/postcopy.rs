@@ -12,7 +12,7 @@ use super::stop_and_copy::{self, Paused};
 use super::stream::{self, Batch};
 use super::Run;
 use crate::migrate::link::Link;
-use crate::migrate::report::ProgressPhase;
+use crate::migrate::report::{Decision, ProgressNote, ProgressPhase, StopReason};
 use crate::migrate::{
     Cancel, MigrateError, MigrateOptions, PageSum, PostcopyStats, Progress, RoundStats,
     Verification,
@@ -28,7 +28,7 @@ use crate::wire::Kind;
 pub(super) fn switch(
     run: &mut Run<'_>,
     pre: &mut Precopied,
-    why: &str,
+    why: &StopReason,
 ) -> Result<Paused, MigrateError> {
     let p = stop_and_copy::pause(run.out.vm);
     let round = pre.rounds.len() as u32 + 1;
@@ -49,7 +49,7 @@ fn send_switch(
     run: &mut Run<'_>,
     pending: &mut Vec<u64>,
     round: u32,
-    why: &str,
+    why: &StopReason,
     session: u64,
 ) -> Result<(RoundStats, msg::Ready, Option<Verification>), MigrateError> {
     let (out, opts, progress) = (run.out, run.opts, run.progress);
@@ -63,12 +63,12 @@ fn send_switch(
     let dirty = Bitmap::of(vm.ram().pages(), pending.iter().copied());
     let mut ev = Progress::new(ProgressPhase::PostCopy, round, 0, pending.len() as u64);
     ev.remaining = pending.len() as u64;
-    ev.decision = Some(format!("switch to post-copy: {why}"));
+    ev.decision = Some(ProgressNote::Decided(Decision::Postcopy(why.clone())));
     progress(ev);
     link.send(&msg::Postcopy {
         dirty,
         count: pending.len() as u64,
-        reason: why.into(),
+        reason: why.to_string(),
         session,
     })?;
     // The disk is brought in sync before the switch: the destination's device must never
@@ -83,10 +83,6 @@ fn send_switch(
         secs: t.elapsed().as_secs_f64(),
         dirty_pages: pending.len() as u64,
         disk_blocks: run.disk.as_ref().map_or(0, |d| d.report.blocks_at_pause),
-        decision: format!(
-            "post-copy: {} pages left to the destination's faults and the push",
-            pending.len()
-        ),
         ..Default::default()
     };
     let verification = if opts.verify {
@@ -434,7 +430,7 @@ fn push_and_answer(
         stale.len() as u64,
         stale.len() as u64,
     );
-    ev.decision = Some("post-copy complete".into());
+    ev.decision = Some(ProgressNote::PostcopyComplete);
     progress(ev);
     Ok((stats, done))
 }

@@ -10,8 +10,7 @@ use super::Run;
 use crate::migrate::controller::{Controller, Decision};
 use crate::migrate::holdback::Holdback;
 use crate::migrate::probe::RoundProbes;
-use crate::migrate::report::ProgressPhase;
-use crate::migrate::report::StopReason;
+use crate::migrate::report::{Decided, ProgressNote, ProgressPhase, StopReason};
 use crate::migrate::{MigrateError, Progress, RoundStats};
 use crate::wire::messages as msg;
 use crate::wire::pages::PageFrameKind;
@@ -30,7 +29,7 @@ pub(super) struct Precopied {
     /// The rounds so far (the pause adds the last).
     pub(super) rounds: Vec<RoundStats>,
     /// The controller's decisions that changed something.
-    pub(super) decisions: Vec<String>,
+    pub(super) decisions: Vec<Decided>,
     /// Pages dirty and not sent yet (held back included).
     pub(super) pending: Vec<u64>,
     /// The dirty-rate probes: detached only once the destination runs the VM.
@@ -139,23 +138,26 @@ pub(super) fn rounds(run: &mut Run<'_>, rtt: Duration) -> Result<Precopied, Migr
             "pre-copy round done"
         );
         let decision = controller.decide(&stats, run.t0.elapsed());
-        stats.decision = decision.describe();
+        stats.decision = Some(decision.clone());
         let changed = decision != Decision::Continue;
         if changed {
-            decisions.push(format!("after round {round}: {}", decision.describe()));
+            decisions.push(Decided {
+                round,
+                decision: decision.clone(),
+            });
         }
         rounds.push(stats.clone());
         let mut ev = Progress::new(ProgressPhase::PreCopy, round, stats.pages, stats.pages);
         ev.last = Some(stats);
-        ev.decision = changed.then(|| decision.describe());
+        ev.decision = changed.then(|| ProgressNote::Decided(decision.clone()));
         (run.progress)(ev);
         if run.cancel.is_cancelled() {
             return Err(MigrateError::Cancelled);
         }
         match decision {
             Decision::Continue => probes.pre_copy_goes_on(),
-            Decision::Throttle(p, _) => {
-                vm.set_throttle(p);
+            Decision::Throttle { pct, .. } => {
+                vm.set_throttle(pct);
                 probes.pre_copy_goes_on();
             }
             Decision::StopAndCopy(why) => break End::StopAndCopy(why),

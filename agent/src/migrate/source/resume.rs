@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::{finished, handshake, postcopy, Outcome, Outgoing, Run};
 use crate::migrate::link::Link;
-use crate::migrate::report::ProgressPhase;
+use crate::migrate::report::{ProgressNote, ProgressPhase};
 use crate::migrate::{Cancel, MigrateError, MigrateOptions, Phase, Progress, Report, Verification};
 use crate::wire::messages as msg;
 
@@ -239,11 +239,10 @@ fn reconnect(
     );
     let mut ev = Progress::new(ProgressPhase::PostCopy, 0, 0, missing.len() as u64);
     ev.remaining = missing.len() as u64;
-    ev.decision = Some(format!(
-        "resumed: {} pages still missing, {} faults waiting",
-        missing.len(),
-        r.waiting
-    ));
+    ev.decision = Some(ProgressNote::Resumed {
+        missing: missing.len() as u64,
+        waiting: r.waiting,
+    });
     progress(ev);
     parked.stale = missing;
     parked.interruptions += 1;
