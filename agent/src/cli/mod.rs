@@ -3,6 +3,7 @@
 mod certs;
 mod cold;
 mod demo;
+mod plot;
 mod trace;
 
 use std::net::SocketAddr;
@@ -61,6 +62,9 @@ enum Cmd {
     /// Create the cluster's CA and the hosts' keys and certificates (mutual TLS between agents).
     #[command(subcommand)]
     Certs(certs::CertsCmd),
+    /// Saved migration reports: `vmig report plot REPORT.json` draws one as an SVG.
+    #[command(subcommand)]
+    Report(plot::ReportCmd),
 }
 
 #[derive(Debug, Args)]
@@ -246,6 +250,10 @@ struct MigrateArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// After a successful migration, draw its report as an SVG into FILE (as `vmig report
+    /// plot` does).
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
     /// Post-copy: never (pre-copy only), auto (switch when pre-copy cannot converge), always
     /// (one pre-copy round, then post-copy).
     #[arg(long, value_enum, default_value_t = defaults::POSTCOPY)]
@@ -310,6 +318,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Demo(d) => demo::run(d).await,
         Cmd::Trace(t) => trace::run(cli.agent, cli.host, t).await,
         Cmd::Certs(c) => certs::run(c),
+        Cmd::Report(r) => plot::run(r),
     }
 }
 
@@ -805,11 +814,17 @@ async fn migrate_inner(agent: Option<PathBuf>, host: Option<String>, m: MigrateA
             opts: migrate_options(&m),
         }
     };
+    if let Some(p) = &m.plot {
+        plot::check_target(p)?;
+    }
     let report = run_migration(&a, &m.name, req, !m.json).await?;
     if m.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.render());
+    }
+    if let Some(p) = &m.plot {
+        plot::after_migration(&report, p, m.max_downtime);
     }
     Ok(())
 }
