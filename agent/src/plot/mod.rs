@@ -31,8 +31,8 @@ const PANEL: u32 = 300;
 const POSTCOPY_PANEL: u32 = 280;
 /// The font every text uses (the viewer picks the face).
 const FONT: &str = "sans-serif";
-/// Characters of the header's text per line before it wraps (at its 14 px).
-const HEADER_WRAP: usize = 150;
+/// Characters of the header's text per line before it wraps (at its 17 px).
+const HEADER_WRAP: usize = 140;
 
 /// What the report does not carry but the plot can show.
 #[derive(Debug, Clone, Default)]
@@ -185,7 +185,7 @@ pub fn render_svg(report: &Report, opts: &PlotOptions) -> Result<String, PlotErr
         return Err(PlotError::NoRounds(report.vm.clone()));
     }
     let header = header_lines(report);
-    let header_h = 16 + 24 + 20 * (header.len() as u32 - 1) + 8;
+    let header_h = 16 + 36 + 22 * (header.len() as u32 - 1) + 4;
     let post_h = if report.postcopy.is_some() {
         POSTCOPY_PANEL
     } else {
@@ -251,13 +251,13 @@ fn draw_header(area: &Area<'_>, lines: &[String]) -> Result<(), PlotError> {
     let mut y = 16;
     for (i, l) in lines.iter().enumerate() {
         let (size, color) = if i == 0 {
-            (22, BLACK)
+            (26, BLACK)
         } else {
-            (14, RGBColor(60, 60, 60))
+            (17, RGBColor(60, 60, 60))
         };
         let style = TextStyle::from((FONT, size).into_font()).color(&color);
         area.draw(&Text::new(l.clone(), (20, y), style))?;
-        y += if i == 0 { 32 } else { 20 };
+        y += if i == 0 { 36 } else { 22 };
     }
     Ok(())
 }

@@ -73,12 +73,12 @@ fn bars(
     };
     let mut builder = ChartBuilder::on(area);
     builder
-        .caption(caption, (FONT, 16))
+        .caption(caption, (FONT, 18))
         .margin(10)
-        .margin_right(30)
+        .margin_right(if log { 90 } else { 60 })
         .x_label_area_size(40)
         .y_label_area_size(if log { 50 } else { 160 });
-    let style = TextStyle::from((FONT, 12).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+    let style = TextStyle::from((FONT, 14).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
     if log {
         let (lo, hi) = (0.5, top * 8.0);
         let mut chart = builder.build_cartesian_2d(Ticked::log(lo..hi), y)?;
@@ -89,8 +89,8 @@ fn bars(
             .x_desc(x_desc)
             .y_label_formatter(&name_of)
             .x_label_formatter(&|v| tick_label(*v))
-            .label_style((FONT, 12))
-            .axis_desc_style((FONT, 14))
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 15))
             .draw()?;
         for (i, (_, v, c)) in rows.iter().enumerate() {
             let yc = (k - 1 - i) as f64;
@@ -115,8 +115,8 @@ fn bars(
             .x_desc(x_desc)
             .y_label_formatter(&name_of)
             .x_label_formatter(&|v| format!("{v:.0}"))
-            .label_style((FONT, 12))
-            .axis_desc_style((FONT, 14))
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 15))
             .draw()?;
         for (i, (_, v, c)) in rows.iter().enumerate() {
             let yc = (k - 1 - i) as f64;

@@ -36,7 +36,9 @@ enum Swatch {
     Line,
     Dashed,
     Points,
+    Triangles,
     Band,
+    Blank,
 }
 
 /// Draws the three round panels on `area`, top to bottom.
@@ -80,13 +82,14 @@ where
         )))
         .map_err(|e| PlotError::Draw(e.to_string()))?;
     if label {
-        let style = TextStyle::from((FONT, 13).into_font())
+        let style = TextStyle::from((FONT, 15).into_font())
             .color(&RGBColor(160, 82, 0))
-            .pos(Pos::new(HPos::Center, VPos::Top));
+            .pos(Pos::new(HPos::Right, VPos::Top));
+        // Right-aligned in the band: past a few rounds the band is narrower than its name.
         chart
             .draw_series(std::iter::once(Text::new(
                 switch_name(r.mode).to_string(),
-                (n, y.1),
+                (n + 0.45, y.1),
                 style,
             )))
             .map_err(|e| PlotError::Draw(e.to_string()))?;
@@ -128,16 +131,21 @@ fn with_legend<'a>(
                     ))?;
                 }
             }
+            Swatch::Blank => {}
+            Swatch::Triangles => {
+                legend.draw(&PathElement::new(
+                    vec![(x0, yc), (x1, yc)],
+                    color.stroke_width(2),
+                ))?;
+                legend.draw(&TriangleMarker::new(((x0 + x1) / 2, yc), 5, color.filled()))?
+            }
             Swatch::Points => {
                 legend.draw(&Cross::new(((x0 + x1) / 2, yc), 5, color.stroke_width(2)))?
             }
         }
-        legend.draw(&Text::new(
-            text.clone(),
-            (x1 + 8, yc - 7),
-            (FONT, 13).into_font(),
-        ))?;
-        y += 24;
+        let style = TextStyle::from((FONT, 15).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+        legend.draw(&Text::new(text.clone(), (x1 + 8, yc), style))?;
+        y += 26;
     }
     Ok(chart)
 }
@@ -154,6 +162,13 @@ fn pages(area: &Area<'_>, r: &Report) -> Result<(), PlotError> {
         legend.push((HELD, Swatch::Points, "hot pages held back".into()));
     }
     legend.push((SWITCH, Swatch::Band, switch_name(r.mode).into()));
+    if r.mode == Mode::PostCopy {
+        legend.push((
+            WHITE,
+            Swatch::Blank,
+            "(its dirty: left to post-copy)".into(),
+        ));
+    }
     let area = with_legend(area, &legend)?;
     let top = rs
         .iter()
@@ -164,7 +179,7 @@ fn pages(area: &Area<'_>, r: &Report) -> Result<(), PlotError> {
     // Bars start below 1 page so a one-page bar shows; headroom above for the labels.
     let (lo, hi) = (0.5, top * 4.0);
     let mut chart = ChartBuilder::on(&area)
-        .caption("(a) pages per round", (FONT, 16))
+        .caption("(a) pages per round", (FONT, 18))
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(80)
@@ -178,8 +193,8 @@ fn pages(area: &Area<'_>, r: &Report) -> Result<(), PlotError> {
         .y_desc("pages (4 KiB, log scale)")
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| tick_label(*y))
-        .label_style((FONT, 12))
-        .axis_desc_style((FONT, 14))
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
         .draw()?;
     switch_band(&mut chart, r, (lo, hi), true)?;
     let bar = |x0: f64, x1: f64, v: u64, c: RGBColor| {
@@ -209,7 +224,7 @@ fn pages(area: &Area<'_>, r: &Report) -> Result<(), PlotError> {
     if rs.len() <= 12 {
         // Each bar's figure above it.
         let style =
-            TextStyle::from((FONT, 11).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
+            TextStyle::from((FONT, 13).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
         let label = |x: f64, v: u64| {
             Text::new(v.to_string(), (x, (v as f64).max(lo) * 1.15), style.clone())
         };
@@ -248,7 +263,8 @@ fn rates(area: &Area<'_>, r: &Report) -> Result<(), PlotError> {
     let rs = &r.rounds;
     let bw: Vec<(f64, f64)> = rs
         .iter()
-        .map(|x| (x.round as f64, finite(x.bandwidth) / MIB))
+        .filter(|x| finite(x.bandwidth) > 0.0)
+        .map(|x| (x.round as f64, x.bandwidth / MIB))
         .collect();
     let dirty: Vec<(f64, f64)> = rs
         .iter()
@@ -262,7 +278,7 @@ fn rates(area: &Area<'_>, r: &Report) -> Result<(), PlotError> {
         (BANDWIDTH, Swatch::Line, "bandwidth achieved".to_string()),
         (
             DIRTY_RATE,
-            Swatch::Line,
+            Swatch::Triangles,
             "guest dirty rate (dirty log)".into(),
         ),
     ];
@@ -270,7 +286,8 @@ fn rates(area: &Area<'_>, r: &Report) -> Result<(), PlotError> {
         legend.push((KERNEL, Swatch::Points, "dirty rate, kernel probes".into()));
     }
     if rs.iter().any(|x| x.throttle_pct > 0) {
-        legend.push((BLACK, Swatch::Points, "label: vCPU throttle %".into()));
+        legend.push((BLACK, Swatch::Blank, "throttle: vCPUs slowed from".into()));
+        legend.push((BLACK, Swatch::Blank, "that round on (auto-converge)".into()));
     }
     legend.push((SWITCH, Swatch::Band, switch_name(r.mode).into()));
     let area = with_legend(area, &legend)?;
@@ -282,7 +299,7 @@ fn rates(area: &Area<'_>, r: &Report) -> Result<(), PlotError> {
         .fold(0.0, f64::max);
     let hi = if top > 0.0 { top * 1.15 } else { 1.0 };
     let mut chart = ChartBuilder::on(&area)
-        .caption("(b) link bandwidth and guest dirty rate", (FONT, 16))
+        .caption("(b) link bandwidth and guest dirty rate", (FONT, 18))
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(80)
@@ -296,8 +313,8 @@ fn rates(area: &Area<'_>, r: &Report) -> Result<(), PlotError> {
         .y_desc("MiB/s")
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0}"))
-        .label_style((FONT, 12))
-        .axis_desc_style((FONT, 14))
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
         .draw()?;
     switch_band(&mut chart, r, (0.0, hi), true)?;
     for (points, color) in [(&bw, BANDWIDTH), (&dirty, DIRTY_RATE)] {
@@ -305,26 +322,30 @@ fn rates(area: &Area<'_>, r: &Report) -> Result<(), PlotError> {
             points.iter().copied(),
             color.stroke_width(2),
         ))?;
-        chart.draw_series(points.iter().map(|p| Circle::new(*p, 4, color.filled())))?;
     }
+    // Larger triangles under the circles: a dirty rate equal to the bandwidth stays visible.
+    chart.draw_series(
+        dirty
+            .iter()
+            .map(|p| TriangleMarker::new(*p, 7, DIRTY_RATE.stroke_width(2))),
+    )?;
+    chart.draw_series(bw.iter().map(|p| Circle::new(*p, 4, BANDWIDTH.filled())))?;
     chart.draw_series(
         kernel
             .iter()
             .map(|p| Cross::new(*p, 6, KERNEL.stroke_width(2))),
     )?;
-    let style = TextStyle::from((FONT, 11).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
-    chart.draw_series(
-        rs.iter()
-            .zip(&bw)
-            .filter(|(x, _)| x.throttle_pct > 0)
-            .map(|(x, p)| {
-                Text::new(
-                    format!("{} %", x.throttle_pct),
-                    (p.0, p.1 + hi * 0.03),
-                    style.clone(),
-                )
-            }),
-    )?;
+    let style = TextStyle::from((FONT, 13).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
+    // The throttle where it changes, over the round's bandwidth.
+    let changes = rs.iter().enumerate().filter(|(i, x)| {
+        let before = if *i == 0 { 0 } else { rs[i - 1].throttle_pct };
+        x.throttle_pct != before
+    });
+    chart.draw_series(changes.map(|(_, x)| {
+        let y = finite(x.bandwidth) / MIB;
+        let text = format!("throttle {} %", x.throttle_pct);
+        Text::new(text, (x.round as f64, y + hi * 0.03), style.clone())
+    }))?;
     Ok(())
 }
 
@@ -384,7 +405,7 @@ fn downtime(area: &Area<'_>, r: &Report, max_downtime: Option<f64>) -> Result<()
                     "(c) downtime: predicted after each round, and actual (the switch's pause)"
                 }
             },
-            (FONT, 16),
+            (FONT, 18),
         )
         .margin(10)
         .x_label_area_size(40)
@@ -399,8 +420,8 @@ fn downtime(area: &Area<'_>, r: &Report, max_downtime: Option<f64>) -> Result<()
         .y_desc("ms (log scale)")
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| tick_label(*y))
-        .label_style((FONT, 12))
-        .axis_desc_style((FONT, 14))
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
         .draw()?;
     switch_band(&mut chart, r, (lo, hi), true)?;
     let across = |v: f64| vec![(0.5, v), (n + 0.5, v)];
@@ -412,14 +433,6 @@ fn downtime(area: &Area<'_>, r: &Report, max_downtime: Option<f64>) -> Result<()
             BOUND.stroke_width(2),
         ))?;
     }
-    if let Some(v) = no_verify.filter(|v| *v > 0.0) {
-        chart.draw_series(DashedLineSeries::new(
-            across(v),
-            8,
-            5,
-            NO_VERIFY.stroke_width(2),
-        ))?;
-    }
     if actual > 0.0 {
         chart.draw_series(LineSeries::new(across(actual), ACTUAL.stroke_width(2)))?;
         chart.draw_series(std::iter::once(Circle::new(
@@ -427,6 +440,14 @@ fn downtime(area: &Area<'_>, r: &Report, max_downtime: Option<f64>) -> Result<()
             5,
             ACTUAL.filled(),
         )))?;
+    }
+    if let Some(v) = no_verify.filter(|v| *v > 0.0) {
+        chart.draw_series(DashedLineSeries::new(
+            across(v),
+            8,
+            5,
+            NO_VERIFY.stroke_width(2),
+        ))?;
     }
     chart.draw_series(LineSeries::new(
         predicted.iter().copied(),
@@ -438,7 +459,7 @@ fn downtime(area: &Area<'_>, r: &Report, max_downtime: Option<f64>) -> Result<()
             .map(|p| Circle::new(*p, 4, PREDICTED.filled())),
     )?;
     if rs.len() <= 12 {
-        let style = TextStyle::from((FONT, 11).into_font()).pos(Pos::new(HPos::Left, VPos::Bottom));
+        let style = TextStyle::from((FONT, 13).into_font()).pos(Pos::new(HPos::Left, VPos::Bottom));
         chart.draw_series(
             predicted
                 .iter()
