@@ -28,7 +28,7 @@ pub(super) fn draw(area: &Area<'_>, pc: &PostcopyStats) -> Result<(), PlotError>
     bars(
         &left,
         &format!(
-            "(e) post-copy: pages, {} until the last page was placed",
+            "(d) post-copy: pages, {} until the last page was placed",
             ms(pc.duration_ms)
         ),
         "pages",

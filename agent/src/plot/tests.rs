@@ -96,7 +96,7 @@ fn a_demo_report_plots_its_rounds_switch_and_downtime() {
     ] {
         assert!(has(s), "{s} in {t:?}");
     }
-    assert!(!has("(e) post-copy"));
+    assert!(!has("(d) post-copy"));
     // One bar of pages sent per round (and the legend's swatch), in its colour.
     assert_eq!(elements(&svg, "rect", "fill=\"#1F77B4\"").len(), 3 + 1);
     // Dirty at the end of each pre-copy round; none after the stop-and-copy pass.
@@ -130,7 +130,7 @@ fn a_postcopy_report_plots_its_postcopy_panel() {
     let has = |s: &str| t.iter().any(|x| x.contains(s));
     assert!(has("vm1: hostA → hostB, post-copy"), "{t:?}");
     assert!(has("post-copy switch"));
-    assert!(has("(e) post-copy: pages"));
+    assert!(has("(d) post-copy: pages"));
     assert!(has(&format!(
         "fault latency over {} faulted pages",
         pc.latency_count
@@ -203,7 +203,7 @@ fn odd_figures_plot_without_panicking() {
     };
     let svg = render_svg(&r, &PlotOptions::default()).unwrap();
     well_formed(&svg);
-    assert!(svg.contains("(e) post-copy"));
+    assert!(svg.contains("(d) post-copy"));
 }
 
 #[test]
