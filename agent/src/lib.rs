@@ -11,6 +11,7 @@ pub mod fuzzing;
 pub mod guest;
 pub mod inventory;
 pub mod migrate;
+pub mod plot;
 pub mod storage;
 pub mod transport;
 pub mod vm;

@@ -71,6 +71,10 @@ pub(super) struct MigrateArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// After a successful migration, draw its report as an SVG into FILE (as `vmig report
+    /// plot` does).
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
     /// Post-copy: never (pre-copy only), auto (switch when pre-copy cannot converge), always
     /// (one pre-copy round, then post-copy).
     #[arg(long, value_enum, default_value_t = defaults::POSTCOPY)]
@@ -206,11 +210,17 @@ async fn migrate_inner(agent: Option<PathBuf>, host: Option<String>, m: MigrateA
             opts: migrate_options(&m),
         }
     };
+    if let Some(p) = &m.plot {
+        super::plot::check_target(p)?;
+    }
     let report = run_migration(&a, &m.name, req, !m.json).await?;
     if m.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.render());
+    }
+    if let Some(p) = &m.plot {
+        super::plot::after_migration(&report, p, m.max_downtime);
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ mod cold;
 mod datastore;
 mod demo;
 mod migrate;
+mod plot;
 mod trace;
 mod vm;
 
@@ -59,6 +60,9 @@ enum Cmd {
     /// Create the cluster's CA and the hosts' keys and certificates (mutual TLS between agents).
     #[command(subcommand)]
     Certs(certs::CertsCmd),
+    /// Saved migration reports: `vmig report plot REPORT.json` draws one as an SVG.
+    #[command(subcommand)]
+    Report(plot::ReportCmd),
 }
 
 /// Runs a command.
@@ -80,5 +84,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Demo(d) => demo::run(d).await,
         Cmd::Trace(t) => trace::run(cli.agent, cli.host, t).await,
         Cmd::Certs(c) => certs::run(c),
+        Cmd::Report(r) => plot::run(r),
     }
 }
