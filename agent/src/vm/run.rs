@@ -51,6 +51,9 @@ impl Vm {
         for v in &self.vcpus {
             v.resume();
         }
+        for v in &self.vcpus {
+            v.wait_resumed();
+        }
     }
 
     /// Pauses every vCPU and drains the devices (no disk request in flight: nothing writes

@@ -175,6 +175,20 @@ impl Vcpu {
         self.set_want(Want::Run);
     }
 
+    /// Waits until the thread has left the gate after [`Vcpu::resume`] (or exited, or was
+    /// asked to pause again meanwhile), so that a resumed VM reads as running.
+    pub fn wait_resumed(&self) {
+        let mut c = self.shared.ctl.lock().expect("vcpu ctl");
+        while c.want == Want::Run && c.phase == Phase::Paused {
+            c = self
+                .shared
+                .cv
+                .wait_timeout(c, Duration::from_millis(50))
+                .expect("vcpu ctl")
+                .0;
+        }
+    }
+
     /// Stops and joins the thread.
     pub fn stop(&mut self) {
         {
@@ -273,6 +287,7 @@ fn run(index: u32, s: &VcpuShared, env: &VcpuEnv) {
             }
             if c.phase != Phase::Running {
                 c.phase = Phase::Running;
+                s.cv.notify_all();
                 pacer.start = Instant::now();
                 pacer.pages = 0;
                 wait_done = true;
