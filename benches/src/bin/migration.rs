@@ -4,7 +4,8 @@
 //!
 //! `cargo xtask bench -- SECTION...` runs only the named sections (the baselines always run):
 //! `idle`, `dirty`, `fill`, `postcopy` (demand-fault latency against the round trip),
-//! `no-converge` (post-copy against forced stop-and-copy over a slow link).
+//! `no-converge` (post-copy against forced stop-and-copy over a slow link). `--insecure` runs
+//! the agents without TLS.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -91,13 +92,20 @@ fn create_dirty_vm(c: &Cluster, vm: &str, dirty_mib: u64) {
 fn main() {
     let exe = exe();
     // `cargo xtask bench -- SECTION...` passes its own `--` through: skip it.
-    let sections: Vec<String> = std::env::args().skip(1).filter(|a| a != "--").collect();
+    // `--insecure`: the agents without TLS (to compare with a build that had none).
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--").collect();
+    let insecure = args.iter().any(|a| a == "--insecure");
+    let sections: Vec<String> = args.into_iter().filter(|a| a != "--insecure").collect();
     const SECTIONS: [&str; 5] = ["idle", "dirty", "fill", "postcopy", "no-converge"];
     if let Some(s) = sections.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
         panic!("unknown section {s:?}: the sections are {SECTIONS:?}");
     }
     let want = |name: &str| sections.is_empty() || sections.iter().any(|s| s == name);
-    println!("vmig migration benchmarks ({})", exe.display());
+    println!(
+        "vmig migration benchmarks ({}{})",
+        exe.display(),
+        if insecure { ", agents --insecure" } else { ", mutual TLS" }
+    );
     // Baselines, measured now, on this machine.
     let tcp = (0..3).map(|_| loopback_tcp(2 * GIB)).fold(0.0, f64::max);
     let rtt = round_trip_us();
@@ -124,7 +132,7 @@ fn main() {
         plain / tcp
     );
 
-    let c = vmig_benches::cluster(&exe, &["hostA", "hostB"]);
+    let c = vmig_benches::cluster_with(&exe, &["hostA", "hostB"], insecure);
     let mut results = json!({
         "loopback_tcp_mibs": tcp / MIB,
         "loopback_rtt_us": rtt,
