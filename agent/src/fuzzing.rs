@@ -52,6 +52,7 @@ fn control(f: &Frame) {
     let _ = f.decode::<msg::Resumed>();
     let _ = f.decode::<msg::PageRequest>();
     let _ = f.decode::<msg::PagesPlaced>();
+    let _ = f.decode::<msg::RoundPlaced>();
     let _ = f.decode::<msg::PostcopyDone>();
     let _ = f.decode::<msg::ColdOffer>();
     let _ = f.decode::<msg::ColdAccepted>();
@@ -100,6 +101,7 @@ pub fn message(data: &[u8]) {
     as_every::<msg::Resumed>(data);
     as_every::<msg::PageRequest>(data);
     as_every::<msg::PagesPlaced>(data);
+    as_every::<msg::RoundPlaced>(data);
     as_every::<msg::PostcopyDone>(data);
     as_every::<msg::ColdOffer>(data);
     as_every::<msg::ColdAccepted>(data);

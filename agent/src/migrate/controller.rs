@@ -307,11 +307,17 @@ impl Controller {
             return Decision::StopAndCopy(StopReason::new(
                 Cause::Converged,
                 format!(
-                    "converged: predicted downtime {:.2} ms <= {} ms with {} dirty pages at {:.0} MiB/s",
+                    "converged: predicted downtime {:.2} ms <= {} ms with {} dirty pages at {:.0} MiB/s{}",
                     r.predicted_downtime_ms,
                     self.opts.max_downtime_ms,
                     r.dirty_pages,
-                    r.bandwidth / 1048576.0
+                    // The rate the prediction used (under `--compress`: of the pages' own
+                    // size, not of the bytes they took on the wire).
+                    self.assessed_rate / 1048576.0,
+                    match self.opts.compress {
+                        super::Compression::Off => "",
+                        super::Compression::Zstd { .. } => " of pages (compressed)",
+                    }
                 ),
             ));
         }

@@ -39,6 +39,7 @@ message! {
     Resumed => Resumed,
     PageRequest => PageRequest,
     PagesPlaced => PagesPlaced,
+    RoundPlaced => RoundPlaced,
     PostcopyDone => PostcopyDone,
     ColdOffer => ColdOffer,
     ColdAccepted => ColdAccepted,
@@ -209,6 +210,17 @@ pub struct RoundEnd {
     pub round: u32,
     /// Pages sent in the round.
     pub pages: u64,
+}
+
+// NOTICE: a change here requires a protocol version bump.
+/// Destination → source: every page frame of pre-copy round `round` is placed (checked and in
+/// guest memory). The source ends a round on it, so that a round's time and the link rate it
+/// gives count the destination's work too: frames still queued there would otherwise land in
+/// the pause (under `--compress` a socket buffer holds many times its size in pages).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundPlaced {
+    /// The round, from 1.
+    pub round: u32,
 }
 
 // NOTICE: a change here requires a protocol version bump.

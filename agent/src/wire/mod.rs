@@ -8,6 +8,7 @@
 //!                                   ◄───   Reserved | Refused{reason}
 //!   FileChunk* (definition, NVRAM, log, disk)
 //!   Pages* RoundEnd   (round 1: every page; round n: pages dirtied since)
+//!                                   ◄───   RoundPlaced   (the round's pages placed)
 //!   ... vCPUs paused ...
 //!   Pages* (last dirty set, data checksummed) State{vCPUs, devices}
 //!                                   ◄───   Ready{digests}   (state loaded, not running)
@@ -114,11 +115,11 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"VMIG");
 /// digest is a page sum (`migrate::PageSum`) kept as pages are placed, checked after the
 /// resume (`Discarded`); page frames compressed (`ZSTD`); ownership generations
 /// (`generation` in the definitions `Reserve` and `ColdOffer` carry; kinds 48-51:
-/// `OwnerQuery`, `OwnerAnswer`, `Fence`, `FenceAnswer`).
-pub const VERSION: u16 = 7;
-/// The oldest protocol version this agent still speaks (a 6 would refuse a definition with
-/// a generation, and not know the fencing questions).
-pub const MIN_VERSION: u16 = 7;
+/// `OwnerQuery`, `OwnerAnswer`, `Fence`, `FenceAnswer`). 8: the destination answers each
+/// pre-copy round's `RoundEnd` with `RoundPlaced` once it has placed the round's pages.
+pub const VERSION: u16 = 8;
+/// The oldest protocol version this agent still speaks (a 7 would never answer `RoundEnd`).
+pub const MIN_VERSION: u16 = 8;
 /// Header length.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload a receiver accepts.
@@ -194,6 +195,8 @@ pub enum Kind {
     Resumed = 21,
     /// Destination placed the post-copy page frames up to a byte count (flow control).
     PagesPlaced = 22,
+    /// Destination placed every page of a pre-copy round.
+    RoundPlaced = 24,
     /// Cold migration: the source offers a stopped VM and its files.
     ColdOffer = 40,
     /// Cold migration: the destination accepts (where, and whether files travel).
@@ -222,7 +225,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind that may be sent.
-    pub const ALL: [Kind; 35] = [
+    pub const ALL: [Kind; 36] = [
         Kind::Hello,
         Kind::Welcome,
         Kind::Reserve,
@@ -246,6 +249,7 @@ impl Kind {
         Kind::Resume,
         Kind::Resumed,
         Kind::PagesPlaced,
+        Kind::RoundPlaced,
         Kind::ColdOffer,
         Kind::ColdAccepted,
         Kind::ColdFileDone,
@@ -601,6 +605,7 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Resume => "Resume",
         Kind::Resumed => "Resumed",
         Kind::PagesPlaced => "PagesPlaced",
+        Kind::RoundPlaced => "RoundPlaced",
         Kind::ColdOffer => "ColdOffer",
         Kind::ColdAccepted => "ColdAccepted",
         Kind::ColdFileDone => "ColdFileDone",

@@ -143,13 +143,17 @@ fn main() {
                     s.secs * 1e3
                 )
             });
+            let last = r.rounds.last();
             println!(
-                "  compress {:<7} bytes sent {:>7.1} MiB  total {:>7.0} ms  downtime {:>7.2} ms  rounds {:>2}{comp}",
+                "  compress {:<7} bytes sent {:>7.1} MiB  total {:>7.0} ms  downtime {:>7.2} ms (verify {:.1} ms of it; predicted {:.1} ms)  rounds {:>2}{comp}\n      stop: {}",
                 c.to_string(),
                 r.bytes_sent as f64 / MIB,
                 r.total_ms,
                 r.downtime_ms,
+                r.verify_at_pause_ms,
+                last.map_or(0.0, |l| l.predicted_downtime_ms),
                 r.rounds.len(),
+                r.stop_reason,
             );
             let slot = &mut by[usize::from(c != Compression::Off)];
             slot.0.push(r.bytes_sent as f64 / MIB);

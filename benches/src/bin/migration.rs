@@ -104,7 +104,11 @@ fn main() {
     println!(
         "vmig migration benchmarks ({}{})",
         exe.display(),
-        if insecure { ", agents --insecure" } else { ", mutual TLS" }
+        if insecure {
+            ", agents --insecure"
+        } else {
+            ", mutual TLS"
+        }
     );
     // Baselines, measured now, on this machine.
     let tcp = (0..3).map(|_| loopback_tcp(2 * GIB)).fold(0.0, f64::max);

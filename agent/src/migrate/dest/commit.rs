@@ -54,7 +54,13 @@ pub(super) fn run(
 ) -> Result<String, MigrateError> {
     let (name, source) = (a.def.name.clone(), a.source.clone());
     let (vm, t_go) = register(link, to, a, false)?;
+    let registered = t_go.elapsed();
     vm.resume();
+    tracing::debug!(
+        register_ms = registered.as_secs_f64() * 1e3,
+        resume_ms = (t_go.elapsed() - registered).as_secs_f64() * 1e3,
+        "committed"
+    );
     let resume_us = t_go.elapsed().as_micros() as u64;
     vm.devices().log_line(&format!(
         "migrated in from {source}: running on {}",

@@ -85,6 +85,8 @@ pub(super) fn receive(link: &mut Link, a: &Arrival<'_>) -> Result<Received, Migr
             Kind::RoundEnd => {
                 let r: msg::RoundEnd = f.decode()?;
                 tracing::debug!(round = r.round, pages = r.pages, "round received");
+                // Every frame before it is placed: the source ends its round on this.
+                link.send(&msg::RoundPlaced { round: r.round })?;
                 placed.hashing_since_round = Duration::ZERO;
                 // What arrived so far goes to the disk now, not at the pause (in the
                 // background: the receive loop does not wait for it).

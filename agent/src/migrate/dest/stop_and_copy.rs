@@ -21,14 +21,23 @@ pub(super) fn load(
     placed: Placed,
 ) -> Result<(), MigrateError> {
     let vm = &a.vm;
+    let t0 = Instant::now();
     // The image is durable before the VM may run from it.
     disk.sync()?;
+    let t_sync = t0.elapsed();
     let log = to.inv.open_log(&a.reservation.staging)?;
     vm.attach_disk(
         &a.reservation.staging.join(crate::inventory::DISK),
         &a.def.name,
     )?;
+    let t_attach = t0.elapsed();
     vm.restore(&state.machine, Box::new(log))?;
+    tracing::debug!(
+        sync_ms = t_sync.as_secs_f64() * 1e3,
+        attach_ms = (t_attach - t_sync).as_secs_f64() * 1e3,
+        restore_ms = (t0.elapsed() - t_attach).as_secs_f64() * 1e3,
+        "state loaded"
+    );
     let mut ready = msg::Ready::default();
     if state.verify {
         // The memory's page sum was kept as pages came: only the last round's pages were

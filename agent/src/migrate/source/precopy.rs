@@ -11,7 +11,7 @@ use crate::migrate::controller::{Controller, Decision};
 use crate::migrate::holdback::Holdback;
 use crate::migrate::probe::RoundProbes;
 use crate::migrate::report::{Decided, ProgressNote, ProgressPhase, StopReason};
-use crate::migrate::{MigrateError, Progress, RoundStats};
+use crate::migrate::{MigrateError, Phase, Progress, RoundStats};
 use crate::wire::messages as msg;
 use crate::wire::pages::PageFrameKind;
 
@@ -108,6 +108,17 @@ pub(super) fn rounds(run: &mut Run<'_>, rtt: Duration) -> Result<Precopied, Migr
             round,
             pages: stats.pages,
         })?;
+        run.link.flush()?;
+        // The round ends when the destination has placed it: its time, and the link rate
+        // it gives, count what the destination still had to do.
+        let placed: msg::RoundPlaced = run.link.recv_in(Phase::Precopy)?;
+        if placed.round != round {
+            return Err(crate::wire::WireError::Decode {
+                kind: crate::wire::Kind::RoundPlaced,
+                cause: format!("round {} placed at the end of round {round}", placed.round),
+            }
+            .into());
+        }
         let dirty = vm.dirty().harvest()?;
         stats.secs = t.elapsed().as_secs_f64();
         stats.kernel = probes.end_round(round);
