@@ -217,8 +217,10 @@ fn round1(c: &mut Controller, rate: f64, samples: u32) -> Decision {
 
 #[test]
 fn the_kernels_rate_judges_after_round_1() {
+    // Round 1 ran at the cap: its rate is the link's.
     let opts = MigrateOptions {
         postcopy: PostcopyPolicy::Auto,
+        bandwidth_mibs: Some(64.0),
         ..Default::default()
     };
     // 64 MiB/s carries ~16,350 pages/s; at 0.8 the threshold is ~13,080 pages/s.
@@ -243,6 +245,7 @@ fn the_kernels_rate_judges_after_round_1() {
     // Throttle instead of post-copy: the first step after round 1.
     let throttle = MigrateOptions {
         on_no_converge: NoConverge::Throttle,
+        bandwidth_mibs: Some(64.0),
         ..Default::default()
     };
     let mut c = Controller::new(&throttle, 0, Duration::ZERO);
@@ -262,4 +265,50 @@ fn a_kernel_rate_the_log_contradicts_is_not_trusted() {
     // 400,000 pages/s would be 20,000 pages in one 50 ms sample; the log saw 8192 in the
     // whole round: the two disagree, round 1 is not judged.
     assert_eq!(round1(&mut c, 400_000.0, 40), Decision::Continue);
+}
+
+/// Round 2 of the guest of [`round1`], its link rate `mibs` MiB/s.
+fn round2(c: &mut Controller, mibs: f64) -> Decision {
+    let mut r = RoundStats {
+        round: 2,
+        secs: 0.5,
+        bytes: (mibs * 1048576.0 * 0.5) as u64,
+        bandwidth: mibs * 1048576.0,
+        dirty_pages: 8192,
+        ..Default::default()
+    };
+    c.assess(&mut r, 8192, 8192);
+    c.decide(&r, Duration::from_secs(3))
+}
+
+#[test]
+fn without_a_cap_round_1s_link_rate_is_not_the_links_and_round_2_judges() {
+    let opts = MigrateOptions {
+        postcopy: PostcopyPolicy::Auto,
+        ..Default::default()
+    };
+    // 20,000 pages/s against round 1's 64 MiB/s would be hopeless; nothing capped round 1,
+    // so its rate says only that the link carries at least that much.
+    let mut fast = Controller::new(&opts, 0, Duration::ZERO);
+    assert_eq!(round1(&mut fast, 20_000.0, 40), Decision::Continue);
+    // Round 2 ran at 1,000 MiB/s: 20,000 pages/s is 0.08 of it, and the 8,192 pages left go
+    // in 32 ms: pre-copy converged.
+    assert!(matches!(
+        round2(&mut fast, 1000.0),
+        Decision::StopAndCopy(w) if w.cause == Cause::Converged
+    ));
+    // Round 2 ran at 64 MiB/s again: the link is that slow, and the kernel's rate judges.
+    let mut slow = Controller::new(&opts, 0, Duration::ZERO);
+    assert_eq!(round1(&mut slow, 20_000.0, 40), Decision::Continue);
+    assert!(matches!(
+        round2(&mut slow, 64.0),
+        Decision::Postcopy(w) if w.cause == Cause::KernelRate && w.detail.contains("round 2")
+    ));
+    // A cap round 1 did not reach is not the bound either.
+    let capped = MigrateOptions {
+        bandwidth_mibs: Some(500.0),
+        ..opts.clone()
+    };
+    let mut c = Controller::new(&capped, 0, Duration::ZERO);
+    assert_eq!(round1(&mut c, 20_000.0, 40), Decision::Continue);
 }
