@@ -355,7 +355,7 @@ mod tests {
     /// image worth naming: at most a sixteenth of it (what it holds is set by the guest's
     /// write rate over that round, so no fixed count is a bar that cannot flake).
     fn pause_holds_a_few_blocks(r: &LiveMoveReport) -> bool {
-        r.blocks_at_pause * DISK_BLOCK as u64 * 16 <= r.image_bytes
+        r.blocks_at_pause * DISK_BLOCK * 16 <= r.image_bytes
     }
 
     #[test]
