@@ -126,11 +126,9 @@ pub fn move_disk(
             if cancel.load(Ordering::Relaxed) {
                 return Err(MoveError::Cancelled);
             }
-            let blocks = blk.take_written_blocks();
-            copy.blocks(&blocks)?;
-            report.resent_blocks += blocks.len() as u64;
+            let copied = copy.written(blk, &mut report)?;
             report.rounds += 1;
-            if blocks.len() <= SWITCH_BLOCKS || report.rounds >= MAX_ROUNDS {
+            if copied <= SWITCH_BLOCKS as u64 || report.rounds >= MAX_ROUNDS {
                 break;
             }
         }
@@ -143,18 +141,13 @@ pub fn move_disk(
         report.presync_ms = t.elapsed().as_secs_f64() * 1e3;
         // What the guest wrote during the syncs, copied while it runs: the pause then holds
         // only what it writes in this short round.
-        let blocks = blk.take_written_blocks();
-        copy.blocks(&blocks)?;
-        report.resent_blocks += blocks.len() as u64;
+        copy.written(blk, &mut report)?;
         // The pause.
         let t_pause = Instant::now();
         let _ = vm.pause().took();
         let switched = (|| {
             blk.drain();
-            let blocks = blk.take_written_blocks();
-            copy.blocks(&blocks)?;
-            report.resent_blocks += blocks.len() as u64;
-            report.blocks_at_pause = blocks.len() as u64;
+            report.blocks_at_pause = copy.written(blk, &mut report)?;
             copy.sync()?;
             blk.switch_to(new)
                 .map_err(|e| MoveError::Switch(e.to_string()))
@@ -282,6 +275,19 @@ impl<'a> Copy<'a> {
                 cause,
             }),
         }
+    }
+
+    /// Copies the blocks the guest wrote since the last call (the device's block log), counted
+    /// in `report.resent_blocks`; returns how many.
+    fn written(
+        &mut self,
+        blk: &crate::vm::virtio::blk::VirtioBlk,
+        report: &mut LiveMoveReport,
+    ) -> Result<u64, MoveError> {
+        let blocks = blk.take_written_blocks();
+        self.blocks(&blocks)?;
+        report.resent_blocks += blocks.len() as u64;
+        Ok(blocks.len() as u64)
     }
 
     /// Copies whole blocks (the image's last may be short).

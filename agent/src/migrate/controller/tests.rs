@@ -194,25 +194,38 @@ fn a_shrinking_dirty_set_is_not_hopeless() {
     );
 }
 
-/// Round 1 of a guest whose kernel-measured rate at the round's end is `rate` pages/s, on
-/// a 64 MiB/s link, with 8192 pages in the log.
-fn round1(c: &mut Controller, rate: f64, samples: u32) -> Decision {
+/// Round `round` of the guest of these tests (8192 pages in the log), `secs` long at `mibs`
+/// MiB/s, with the kernel's figures `kernel`: assessed and decided.
+fn judged(
+    c: &mut Controller,
+    round: u32,
+    secs: f64,
+    mibs: f64,
+    kernel: Option<KernelRound>,
+) -> Decision {
     let mut r = RoundStats {
-        round: 1,
-        secs: 2.0,
-        bytes: 128 << 20,
-        bandwidth: 64.0 * 1048576.0,
+        round,
+        secs,
+        bytes: (mibs * 1048576.0 * secs) as u64,
+        bandwidth: mibs * 1048576.0,
         dirty_pages: 8192,
-        kernel: Some(KernelRound {
-            rate_pages_per_s: rate,
-            rate_samples: samples,
-            distinct_pages: (rate * 0.05) as u64,
-            ..Default::default()
-        }),
+        kernel,
         ..Default::default()
     };
     c.assess(&mut r, 8192, 8192);
-    c.decide(&r, Duration::from_secs(2))
+    c.decide(&r, Duration::from_secs(u64::from(round) + 1))
+}
+
+/// Round 1 of a guest whose kernel-measured rate at the round's end is `rate` pages/s, on
+/// a 64 MiB/s link, with 8192 pages in the log.
+fn round1(c: &mut Controller, rate: f64, samples: u32) -> Decision {
+    let kernel = KernelRound {
+        rate_pages_per_s: rate,
+        rate_samples: samples,
+        distinct_pages: (rate * 0.05) as u64,
+        ..Default::default()
+    };
+    judged(c, 1, 2.0, 64.0, Some(kernel))
 }
 
 #[test]
@@ -269,16 +282,7 @@ fn a_kernel_rate_the_log_contradicts_is_not_trusted() {
 
 /// Round 2 of the guest of [`round1`], its link rate `mibs` MiB/s.
 fn round2(c: &mut Controller, mibs: f64) -> Decision {
-    let mut r = RoundStats {
-        round: 2,
-        secs: 0.5,
-        bytes: (mibs * 1048576.0 * 0.5) as u64,
-        bandwidth: mibs * 1048576.0,
-        dirty_pages: 8192,
-        ..Default::default()
-    };
-    c.assess(&mut r, 8192, 8192);
-    c.decide(&r, Duration::from_secs(3))
+    judged(c, 2, 0.5, mibs, None)
 }
 
 #[test]
