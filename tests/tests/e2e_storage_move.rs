@@ -65,7 +65,7 @@ fn e2e_a_running_vms_disk_moves_to_another_datastore_with_a_short_pause() {
         .as_u64()
         .expect("live_disk.blocks_at_pause");
     assert!(
-        at_pause * 4096 * 16 <= d["image_bytes"].as_u64().unwrap(),
+        at_pause * vmig::storage::DISK_BLOCK * 16 <= d["image_bytes"].as_u64().unwrap(),
         "{at_pause} blocks copied paused: {r:#}"
     );
     assert!(
